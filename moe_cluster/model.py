@@ -1,0 +1,162 @@
+"""The whole MoE model in one process: every layer's gate, experts and shared experts.
+
+Shape legend: T tokens, D model dim, N = T*K routed rows.
+
+`MoEModel.forward` is the fast in-process path. It is built from the same pieces the
+router uses (`route`, `make_plan`, `gather_rows`, `combine`, via `prepare_dispatch` and
+`finish_combine`), so the only thing the cluster changes is where the experts run.
+Random weights are drawn per (layer, expert) from a seed, so an expert server can build
+its own experts of a random model without building the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .dispatch import DispatchPlan, combine, expert_chunks, gather_rows, make_plan
+from .experts import SharedExperts, make_expert
+from .routing import GateWeights, route
+
+__all__ = ["MoELayer", "MoEModel", "RouterLayer", "prepare_dispatch", "finish_combine",
+           "random_expert", "random_router_layer"]
+
+
+@dataclass
+class RouterLayer:
+    """What the router holds for one MoE layer: the gate and the (dense) shared experts."""
+
+    gate: GateWeights
+    shared: SharedExperts | None = None
+
+    def to(self, device: torch.device | str) -> "RouterLayer":
+        return RouterLayer(self.gate.to(device), None if self.shared is None else self.shared.to(device))
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer: router parameters plus its E routed experts."""
+
+    router: RouterLayer
+    experts: list[nn.Module]
+
+
+def prepare_dispatch(x_TD: torch.Tensor, router: RouterLayer, config: ModelConfig
+                     ) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor]:
+    """Route and group. Returns (x_TD in the model dtype, plan, x_ND rows in plan order)."""
+    x_TD = x_TD.to(config.torch_dtype)
+    weights_TK, expert_ids_TK = route(x_TD, router.gate, config)
+    plan = make_plan(weights_TK, expert_ids_TK, config.num_experts)
+    return x_TD, plan, gather_rows(x_TD, plan)
+
+
+def finish_combine(x_TD: torch.Tensor, plan: DispatchPlan, expert_out_ND: torch.Tensor,
+                   router: RouterLayer) -> torch.Tensor:
+    """y_TD = weighted sum of the routed answers (+ shared experts), in the model dtype."""
+    y_TD = combine(plan, expert_out_ND)
+    if router.shared is not None:
+        y_TD = y_TD + router.shared(x_TD)
+    return y_TD
+
+
+class MoEModel:
+    """All MoE layers of a model, in one process."""
+
+    def __init__(self, config: ModelConfig, layers: list[MoELayer]) -> None:
+        if len(layers) != config.num_layers:
+            raise ValueError(f"expected {config.num_layers} layers, got {len(layers)}")
+        self.config = config
+        self.layers = layers
+
+    def layer(self, layer: int) -> MoELayer:
+        return self.layers[self.config.layer_position(layer)]
+
+    @torch.no_grad()
+    def forward(self, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype."""
+        check_hidden_states(x_TD, self.config)
+        moe_layer = self.layer(layer)
+        x_model_TD, plan, x_ND = prepare_dispatch(x_TD, moe_layer.router, self.config)
+        out_ND = torch.empty_like(x_ND)
+        for chunk in expert_chunks(plan):
+            out_ND[chunk.start:chunk.stop] = moe_layer.experts[chunk.expert](x_ND[chunk.start:chunk.stop])
+        return finish_combine(x_model_TD, plan, out_ND, moe_layer.router).to(x_TD.dtype)
+
+    __call__ = forward
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> "MoEModel":
+        """A model with deterministic random weights: the same (config, seed) gives the same bits."""
+        layers = []
+        for layer_id in config.moe_layer_ids:
+            router = random_router_layer(config, seed, layer_id)
+            experts = [random_expert(config, seed, layer_id, e) for e in range(config.num_experts)]
+            layers.append(MoELayer(router, experts))
+        return cls(config, layers)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MoEModel":
+        from .checkpoint import load_model
+        return load_model(directory)
+
+    def save(self, directory: str | Path) -> None:
+        from .checkpoint import save_model
+        save_model(self, directory)
+
+
+def check_hidden_states(x_TD: torch.Tensor, config: ModelConfig) -> None:
+    """ValueError unless x_TD is a floating [T, D] tensor with D = d_model."""
+    if not isinstance(x_TD, torch.Tensor):
+        raise ValueError(f"hidden_states must be a torch.Tensor, got {type(x_TD).__name__}")
+    if x_TD.dim() != 2 or x_TD.shape[1] != config.d_model:
+        raise ValueError(f"hidden_states must have shape [T, {config.d_model}], got {list(x_TD.shape)}")
+    if not x_TD.is_floating_point():
+        raise ValueError(f"hidden_states must be float32, bfloat16 or float16, got {x_TD.dtype}")
+
+
+# --- deterministic random init -------------------------------------------------------------
+
+_ROUTER_SLOT = -1  # generator slot of a layer's router parameters (experts use slots 0..E-1)
+
+
+def _generator(seed: int, layer_id: int, slot: int) -> torch.Generator:
+    """An independent generator per (seed, layer, expert slot)."""
+    entropy = [int(seed) & 0xFFFFFFFF, int(layer_id) & 0xFFFFFFFF, (slot + 1) & 0xFFFFFFFF]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _init_(module_or_params: nn.Module, generator: torch.Generator) -> None:
+    """Normal(0, 1/sqrt(fan_in)) weights, Normal(0, 0.02) biases, in parameter order."""
+    for name, param in module_or_params.named_parameters():
+        if param.dim() >= 2:
+            values = torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5
+        else:
+            values = torch.randn(param.shape, generator=generator) * 0.02
+        param.data.copy_(values.to(param.dtype))
+
+
+def random_expert(config: ModelConfig, seed: int, layer_id: int, expert: int) -> nn.Module:
+    module = make_expert(config)
+    _init_(module, _generator(seed, layer_id, expert))
+    return module
+
+
+def random_router_layer(config: ModelConfig, seed: int, layer_id: int) -> RouterLayer:
+    generator = _generator(seed, layer_id, _ROUTER_SLOT)
+    E, D = config.num_experts, config.d_model
+    dtype = config.torch_dtype
+    weight_ED = (torch.randn(E, D, generator=generator) / D ** 0.5).to(dtype)
+    bias_E = (torch.randn(E, generator=generator) * 0.1).to(dtype) if config.gate_bias else None
+    # The selection bias stays float32: it only shifts the float32 choice scores.
+    selection_E = torch.randn(E, generator=generator) * 0.1 if config.selection_bias else None
+    shared = None
+    if config.num_shared_experts:
+        shared = SharedExperts(config)
+        _init_(shared, generator)
+    return RouterLayer(GateWeights(weight_ED, bias_E, selection_E), shared)
