@@ -1,0 +1,100 @@
+"""The application's arguments: the `args:` block of a Serve config file (pydantic, strict).
+
+    args:
+      checkpoint: /models/tiny      # or preset + seed for random weights
+      max_tokens_per_request: 8192
+      router:  {num_replicas: 1, ray_actor_options: {num_cpus: 0}}
+      experts: {num_replicas: 1, ray_actor_options: {num_cpus: 0}}   # defaults for every expert deployment
+      placement:                    # optional: groups that differ from one deployment per expert
+        - {name: experts-0-3, experts: [0, 1, 2, 3]}
+        - {name: expert-5, experts: [5], options: {num_replicas: 3}}
+
+Unknown fields are errors, with the field's path in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..checkpoint import load_config
+from ..config import ModelConfig, preset_config
+from ..placement import GroupSpec, Placement, resolve_placement
+
+__all__ = ["AppArgs", "DeploymentOptions", "PlacementEntry", "merge_options"]
+
+
+class DeploymentOptions(BaseModel):
+    """Options passed to `Deployment.options()` for one deployment (or as defaults for all experts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | Literal["auto"] | None = Field(default=None, description="fixed replica count")
+    autoscaling_config: dict[str, Any] | None = Field(default=None, description="Serve AutoscalingConfig fields")
+    ray_actor_options: dict[str, Any] | None = Field(default=None, description="num_cpus, num_gpus, resources, ...")
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int | None = None
+    health_check_period_s: float | None = None
+    health_check_timeout_s: float | None = None
+    graceful_shutdown_timeout_s: float | None = None
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+
+class PlacementEntry(BaseModel):
+    """A deployment hosting `experts` for `layers` (default: every MoE layer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    experts: list[int]
+    layers: list[int] | None = None
+    options: DeploymentOptions = DeploymentOptions()
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` needs. Defaults serve the tiny preset with seed 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(default=None, description="checkpoint directory; overrides preset/seed")
+    preset: str = Field(default="tiny", description="preset for random weights when no checkpoint is given")
+    seed: int = Field(default=0, description="seed of the random weights")
+    max_tokens_per_request: int = Field(default=8192, ge=1, description="larger requests get 413")
+    max_tokens_per_call: int | None = Field(default=None, ge=1,
+                                            description="split an expert's rows into calls of at most this size")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger HTTP bodies get 413")
+    allow_non_finite: bool = Field(default=False, description="accept NaN/Inf in hidden_states (else 422)")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: Ray's)")
+    router: DeploymentOptions = DeploymentOptions()
+    experts: DeploymentOptions = DeploymentOptions()
+    placement: list[PlacementEntry] = []
+
+    def load_model_config(self) -> ModelConfig:
+        return load_config(self.checkpoint) if self.checkpoint else preset_config(self.preset)
+
+    def resolve_placement(self, config: ModelConfig) -> Placement:
+        specs = [GroupSpec(p.name, tuple(p.experts), None if p.layers is None else tuple(p.layers))
+                 for p in self.placement]
+        return resolve_placement(config, specs)
+
+    def group_options(self, name: str) -> dict[str, Any]:
+        """Options of the expert deployment `name`: the expert defaults, overridden by its entry."""
+        entry = next((p for p in self.placement if p.name == name), None)
+        return merge_options(self.experts, entry.options if entry else None)
+
+
+def merge_options(defaults: DeploymentOptions, override: DeploymentOptions | None) -> dict[str, Any]:
+    merged = defaults.model_dump(exclude_none=True)
+    if override is not None:
+        specific = override.model_dump(exclude_none=True)
+        if "num_replicas" in specific or "autoscaling_config" in specific:
+            merged.pop("num_replicas", None)
+            merged.pop("autoscaling_config", None)
+        merged.update(specific)
+    return merged

@@ -1,0 +1,98 @@
+"""The expert deployment: hosts some (layer, expert) pairs and computes one chunk per call.
+
+Shape legend: N rows sent to this expert, D model dim.
+
+A replica loads only the experts it hosts (from the checkpoint's per-expert files, or
+draws them from the seed of a random model), on CUDA when Ray gave the actor a GPU and
+CUDA is available, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from ..checkpoint import load_experts
+from ..codec import from_numpy, to_numpy
+from ..model import random_expert
+from .args import AppArgs
+
+__all__ = ["ExpertServer", "pick_device"]
+
+
+def pick_device() -> torch.device:
+    """CUDA if this actor was given a GPU and CUDA works here; else CPU (fake GPUs included)."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ExpertServer:
+    """Computes Expert_{layer, expert}(x_ND) for the pairs in `hosted`."""
+
+    def __init__(self, args: dict, group_name: str, hosted: list[tuple[int, int]]) -> None:
+        app_args = AppArgs.model_validate(args)
+        set_torch_threads(app_args.torch_threads)
+        config = app_args.load_model_config()
+        self.group_name = group_name
+        self.device = pick_device()
+        self.dtype = config.dtype
+        pairs = [tuple(p) for p in hosted]
+        self.experts = {pair: module.to(self.device) for pair, module in _build_experts(app_args, config, pairs).items()}
+        self.calls: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        """Expert_{layer, expert}(x_ND) for rows x_ND [N, D] in the model dtype (bf16 as uint16)."""
+        module = self.experts.get((layer, expert))
+        if module is None:
+            raise ValueError(f"deployment {self.group_name} does not host (layer {layer}, expert {expert}); "
+                             "the router's placement and this deployment disagree")
+        with torch.no_grad():
+            # Arrays from the object store are read-only; .to(device) copies on GPU, and
+            # the matmuls only read x on CPU.
+            x = from_numpy(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
+            y = module(x).cpu()
+        self.calls[(layer, expert)] += 1
+        self.rows[(layer, expert)] += int(x_ND.shape[0])
+        return to_numpy(y)[0]
+
+    async def ping(self) -> str:
+        return self.group_name
+
+    async def stats(self) -> dict:
+        """What this replica hosts and has done: for tests, health checks and the stats endpoint."""
+        return {
+            "group": self.group_name,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "hosted": [list(p) for p in sorted(self.experts)],
+            "calls": [[layer, expert, n] for (layer, expert), n in sorted(self.calls.items())],
+            "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
+            "time": time.time(),
+        }
+
+
+def _build_experts(args: AppArgs, config, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], torch.nn.Module]:
+    if args.checkpoint:
+        out = {}
+        by_expert: dict[int, list[int]] = collections.defaultdict(list)
+        for layer, expert in pairs:
+            by_expert[expert].append(layer)
+        for expert, layers in by_expert.items():
+            out.update(load_experts(args.checkpoint, config, [expert], layers))
+        return out
+    return {(layer, expert): random_expert(config, args.seed, layer, expert) for layer, expert in pairs}

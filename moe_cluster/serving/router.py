@@ -1,0 +1,132 @@
+"""The router: the ingress deployment. Gate + top-k, one call per (expert, chunk), combine.
+
+Shape legend: T tokens, D model dim, N = T*K routed rows.
+
+Python callers use `forward(x_TD, layer)` through a DeploymentHandle; HTTP callers reach
+`__call__` (see `serving/http.py` for the endpoints). Both go through `moe_forward`,
+which is `MoEModel.forward` with the expert loop replaced by a concurrent fan-out over
+the expert deployments' handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..checkpoint import load_router_layers
+from ..codec import Limits, check_values, from_numpy, to_numpy
+from ..dispatch import DispatchPlan, expert_chunks
+from ..model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
+from ..placement import Placement
+from .args import AppArgs
+from .expert import pick_device, set_torch_threads
+from .http import handle_http
+
+__all__ = ["MoERouter", "ExpertCallError"]
+
+
+
+class ExpertCallError(RuntimeError):
+    """An expert deployment failed to answer: the request fails with 503, never a partial output."""
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class MoERouter:
+    def __init__(self, args: dict, handles: dict[str, DeploymentHandle]) -> None:
+        self.args = AppArgs.model_validate(args)
+        set_torch_threads(self.args.torch_threads)
+        self.config = self.args.load_model_config()
+        self.placement: Placement = self.args.resolve_placement(self.config)
+        self.handles = handles
+        missing = {g.name for g in self.placement.groups} - set(handles)
+        if missing:
+            raise ValueError(f"no handle for expert deployments {sorted(missing)}")
+        self.device = pick_device()
+        self.layers = {layer_id: router.to(self.device)
+                       for layer_id, router in zip(self.config.moe_layer_ids, self._load_router_layers())}
+        self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
+
+    def _load_router_layers(self) -> list[RouterLayer]:
+        if self.args.checkpoint:
+            return load_router_layers(self.args.checkpoint, self.config)
+        return [random_router_layer(self.config, self.args.seed, layer) for layer in self.config.moe_layer_ids]
+
+    # --- Python API (DeploymentHandle) ----------------------------------------------------------
+
+    async def forward(self, hidden_states: torch.Tensor | np.ndarray, layer: int = 0) -> torch.Tensor | np.ndarray:
+        """y [T, D] for x [T, D] through MoE layer `layer`; same type and dtype as the input.
+
+        Bad input raises ValueError (wrapped by Ray in a RayTaskError that is also a ValueError).
+        """
+        as_numpy = isinstance(hidden_states, np.ndarray)
+        x_TD = torch.from_numpy(np.asarray(hidden_states)) if as_numpy else hidden_states
+        check_hidden_states(x_TD, self.config)
+        if x_TD.shape[0] > self.limits.max_tokens:
+            raise ValueError(f"{x_TD.shape[0]} tokens exceed the limit of {self.limits.max_tokens} per request")
+        self.config.layer_position(layer)
+        check_values(x_TD, self.limits)
+        y_TD, _ = await self.moe_forward(x_TD, layer)
+        return y_TD.numpy() if as_numpy else y_TD
+
+    async def info(self) -> dict:
+        config = self.config
+        return {
+            "d_model": config.d_model, "d_ff": config.d_ff, "num_experts": config.num_experts,
+            "top_k": config.top_k, "num_layers": config.num_layers, "layers": list(config.moe_layer_ids),
+            "dtype": config.dtype, "expert_kind": config.expert_kind, "model": config.to_dict(),
+            "placement": self.placement.describe(), "router_device": str(self.device),
+            "max_tokens_per_request": self.limits.max_tokens, "max_tokens_per_call": self.args.max_tokens_per_call,
+            "source": {"checkpoint": self.args.checkpoint} if self.args.checkpoint
+            else {"preset": self.args.preset, "seed": self.args.seed},
+        }
+
+    async def check_experts(self, timeout_s: float = 5.0) -> list[str]:
+        """Names of expert deployments that did not answer a ping within `timeout_s`."""
+        names = [g.name for g in self.placement.groups]
+        pings = [asyncio.wait_for(_await(self.handles[name].ping.remote()), timeout_s) for name in names]
+        results = await asyncio.gather(*pings, return_exceptions=True)
+        return [name for name, result in zip(names, results) if isinstance(result, BaseException)]
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        return await handle_http(self, request)
+
+    # --- the distributed MoE ------------------------------------------------------------------
+
+    async def moe_forward(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, DispatchPlan]:
+        """Route on this replica's device, fan the chunks out, combine. Returns (y_TD, plan)."""
+        router = self.layers[layer]
+        with torch.no_grad():
+            x_model_TD, plan, x_ND = prepare_dispatch(x_TD.to(self.device), router, self.config)
+        chunks = expert_chunks(plan, self.args.max_tokens_per_call)
+        x_ND_host = x_ND.cpu()
+        calls = [self._call_expert(layer, chunk.expert, x_ND_host[chunk.start:chunk.stop]) for chunk in chunks]
+        outputs = await asyncio.gather(*calls)
+        with torch.no_grad():
+            out_ND = torch.cat(outputs) if outputs else torch.empty_like(x_ND_host)
+            y_TD = finish_combine(x_model_TD, plan, out_ND.to(self.device), router)
+        return y_TD.to(x_TD.dtype).cpu(), plan
+
+    async def _call_expert(self, layer: int, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        group = self.placement.owner[(layer, expert)]
+        started = time.perf_counter()
+        try:
+            array = await self.handles[group].forward.remote(layer, expert, to_numpy(x_ND)[0])
+        except Exception as exc:  # noqa: BLE001 - any failure of the remote call is a 503
+            raise ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) "
+                                  f"after {time.perf_counter() - started:.1f}s: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        return from_numpy(array, self.config.dtype)
+
+
+async def _await(response):
+    return await response
+
