@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     init.set_defaults(run=_cmd_init)
 
+    serve = commands.add_parser("serve", help="serve a model on an embedded local Ray cluster",
+                                description="Start a local Ray cluster, deploy the router and one deployment per "
+                                            "expert, and serve HTTP until Ctrl-C or SIGTERM. Without --config, "
+                                            "uses deployments/default.yaml when run from a source checkout.")
+    serve.add_argument("--config", type=Path, help="Serve config file (serveConfigV2 format), e.g. "
+                                                   "deployments/default.yaml")
+    serve.add_argument("--checkpoint", help="checkpoint directory to serve (overrides the config's model)")
+    serve.add_argument("--host", help="HTTP host (default: the config's, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    serve.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster (default: all)")
+    serve.add_argument("--num-gpus", type=int, help="GPUs for the local Ray cluster (default: detected)")
+    serve.set_defaults(run=_cmd_serve)
+
     return parser
 
 
@@ -54,6 +67,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     model.save(args.directory)
     print(f"wrote {args.directory} in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serving.local import default_config_path, serve_local
+
+    config = args.config or default_config_path()
+    return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus)
 
 
 if __name__ == "__main__":

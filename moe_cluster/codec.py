@@ -124,7 +124,7 @@ def _unpack_msgpack(body: bytes) -> Any:
     try:
         # No ext types, no non-string keys; sizes are bounded by the body itself.
         return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
-                               ext_hook=_reject_ext, max_buffer_size=len(body) + 1)
+                               ext_hook=_reject_ext)
     except WireError:
         raise
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:

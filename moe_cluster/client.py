@@ -1,0 +1,137 @@
+"""A small HTTP client for the router: numpy in, numpy out (no Ray needed).
+
+    from moe_cluster.client import MoEClient
+    client = MoEClient("http://127.0.0.1:8000")
+    client.wait_ready()
+    y = client.forward(np.random.randn(16, 64).astype(np.float32), layer=0)
+
+One client keeps one keep-alive connection; use one client per thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import msgpack
+import numpy as np
+
+__all__ = ["MoEClient", "MoEHTTPError"]
+
+_NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+class MoEHTTPError(RuntimeError):
+    """The server answered with an error status; `message` is its JSON error text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class MoEClient:
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0,
+                 token: str | None = None) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        self._scheme, self._netloc = parsed.scheme, parsed.netloc
+        self._prefix = parsed.path.rstrip("/")
+        self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._conn: http.client.HTTPConnection | None = None
+
+    # --- endpoints -----------------------------------------------------------------------------
+
+    def forward(self, hidden_states: np.ndarray, layer: int = 0, *, wire: str = "msgpack",
+                return_expert_counts: bool = False) -> np.ndarray | tuple[np.ndarray, list[int]]:
+        """y [T, D] for x [T, D] (float32 or float16); with counts, (y, tokens per expert)."""
+        x = np.ascontiguousarray(hidden_states)
+        if x.dtype.name not in _NUMPY_DTYPES:
+            raise ValueError(f"hidden_states must be float32 or float16, got {x.dtype}")
+        if wire == "msgpack":
+            tensor = {"dtype": x.dtype.name, "shape": list(x.shape), "data": x.astype(_NUMPY_DTYPES[x.dtype.name]).tobytes()}
+            body = msgpack.packb({"hidden_states": tensor, "layer": layer,
+                                  "return_expert_counts": return_expert_counts}, use_bin_type=True)
+            reply = msgpack.unpackb(self._request("POST", "/v1/forward", body, "application/msgpack"), raw=False)
+            out = reply["output"]
+            y = np.frombuffer(out["data"], dtype=_NUMPY_DTYPES[out["dtype"]]).reshape(out["shape"]).copy()
+        elif wire == "json":
+            body = json.dumps({"hidden_states": x.tolist(), "layer": layer,
+                               "return_expert_counts": return_expert_counts}).encode()
+            reply = json.loads(self._request("POST", "/v1/forward", body, "application/json"))
+            y = np.asarray(reply["output"], dtype=np.float32).reshape(x.shape).astype(x.dtype)
+        else:
+            raise ValueError(f"wire must be 'msgpack' or 'json', got {wire!r}")
+        return (y, reply["expert_counts"]) if return_expert_counts else y
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self._request("GET", "/v1/info"))
+
+    def healthy(self) -> bool:
+        try:
+            self._request("GET", "/healthz")
+            return True
+        except (MoEHTTPError, OSError, http.client.HTTPException):
+            return False
+
+    def wait_ready(self, timeout: float = 180.0, interval: float = 0.5) -> None:
+        """Block until /healthz answers 200; TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._scheme}://{self._netloc}{self._prefix}/healthz not ready "
+                                   f"after {timeout:.0f}s; is `moe-cluster serve` running?")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- transport -----------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> bytes:
+        headers = dict(self._headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        for attempt in (0, 1):  # one retry on a stale keep-alive connection
+            conn = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                if attempt:
+                    raise
+            except Exception:
+                self.close()
+                raise
+        if response.status >= 400:
+            raise MoEHTTPError(response.status, _error_text(data))
+        return data
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self._netloc, timeout=self._timeout)
+        return self._conn
+
+    def __enter__(self) -> "MoEClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return data.decode(errors="replace")[:500]

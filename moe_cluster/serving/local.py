@@ -1,0 +1,88 @@
+"""`moe-cluster serve`: an embedded local Ray cluster running the app until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .args import AppArgs
+
+__all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
+
+IMPORT_PATH = "moe_cluster.serving.app:build_app"
+
+
+@dataclass(frozen=True)
+class ServeFileApp:
+    """Our application's entry in a Serve config file (serveConfigV2 format)."""
+
+    name: str
+    route_prefix: str
+    args: dict[str, Any]
+    http_options: dict[str, Any]
+
+
+def default_config_path() -> Path | None:
+    """deployments/default.yaml of a source checkout, if this package runs from one."""
+    path = Path(__file__).resolve().parents[2] / "deployments" / "default.yaml"
+    return path if path.is_file() else None
+
+
+def read_serve_config(path: Path) -> ServeFileApp:
+    """The first application in `path` whose import_path is ours."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for app in data.get("applications", []):
+        if app.get("import_path") == IMPORT_PATH:
+            return ServeFileApp(app.get("name", "moe"), app.get("route_prefix", "/"), app.get("args") or {},
+                                data.get("http_options") or {})
+    raise ValueError(f"{path}: no application with import_path {IMPORT_PATH!r}")
+
+
+def serve_local(config_path: Path | None, checkpoint: str | None, host: str | None, port: int | None,
+                num_cpus: int | None = None, num_gpus: int | None = None) -> int:
+    """Start Ray and the app, print where it listens, serve until a signal, shut down."""
+    file_app = read_serve_config(config_path) if config_path else ServeFileApp("moe", "/", {}, {})
+    args_dict = dict(file_app.args)
+    if checkpoint:
+        args_dict.update(checkpoint=str(Path(checkpoint).resolve()))
+    app_args = AppArgs.model_validate(args_dict)  # fail fast, before Ray starts
+    model_config = app_args.load_model_config()
+    host = host or file_app.http_options.get("host", "127.0.0.1")
+    port = port or int(file_app.http_options.get("port", 8000))
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    started = time.perf_counter()
+    source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
+    print(f"moe-cluster: starting a local Ray cluster for {source}", flush=True)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+    # After ray.init, which installs handlers of its own: we want a clean shutdown.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        groups = app_args.resolve_placement(model_config).groups
+        print(f"moe-cluster: deploying router + {len(groups)} expert deployments "
+              f"(D={model_config.d_model}, E={model_config.num_experts}, top-{model_config.top_k})", flush=True)
+        serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
+        base = f"http://{host}:{port}{file_app.route_prefix.rstrip('/')}"
+        print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
+              f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward); Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("moe-cluster: stopping", flush=True)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("moe-cluster: stopped", flush=True)
+    return 0
