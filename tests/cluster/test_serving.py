@@ -1,0 +1,217 @@
+"""The serving cluster against the oracle: handles, HTTP, placements, fake GPUs, bad input.
+
+One local Ray cluster (with 4 fake GPUs) for the module, two apps on it, sharing a checkpoint:
+  moe:    the default placement (router + expert-0..expert-7), CPU
+  packed: two deployments of four experts each, every replica on a (fake) GPU
+"""
+
+import json
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from moe_cluster import MoEModel, preset_config
+from moe_cluster.client import MoEClient, MoEHTTPError
+from moe_cluster.reference import reference_forward
+
+from .conftest import start_local_serve, stop_local_serve, wait_until
+
+MAX_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray import serve
+
+    from moe_cluster.serving.app import build_app
+
+    checkpoint = tmp_path_factory.mktemp("ckpt")
+    model = MoEModel.random(preset_config("tiny"), seed=5)
+    model.save(checkpoint)
+    local = start_local_serve(num_gpus=4)
+    common = dict(checkpoint=str(checkpoint), max_tokens_per_request=MAX_TOKENS, torch_threads=1,
+                  max_body_bytes=2**21)
+    serve.run(build_app(common), name="moe", route_prefix="/")
+    packed = dict(common, router={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}},
+                  experts={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}},
+                  placement=[{"name": "experts-0-3", "experts": [0, 1, 2, 3], "options": {"num_replicas": 2}},
+                             {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
+                  max_tokens_per_call=16)
+    serve.run(build_app(packed), name="packed", route_prefix="/packed")
+    yield {"model": MoEModel.load(checkpoint), "local": local,
+           "handle": serve.get_app_handle("moe"), "packed": serve.get_app_handle("packed")}
+    stop_local_serve()
+
+
+def _x(tokens, seed=0, d=64):
+    return torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 33, 2048])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_handle_equals_oracle_fp32(cluster, tokens, layer):
+    x = _x(tokens, seed=tokens + layer)
+    y = cluster["handle"].forward.remote(x, layer).result()
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y, reference_forward(cluster["model"], x, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_handle_bf16_and_numpy(cluster):
+    x = _x(65, seed=9)
+    y_bf16 = cluster["handle"].forward.remote(x.bfloat16(), 1).result()
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16, reference_forward(cluster["model"], x.bfloat16(), 1),
+                               rtol=1.6e-2, atol=1e-2)
+    y_np = cluster["handle"].forward.remote(x.numpy(), 0).result()
+    assert isinstance(y_np, np.ndarray)
+    np.testing.assert_allclose(y_np, reference_forward(cluster["model"], x, 0).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wire, tokens", [("json", 1), ("json", 33), ("msgpack", 0), ("msgpack", 33),
+                                          ("msgpack", 2048)])
+def test_http_equals_oracle(cluster, wire, tokens):
+    client = MoEClient(cluster["local"].url())
+    x = _x(tokens, seed=100 + tokens)
+    y, counts = client.forward(x.numpy(), layer=1, wire=wire, return_expert_counts=True)
+    torch.testing.assert_close(torch.from_numpy(y), reference_forward(cluster["model"], x, 1), rtol=1e-5, atol=1e-5)
+    assert sum(counts) == tokens * 2 and len(counts) == 8
+
+
+def test_http_float16_keeps_its_dtype(cluster):
+    x = _x(17, seed=3).half()
+    y = MoEClient(cluster["local"].url()).forward(x.numpy(), layer=0)
+    assert y.dtype == np.float16
+    torch.testing.assert_close(torch.from_numpy(y), reference_forward(cluster["model"], x, 0), rtol=2e-3, atol=2e-3)
+
+
+def test_packed_placement_equals_per_expert_placement(cluster):
+    x = _x(300, seed=4)  # chunks of <= 16 rows spread over both replicas of experts-0-3
+    for layer in (0, 1):
+        per_expert = cluster["handle"].forward.remote(x, layer).result()
+        packed = cluster["packed"].forward.remote(x, layer).result()
+        torch.testing.assert_close(packed, per_expert, rtol=1e-6, atol=1e-6)
+    client = MoEClient(cluster["local"].url("/packed"))
+    assert client.info()["placement"].keys() == {"experts-0-3", "experts-4-7"}
+    torch.testing.assert_close(torch.from_numpy(client.forward(x.numpy(), 1)),
+                               reference_forward(cluster["model"], x, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_fake_gpus_are_distinct_per_replica_and_compute_falls_back_to_cpu(cluster):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("experts-0-3", app_name="packed")
+    seen = {}
+
+    def both_replicas_seen():
+        stats = handle.stats.remote().result()
+        seen[stats["pid"]] = stats
+        return len(seen) == 2
+
+    wait_until(both_replicas_seen, timeout=30, interval=0.05, what="both replicas of experts-0-3")
+    other = serve.get_deployment_handle("experts-4-7", app_name="packed").stats.remote().result()
+    gpu_ids = [s["gpu_ids"] for s in seen.values()] + [other["gpu_ids"]]
+    assert all(len(ids) == 1 for ids in gpu_ids)
+    assert len({ids[0] for ids in gpu_ids}) == 3  # three replicas, three distinct GPUs
+    assert {s["device"] for s in [*seen.values(), other]} == {"cpu"}  # no CUDA on this machine
+    assert MoEClient(cluster["local"].url("/packed")).info()["router_device"] == "cpu"
+
+
+def test_experts_without_tokens_get_no_call(cluster):
+    from ray import serve
+
+    handles = {e: serve.get_deployment_handle(f"expert-{e}", app_name="moe") for e in range(8)}
+
+    def calls():
+        out = {}
+        for e, h in handles.items():
+            out[e] = sum(n for layer, _, n in h.stats.remote().result()["calls"] if layer == 0)
+        return out
+
+    x = _x(1, seed=12)  # one token: exactly top_k = 2 experts get a call
+    before = calls()
+    _, counts = MoEClient(cluster["local"].url()).forward(x.numpy(), layer=0, return_expert_counts=True)
+    after = calls()
+    chosen = {e for e, n in enumerate(counts) if n}
+    assert len(chosen) == 2
+    assert {e for e in range(8) if after[e] != before[e]} == chosen
+    assert all(after[e] - before[e] == 1 for e in chosen)
+
+
+def test_healthz_and_info(cluster):
+    url = cluster["local"].url()
+    with urllib.request.urlopen(f"{url}/healthz") as response:
+        assert response.status == 200 and json.loads(response.read())["expert_deployments"] == 8
+    info = MoEClient(url).info()
+    assert (info["d_model"], info["num_experts"], info["top_k"], info["num_layers"], info["dtype"]) == \
+        (64, 8, 2, 2, "float32")
+    assert info["placement"]["expert-3"] == [[0, 3], [1, 3]]
+
+
+def _post(url, body, content_type="application/json", method="POST"):
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _tensor_body(dtype="float32", shape=(2, 64), data=None, **extra):
+    data = np.zeros(shape, np.float32).tobytes() if data is None else data
+    return msgpack.packb({"hidden_states": {"dtype": dtype, "shape": list(shape), "data": data}, **extra})
+
+
+BAD_REQUESTS = {
+    "wrong D (json)": (json.dumps({"hidden_states": [[0.0] * 63]}).encode(), "application/json", 400, "[T, 64]"),
+    "wrong D (msgpack)": (_tensor_body(shape=(2, 63), data=b"\0" * 504), "application/msgpack", 400, "[T, 64]"),
+    "wrong dtype": (_tensor_body(dtype="int8"), "application/msgpack", 400, "dtype must be one of"),
+    "strings in json": (json.dumps({"hidden_states": [["a"] * 64]}).encode(), "application/json", 400, "numbers"),
+    "data length mismatch": (_tensor_body(data=b"\0" * 100), "application/msgpack", 400, "needs 512"),
+    "huge declared shape": (_tensor_body(shape=(4000, 64), data=b"\0" * 8), "application/msgpack", 400, "bytes"),
+    "negative dims": (_tensor_body(shape=(-1, 64), data=b""), "application/msgpack", 400, "non-negative"),
+    "malformed msgpack": (b"\xc1\xff\x00", "application/msgpack", 400, "malformed msgpack"),
+    "truncated msgpack": (_tensor_body()[:-10], "application/msgpack", 400, "malformed msgpack"),
+    "malformed json": (b'{"hidden_states": [[1.0,', "application/json", 400, "malformed JSON"),
+    "deeply nested json": (b"[" * 100000 + b"]" * 100000, "application/json", 400, "JSON"),
+    "unknown layer": (json.dumps({"hidden_states": [[0.0] * 64], "layer": 7}).encode(), "application/json", 400,
+                      "unknown layer 7"),
+    "too many tokens": (_tensor_body(shape=(MAX_TOKENS + 1, 64), data=b"\0" * (MAX_TOKENS + 1) * 256),
+                        "application/msgpack", 413, "limit of 4096"),
+    "NaN": (json.dumps({"hidden_states": [[float("nan")] * 64]}).encode(), "application/json", 422, "NaN"),
+    "extra field": (json.dumps({"hidden_states": [], "temperature": 1}).encode(), "application/json", 400,
+                    "unknown fields"),
+    "wrong content type": (b"hello", "text/plain", 415, "Content-Type"),
+    "body too large": (b"x" * (2**21 + 1), "application/json", 413, "limit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_http_input_is_a_4xx_and_the_app_keeps_serving(cluster, case):
+    body, content_type, status, message = BAD_REQUESTS[case]
+    got_status, got_body = _post(f"{cluster['local'].url()}/v1/forward", body, content_type)
+    assert got_status == status, got_body[:300]
+    assert message in json.loads(got_body)["error"]
+    x = _x(5, seed=1)
+    torch.testing.assert_close(torch.from_numpy(MoEClient(cluster["local"].url()).forward(x.numpy(), 0)),
+                               reference_forward(cluster["model"], x, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_path_and_wrong_method(cluster):
+    url = cluster["local"].url()
+    assert _post(f"{url}/v1/nothing", b"{}")[0] == 404
+    status, body = _post(f"{url}/v1/forward", None, method="GET")
+    assert status == 405 and "POST" in json.loads(body)["error"]
+
+
+def test_bad_handle_input_raises_value_error(cluster):
+    with pytest.raises(ValueError, match=r"\[T, 64\]"):
+        cluster["handle"].forward.remote(torch.zeros(2, 5), 0).result()
+    with pytest.raises(ValueError, match="unknown layer 3"):
+        cluster["handle"].forward.remote(torch.zeros(2, 64), 3).result()
+    with pytest.raises(ValueError, match="exceed the limit"):
+        cluster["handle"].forward.remote(torch.zeros(MAX_TOKENS + 1, 64), 0).result()
+    with pytest.raises(MoEHTTPError):
+        MoEClient(cluster["local"].url()).forward(np.zeros((1, 3), np.float32))
