@@ -90,11 +90,20 @@ class AppArgs(BaseModel):
 
 
 def merge_options(defaults: DeploymentOptions, override: DeploymentOptions | None) -> dict[str, Any]:
+    """Defaults overridden field by field; dict fields (autoscaling_config, ray_actor_options) merge
+    key by key, so an override may change just `max_replicas`. A fixed num_replicas in the
+    override drops the default autoscaling_config and vice versa."""
     merged = defaults.model_dump(exclude_none=True)
-    if override is not None:
-        specific = override.model_dump(exclude_none=True)
-        if "num_replicas" in specific or "autoscaling_config" in specific:
-            merged.pop("num_replicas", None)
-            merged.pop("autoscaling_config", None)
-        merged.update(specific)
+    if override is None:
+        return merged
+    specific = override.model_dump(exclude_none=True)
+    if isinstance(specific.get("num_replicas"), int):
+        merged.pop("autoscaling_config", None)
+    if "autoscaling_config" in specific:
+        merged.pop("num_replicas", None)
+    for key, value in specific.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
     return merged

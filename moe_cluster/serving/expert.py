@@ -22,6 +22,7 @@ from ..checkpoint import load_experts
 from ..codec import from_numpy, to_numpy
 from ..model import random_expert
 from .args import AppArgs
+from .autoscaling import ROWS_PER_S, RowRate
 
 __all__ = ["ExpertServer", "pick_device"]
 
@@ -53,6 +54,7 @@ class ExpertServer:
         self.experts = {pair: module.to(self.device) for pair, module in _build_experts(app_args, config, pairs).items()}
         self.calls: collections.Counter[tuple[int, int]] = collections.Counter()
         self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.row_rate = RowRate(window_s=2.0)
 
     async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
         """Expert_{layer, expert}(x_ND) for rows x_ND [N, D] in the model dtype (bf16 as uint16)."""
@@ -67,7 +69,12 @@ class ExpertServer:
             y = module(x).cpu()
         self.calls[(layer, expert)] += 1
         self.rows[(layer, expert)] += int(x_ND.shape[0])
+        self.row_rate.add(int(x_ND.shape[0]))
         return to_numpy(y)[0]
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metric: token rows computed per second (see autoscaling.py)."""
+        return {ROWS_PER_S: self.row_rate.per_second()}
 
     async def ping(self) -> str:
         return self.group_name
@@ -82,6 +89,7 @@ class ExpertServer:
             "hosted": [list(p) for p in sorted(self.experts)],
             "calls": [[layer, expert, n] for (layer, expert), n in sorted(self.calls.items())],
             "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
+            ROWS_PER_S: self.row_rate.per_second(),
             "time": time.time(),
         }
 

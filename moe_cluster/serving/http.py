@@ -41,6 +41,7 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
         "/healthz": ("GET", _healthz),
         "/v1/info": ("GET", _info),
         "/v1/forward": ("POST", _forward),
+        "/v1/stats": ("GET", _stats),
     }
     if path not in endpoints:
         return error_response(404, f"no endpoint {path}; try GET /healthz, GET /v1/info or POST /v1/forward")
@@ -77,6 +78,10 @@ async def _healthz(router: "MoERouter", request: Request) -> Response:
 
 async def _info(router: "MoERouter", request: Request) -> Response:
     return json_response(await router.info())
+
+
+async def _stats(router: "MoERouter", request: Request) -> Response:
+    return json_response(await router.stats())
 
 
 async def _forward(router: "MoERouter", request: Request) -> Response:

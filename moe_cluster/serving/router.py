@@ -28,6 +28,7 @@ from ..placement import Placement
 from .args import AppArgs
 from .expert import pick_device, set_torch_threads
 from .http import handle_http
+from .metrics import RouterMetrics
 
 __all__ = ["MoERouter", "ExpertCallError"]
 
@@ -52,6 +53,8 @@ class MoERouter:
         self.layers = {layer_id: router.to(self.device)
                        for layer_id, router in zip(self.config.moe_layer_ids, self._load_router_layers())}
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
+        self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
+        self.app_name = serve.get_replica_context().app_name
 
     def _load_router_layers(self) -> list[RouterLayer]:
         if self.args.checkpoint:
@@ -94,6 +97,27 @@ class MoERouter:
         results = await asyncio.gather(*pings, return_exceptions=True)
         return [name for name, result in zip(names, results) if isinstance(result, BaseException)]
 
+    async def stats(self) -> dict:
+        """Per-expert load as seen by this router replica, plus replicas per expert deployment."""
+        replicas = await asyncio.to_thread(self._running_replicas)
+        self.metrics.record_replicas(replicas)
+        deployments_of_expert: dict[int, list[str]] = {}
+        for (_, expert), group in sorted(self.placement.owner.items()):
+            names = deployments_of_expert.setdefault(expert, [])
+            if group not in names:
+                names.append(group)
+        snapshot = self.metrics.snapshot(deployments_of_expert)
+        snapshot["replicas"] = replicas
+        return snapshot
+
+    def _running_replicas(self) -> dict[str, int]:
+        """Running replicas per deployment of this app (router included), from Serve's status."""
+        app = serve.status().applications.get(self.app_name)
+        if app is None:
+            return {}
+        return {name: int(sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING")))
+                for name, d in app.deployments.items()}
+
     # --- HTTP ------------------------------------------------------------------------------
 
     async def __call__(self, request: Request) -> Response:
@@ -107,6 +131,7 @@ class MoERouter:
         with torch.no_grad():
             x_model_TD, plan, x_ND = prepare_dispatch(x_TD.to(self.device), router, self.config)
         chunks = expert_chunks(plan, self.args.max_tokens_per_call)
+        self.metrics.record_plan(layer, plan.counts, self.placement.owner)
         x_ND_host = x_ND.cpu()
         calls = [self._call_expert(layer, chunk.expert, x_ND_host[chunk.start:chunk.stop]) for chunk in chunks]
         outputs = await asyncio.gather(*calls)
@@ -124,6 +149,7 @@ class MoERouter:
             raise ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) "
                                   f"after {time.perf_counter() - started:.1f}s: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
         return from_numpy(array, self.config.dtype)
 
 

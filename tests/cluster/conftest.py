@@ -23,13 +23,14 @@ class LocalServe:
         return f"http://127.0.0.1:{self.port}{prefix}"
 
 
-def start_local_serve(num_gpus: int = 0) -> LocalServe:
+def start_local_serve(num_gpus: int = 0, **init_kwargs) -> LocalServe:
     """ray.init + serve.start on a free port. Stop with stop_local_serve()."""
     import ray
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+             **init_kwargs)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return LocalServe(port)
 
