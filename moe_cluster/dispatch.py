@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "gather_rows", "combine"]
+__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "gather_rows", "combine", "expert_counts"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,14 @@ def combine(plan: DispatchPlan, expert_out_ND: torch.Tensor) -> torch.Tensor:
     y_TD = torch.zeros(plan.num_tokens, expert_out_ND.shape[-1], dtype=expert_out_ND.dtype,
                        device=expert_out_ND.device)
     return y_TD.index_add_(0, plan.token_ids_N, weighted_ND)
+
+
+def expert_counts(plan: DispatchPlan, start: int = 0, stop: int | None = None) -> list[int]:
+    """Rows per expert coming from tokens [start, stop) (all tokens by default)."""
+    stop = plan.num_tokens if stop is None else stop
+    if start == 0 and stop == plan.num_tokens:
+        return list(plan.counts)
+    expert_of_row_N = torch.repeat_interleave(torch.arange(len(plan.counts), device=plan.counts_E.device),
+                                              plan.counts_E)
+    in_range_N = (plan.token_ids_N >= start) & (plan.token_ids_N < stop)
+    return torch.bincount(expert_of_row_N[in_range_N], minlength=len(plan.counts)).tolist()

@@ -3,6 +3,7 @@
     GET  /healthz      200 once every expert deployment answers a ping, else 503
     GET  /v1/info      model description and placement (JSON)
     POST /v1/forward   JSON or msgpack body (see codec.py); the response uses the request's format
+    /v2/...            the Open Inference Protocol v2 (KServe / Triton REST), see oip_http.py
 
 Client errors are 4xx with a JSON body {"error": "..."}; a failed expert deployment is a
 503 and any other failure inside the cluster a 500, never a partial output.
@@ -43,11 +44,16 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
         "/v1/forward": ("POST", _forward),
         "/v1/stats": ("GET", _stats),
     }
-    if path not in endpoints:
-        return error_response(404, f"no endpoint {path}; try GET /healthz, GET /v1/info or POST /v1/forward")
-    allowed, endpoint = endpoints[path]
-    if method != allowed:
-        return error_response(405, f"{path} takes {allowed}, not {method}")
+    if path == "/v2" or path.startswith("/v2/"):
+        from .oip_http import handle_oip  # imported here: oip_http uses this module's helpers
+        endpoint = handle_oip  # checks its own paths and methods
+    elif path not in endpoints:
+        return error_response(404, f"no endpoint {path}; try GET /healthz, GET /v1/info, POST /v1/forward "
+                                   "or the Open Inference Protocol under /v2")
+    else:
+        allowed, endpoint = endpoints[path]
+        if method != allowed:
+            return error_response(405, f"{path} takes {allowed}, not {method}")
     try:
         return await endpoint(router, request)
     except WireError as exc:
@@ -88,8 +94,8 @@ async def _forward(router: "MoERouter", request: Request) -> Response:
     body = await read_body(request, router.args.max_body_bytes)
     forward_request = decode_forward_request(body, request.headers.get("content-type"), router.limits)
     router.config.layer_position(forward_request.layer)  # ValueError -> 400 for an unknown layer
-    y_TD, plan = await router.moe_forward(forward_request.hidden_states, forward_request.layer)
-    counts = list(plan.counts) if forward_request.return_expert_counts else None
+    y_TD, counts = await router.run(forward_request.hidden_states, forward_request.layer)
+    counts = counts if forward_request.return_expert_counts else None
     content = encode_forward_response(y_TD, forward_request.wire_format, counts)
     return Response(content, media_type=forward_request.wire_format)
 

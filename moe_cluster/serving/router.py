@@ -22,10 +22,11 @@ from starlette.responses import Response
 
 from ..checkpoint import load_router_layers
 from ..codec import Limits, check_values, from_numpy, to_numpy
-from ..dispatch import DispatchPlan, expert_chunks
+from ..dispatch import DispatchPlan, expert_chunks, expert_counts
 from ..model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
 from ..placement import Placement
 from .args import AppArgs
+from .coalesce import Coalescer
 from .expert import pick_device, set_torch_threads
 from .http import handle_http
 from .metrics import RouterMetrics
@@ -55,6 +56,8 @@ class MoERouter:
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.app_name = serve.get_replica_context().app_name
+        self.coalescer = (Coalescer(self.moe_forward, self.args.max_batch_tokens, self.args.batch_wait_ms / 1e3)
+                          if self.args.max_batch_tokens else None)
 
     def _load_router_layers(self) -> list[RouterLayer]:
         if self.args.checkpoint:
@@ -75,8 +78,15 @@ class MoERouter:
             raise ValueError(f"{x_TD.shape[0]} tokens exceed the limit of {self.limits.max_tokens} per request")
         self.config.layer_position(layer)
         check_values(x_TD, self.limits)
-        y_TD, _ = await self.moe_forward(x_TD, layer)
+        y_TD, _ = await self.run(x_TD, layer)
         return y_TD.numpy() if as_numpy else y_TD
+
+    async def run(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
+        """(y_TD, rows per expert) for a validated request, merged with concurrent ones if enabled."""
+        if self.coalescer is not None:
+            return await self.coalescer.submit(x_TD, layer)
+        y_TD, plan = await self.moe_forward(x_TD, layer)
+        return y_TD, expert_counts(plan)
 
     async def info(self) -> dict:
         config = self.config
@@ -108,6 +118,8 @@ class MoERouter:
                 names.append(group)
         snapshot = self.metrics.snapshot(deployments_of_expert)
         snapshot["replicas"] = replicas
+        if self.coalescer is not None:
+            snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches}
         return snapshot
 
     def _running_replicas(self) -> dict[str, int]:

@@ -1,0 +1,289 @@
+"""`moe-cluster bench`: what spreading the experts over a cluster costs, measured side by side.
+
+On the same weights (a preset drawn from a seed), in one run:
+  inprocess   MoEModel.forward in this process (all cores)
+  monolithic  one Serve deployment holding the whole MoE layer (what a user would deploy instead)
+  handle      the cluster (router + one deployment per expert) through a DeploymentHandle
+  http        the cluster through HTTP (msgpack)
+for T tokens per request, one client at a time, and with concurrent clients; plus the
+machine's matmul peak and the Serve floor (p50 of a no-op router calling a no-op expert).
+Writes DIR/results.json and DIR/results.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from ray import serve
+
+from ..config import preset_config
+from ..model import MoEModel
+from .args import AppArgs
+
+__all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops"]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    preset: str = "tiny"
+    seed: int = 0
+    tokens: tuple[int, ...] = (1, 64, 1024, 4096)
+    clients: int = 32
+    client_tokens: int = 128
+    min_reps: int = 5  # per (mode, T): at least this many timed calls ...
+    min_seconds: float = 2.0  # ... and at least this long
+    client_requests: int = 8  # requests per concurrent client
+    port: int = 8765
+
+
+@dataclass
+class Record:
+    mode: str
+    tokens: int
+    clients: int
+    tokens_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+
+
+# --- deployments that exist only to be compared with --------------------------------------
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class MonolithicMoE:
+    """The whole MoE (every layer, every expert) in one replica."""
+
+    def __init__(self, preset: str, seed: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = MoEModel.random(preset_config(preset), seed)
+
+    async def forward(self, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.forward(x_TD, layer)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class NoopExpert:
+    async def forward(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class NoopRouter:
+    def __init__(self, expert) -> None:
+        self.expert = expert
+
+    async def forward(self, x: np.ndarray) -> np.ndarray:
+        return await self.expert.forward.remote(x)
+
+
+# --- measurement -----------------------------------------------------------------------------
+
+def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
+    """fp32 GEMM throughput of this process with its current torch threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - started) / 1e9
+
+
+def time_calls(call: Callable[[], Any], settings: BenchSettings) -> list[float]:
+    """Latencies (s) of sequential calls: one warm-up, then min_reps and min_seconds."""
+    call()
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < settings.min_reps or time.perf_counter() - started < settings.min_seconds:
+        t0 = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def record(mode: str, tokens: int, clients: int, latencies: list[float], wall_s: float | None = None) -> Record:
+    wall = sum(latencies) if wall_s is None else wall_s
+    ms = np.asarray(latencies) * 1e3
+    return Record(mode, tokens, clients, tokens * len(latencies) / wall, float(np.percentile(ms, 50)),
+                  float(np.percentile(ms, 99)), len(latencies))
+
+
+def concurrent_calls(make_call: Callable[[], Callable[[], Any]], settings: BenchSettings) -> tuple[list[float], float]:
+    """`clients` threads, each with its own caller, each making client_requests calls back to back."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        call = make_call()
+        call()  # warm-up, not timed
+        barrier.wait()
+        for _ in range(settings.client_requests):
+            t0 = time.perf_counter()
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+                return
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    barrier = threading.Barrier(settings.clients + 1)
+    threads = [threading.Thread(target=client) for _ in range(settings.clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return latencies, time.perf_counter() - started
+
+
+def cluster_args(settings: BenchSettings) -> AppArgs:
+    """The cluster under test: default placement, one torch thread per replica, no CPU reservations."""
+    return AppArgs.model_validate({
+        "preset": settings.preset, "seed": settings.seed, "torch_threads": 1,
+        "max_tokens_per_request": max(settings.tokens) * 2,
+        "router": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
+        "experts": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
+    })
+
+
+def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every measurement, write results.json (+ results.png), return the results dict."""
+    import ray
+
+    from ..client import MoEClient
+    from .app import build_app
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    config = preset_config(settings.preset)
+    peak = matmul_peak_gflops()
+    log(f"matmul peak: {peak:.0f} GFLOP/s fp32 with {cores} threads")
+    model = MoEModel.random(config, settings.seed)
+    inputs = {t: torch.randn(t, config.d_model, generator=torch.Generator().manual_seed(t)) for t in settings.tokens}
+    records: list[Record] = []
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": settings.port},
+                    logging_config={"enable_access_log": False})
+        log("deploying the floor (no-op router -> no-op expert), the monolithic deployment and the cluster ...")
+        floor = serve.run(NoopRouter.bind(NoopExpert.bind()), name="floor", route_prefix=None)
+        mono = serve.run(MonolithicMoE.bind(settings.preset, settings.seed, cores), name="monolithic",
+                         route_prefix=None)
+        cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/",
+                            logging_config={"enable_access_log": False})
+        one_token = np.zeros((1, config.d_model), np.float32)
+        floor_ms = record("floor", 1, 1, time_calls(lambda: floor.forward.remote(one_token).result(), settings))
+        log(f"serve floor p50: {floor_ms.p50_ms:.2f} ms")
+        client = MoEClient(f"http://127.0.0.1:{settings.port}")
+        callers = {
+            "inprocess": lambda x: model.forward(x, 0),
+            "monolithic": lambda x: mono.forward.remote(x, 0).result(),
+            "handle": lambda x: cluster.forward.remote(x, 0).result(),
+            "http": lambda x: torch.from_numpy(client.forward(x.numpy(), 0)),
+        }
+        max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
+        log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
+        for tokens in settings.tokens:
+            for mode, call in callers.items():
+                rec = record(mode, tokens, 1, time_calls(lambda: call(inputs[tokens]), settings))
+                records.append(rec)
+                log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
+                    f"p99 {rec.p99_ms:8.2f} ms")
+        records += concurrent_records(settings, config.d_model, mono, cluster, log)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
+               "serve_floor_p50_ms": floor_ms.p50_ms, "max_abs_diff_vs_inprocess": max_diff,
+               "model": config.to_dict(), "settings": asdict(settings), "records": [asdict(r) for r in records]}
+    results["summary"] = summarize(results, config)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log(f"wrote {out_dir / 'results.json'}")
+    plot(results, out_dir / "results.png", log)
+    return results
+
+
+def check_outputs(callers: dict[str, Callable], model: MoEModel, x_TD: torch.Tensor) -> dict[str, float]:
+    expected = model.forward(x_TD, 0)
+    return {mode: float((call(x_TD) - expected).abs().max()) for mode, call in callers.items()}
+
+
+def concurrent_records(settings: BenchSettings, d_model: int, mono, cluster, log) -> list[Record]:
+    from ..client import MoEClient
+
+    x = torch.randn(settings.client_tokens, d_model)
+    makers = {
+        "monolithic": lambda: (lambda: mono.forward.remote(x, 0).result()),
+        "handle": lambda: (lambda: cluster.forward.remote(x, 0).result()),
+        "http": lambda: (lambda c=MoEClient(f"http://127.0.0.1:{settings.port}"): c.forward(x.numpy(), 0)),
+    }
+    out = []
+    for mode, make_call in makers.items():
+        latencies, wall = concurrent_calls(make_call, settings)
+        rec = record(mode, settings.client_tokens, settings.clients, latencies, wall_s=wall)
+        out.append(rec)
+        log(f"  {mode:>10}  {settings.clients} clients x T={settings.client_tokens}: {rec.tokens_per_s:>10.0f} tok/s "
+            f"p50 {rec.p50_ms:8.2f} ms  p99 {rec.p99_ms:8.2f} ms")
+    return out
+
+
+def summarize(results: dict[str, Any], config) -> dict[str, float]:
+    """The ratios the performance targets are stated in."""
+    single = {(r["mode"], r["tokens"]): r for r in results["records"] if r["clients"] == 1}
+    many = {r["mode"]: r for r in results["records"] if r["clients"] > 1}
+    big = max(t for _, t in single)
+    tps = lambda mode: single[(mode, big)]["tokens_per_s"]  # noqa: E731
+    flops_per_token = 2 * config.top_k * config.d_model * config.d_ff * (3 if config.expert_kind == "swiglu" else 2)
+    return {
+        "largest_T": big,
+        "handle_over_inprocess": tps("handle") / tps("inprocess"),
+        "handle_over_monolithic": tps("handle") / tps("monolithic"),
+        "handle_T1_p50_over_floor": single[("handle", 1)]["p50_ms"] / results["serve_floor_p50_ms"]
+        if ("handle", 1) in single else float("nan"),
+        "concurrent_handle_over_inprocess": many["handle"]["tokens_per_s"] / tps("inprocess") if many else float("nan"),
+        "handle_fraction_of_matmul_peak": tps("handle") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
+        "inprocess_fraction_of_matmul_peak": tps("inprocess") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
+    }
+
+
+def plot(results: dict[str, Any], path: Path, log) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install 'moe-cluster[bench]')")
+        return
+    fig, (ax_tps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("inprocess", "monolithic", "handle", "http"):
+        rows = sorted((r for r in results["records"] if r["mode"] == mode and r["clients"] == 1),
+                      key=lambda r: r["tokens"])
+        ax_tps.plot([r["tokens"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=mode)
+        ax_lat.plot([r["tokens"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=mode)
+    ax_lat.axhline(results["serve_floor_p50_ms"], color="grey", linestyle="--", label="Serve floor")
+    for ax, label in ((ax_tps, "tokens/s"), (ax_lat, "p50 latency (ms)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per request")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"moe-cluster bench: {results['preset']} ({results['cores']} cores, "
+                 f"peak {results['matmul_peak_gflops']:.0f} GFLOP/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    log(f"wrote {path}")

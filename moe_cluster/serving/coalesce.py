@@ -1,0 +1,102 @@
+"""Coalescing at the router: concurrent requests for one layer become one token batch.
+
+Shape legend: T tokens of one request, B tokens of a merged batch, D model dim.
+
+32 concurrent requests of 128 tokens then cost one round of expert calls (one call per
+expert for 4096 rows) instead of 32 rounds. A request that finds the layer idle starts
+at once, so a lone client pays no waiting; requests that arrive while a batch is in
+flight queue up and leave together in the next batch. When the previous batch merged
+several requests (there is concurrency), the next batch waits `wait_s` for stragglers.
+No Ray here: the router passes in its distributed forward as `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import torch
+
+from ..dispatch import DispatchPlan, expert_counts
+
+__all__ = ["Coalescer"]
+
+RunBatch = Callable[[torch.Tensor, int], Awaitable[tuple[torch.Tensor, DispatchPlan]]]
+
+
+@dataclass
+class _Pending:
+    x_TD: torch.Tensor
+    future: asyncio.Future
+
+
+class Coalescer:
+    def __init__(self, run: RunBatch, max_batch_tokens: int, wait_s: float = 0.001) -> None:
+        self.run = run
+        self.max_batch_tokens = max_batch_tokens
+        self.wait_s = wait_s
+        self._queues: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
+        self._busy: set[int] = set()
+        self._last_batch_size: dict[int, int] = collections.defaultdict(int)
+        self.batches = 0  # merged batches run so far (for stats and tests)
+        self.requests = 0
+
+    async def submit(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
+        """(y_TD, rows per expert of this request), as if the request had run alone."""
+        future = asyncio.get_running_loop().create_future()
+        self._queues[layer].append(_Pending(x_TD, future))
+        if layer not in self._busy:
+            self._busy.add(layer)
+            asyncio.create_task(self._drain(layer))
+        return await future
+
+    async def _drain(self, layer: int) -> None:
+        queue = self._queues[layer]
+        try:
+            while queue:
+                if self._last_batch_size[layer] > 1 and self.wait_s > 0 and self._queued_tokens(queue) < \
+                        self.max_batch_tokens:
+                    await asyncio.sleep(self.wait_s)  # concurrency seen: let stragglers join
+                batch = self._take(queue)
+                self._last_batch_size[layer] = len(batch)
+                await self._run_batch(batch, layer)
+        finally:
+            self._busy.discard(layer)
+
+    def _take(self, queue: collections.deque[_Pending]) -> list[_Pending]:
+        """At least one request, then more while they fit in max_batch_tokens."""
+        batch = [queue.popleft()]
+        tokens = batch[0].x_TD.shape[0]
+        while queue and tokens + queue[0].x_TD.shape[0] <= self.max_batch_tokens:
+            tokens += queue[0].x_TD.shape[0]
+            batch.append(queue.popleft())
+        return batch
+
+    @staticmethod
+    def _queued_tokens(queue: collections.deque[_Pending]) -> int:
+        return sum(p.x_TD.shape[0] for p in queue)
+
+    async def _run_batch(self, batch: list[_Pending], layer: int) -> None:
+        self.batches += 1
+        self.requests += len(batch)
+        try:
+            if len(batch) == 1:
+                x_BD = batch[0].x_TD
+            else:
+                dtype = batch[0].x_TD.dtype
+                x_BD = torch.cat([p.x_TD.to(dtype) for p in batch])
+            y_BD, plan = await self.run(x_BD, layer)
+        except BaseException as exc:  # noqa: BLE001 - every request of the batch fails the same way
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        start = 0
+        for pending in batch:
+            stop = start + pending.x_TD.shape[0]
+            if not pending.future.done():  # the caller may have been cancelled
+                result = y_BD[start:stop].to(pending.x_TD.dtype)
+                pending.future.set_result((result, expert_counts(plan, start, stop)))
+            start = stop
