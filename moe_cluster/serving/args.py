@@ -68,11 +68,18 @@ class AppArgs(BaseModel):
     max_tokens_per_request: int = Field(default=8192, ge=1, description="larger requests get 413")
     max_tokens_per_call: int | None = Field(default=None, ge=1,
                                             description="split an expert's rows into calls of at most this size")
+    max_inflight_calls: int | None = Field(default=None, ge=1,
+                                           description="at most this many expert calls in flight per router "
+                                                       "replica, largest first (null: all at once). Where experts "
+                                                       "share a few CPU cores, the core count keeps them from "
+                                                       "thrashing each other")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")
     batch_wait_ms: float = Field(default=1.0, ge=0, description="under concurrency, wait this long for more "
                                                                  "requests before a batch leaves")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="a request not done by then gets 504; "
+                                                                     "failed expert calls are retried until then")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger HTTP bodies get 413")
     allow_non_finite: bool = Field(default=False, description="accept NaN/Inf in hidden_states (else 422)")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: Ray's)")

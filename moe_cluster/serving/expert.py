@@ -55,6 +55,7 @@ class ExpertServer:
         self.calls: collections.Counter[tuple[int, int]] = collections.Counter()
         self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
         self.row_rate = RowRate(window_s=2.0)
+        self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
 
     async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
         """Expert_{layer, expert}(x_ND) for rows x_ND [N, D] in the model dtype (bf16 as uint16)."""
@@ -62,11 +63,13 @@ class ExpertServer:
         if module is None:
             raise ValueError(f"deployment {self.group_name} does not host (layer {layer}, expert {expert}); "
                              "the router's placement and this deployment disagree")
+        started = time.perf_counter()
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
             x = from_numpy(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
             y = module(x).cpu()
+        self.compute_s += time.perf_counter() - started
         self.calls[(layer, expert)] += 1
         self.rows[(layer, expert)] += int(x_ND.shape[0])
         self.row_rate.add(int(x_ND.shape[0]))
@@ -90,6 +93,7 @@ class ExpertServer:
             "calls": [[layer, expert, n] for (layer, expert), n in sorted(self.calls.items())],
             "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
             ROWS_PER_S: self.row_rate.per_second(),
+            "compute_s": self.compute_s,
             "time": time.time(),
         }
 

@@ -61,8 +61,8 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
     except ValueError as exc:  # e.g. an unknown layer, caught by the model's own checks
         return error_response(400, str(exc))
     except Exception as exc:  # noqa: BLE001 - a failure inside the cluster
-        from .router import ExpertCallError
-        status = 503 if isinstance(exc, ExpertCallError) else 500
+        from .router import DeadlineExceeded, ExpertCallError
+        status = 503 if isinstance(exc, ExpertCallError) else 504 if isinstance(exc, DeadlineExceeded) else 500
         logger.exception("request to %s failed", path)
         return error_response(status, f"{type(exc).__name__}: {exc}")
 

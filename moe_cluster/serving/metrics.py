@@ -7,6 +7,7 @@ prefixes the names with `ray_`):
     moe_expert_call_latency_ms{expert, deployment}        router -> expert -> router time of one call
     moe_load_imbalance{layer}                             max/mean rows per expert since start
     moe_expert_replicas{deployment}                       running replicas of each expert deployment
+    moe_expert_retries{expert, deployment}                calls sent again after a replica failed
 
 The JSON snapshot (`GET /v1/stats`) holds the same figures as seen by one router replica.
 """
@@ -42,6 +43,12 @@ class RouterMetrics:
         self._latency = metrics.Histogram("moe_expert_call_latency_ms", "router->expert call time (ms)",
                                           boundaries=_LATENCY_BUCKETS_MS, tag_keys=("expert", "deployment"))
         self._imbalance = metrics.Gauge("moe_load_imbalance", "max/mean rows per expert", tag_keys=("layer",))
+        self.retries = collections.Counter[int]()
+        self.batches = 0
+        self.phase_ms: collections.Counter[str] = collections.Counter()
+        self.last_phases_ms: dict[str, float] = {}
+        self._retries = metrics.Counter("moe_expert_retries", "expert calls sent again after a replica failure",
+                                        tag_keys=("expert", "deployment"))
         self._replicas = metrics.Gauge("moe_expert_replicas", "running replicas per expert deployment",
                                        tag_keys=("deployment",))
 
@@ -60,6 +67,17 @@ class RouterMetrics:
         self.latency_ms[expert].append(latency_ms)
         self._latency.observe(latency_ms, tags={"expert": str(expert), "deployment": deployment})
 
+    def record_phases(self, **phases_ms: float) -> None:
+        """Where one batch's time went on the router: route, experts (the fan-out), combine."""
+        self.batches += 1
+        for phase, ms in phases_ms.items():
+            self.phase_ms[phase] += ms
+        self.last_phases_ms = phases_ms
+
+    def record_retry(self, expert: int, deployment: str) -> None:
+        self.retries[expert] += 1
+        self._retries.inc(tags={"expert": str(expert), "deployment": deployment})
+
     def record_replicas(self, replicas: dict[str, int]) -> None:
         for deployment, count in replicas.items():
             self._replicas.set(count, tags={"deployment": deployment})
@@ -73,6 +91,9 @@ class RouterMetrics:
             latency = ({"p50": float(np.percentile(recent, 50)), "p99": float(np.percentile(recent, 99)),
                         "mean": float(recent.mean()), "max": float(recent.max())} if recent.size else None)
             experts.append({"expert": expert, "deployments": deployments, "calls": self.calls[expert],
+                            "retries": self.retries[expert],
                             "rows": int(sum(rows_E[expert] for rows_E in self.rows_by_layer.values())),
                             "latency_ms": latency})
-        return {"layers": layers, "experts": experts}
+        phases = {"batches": self.batches, "last_ms": self.last_phases_ms,
+                  "mean_ms": {k: v / self.batches for k, v in self.phase_ms.items()} if self.batches else {}}
+        return {"layers": layers, "experts": experts, "router_phases": phases}

@@ -16,6 +16,8 @@ import time
 import numpy as np
 import torch
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,12 +33,26 @@ from .expert import pick_device, set_torch_threads
 from .http import handle_http
 from .metrics import RouterMetrics
 
-__all__ = ["MoERouter", "ExpertCallError"]
+__all__ = ["MoERouter", "ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE"]
 
 
 
 class ExpertCallError(RuntimeError):
     """An expert deployment failed to answer: the request fails with 503, never a partial output."""
+
+
+class ExpertComputeError(RuntimeError):
+    """An expert replica answered with an error (a bug or a bad deployment, not a dead replica): 500."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request did not complete within request_timeout_s: 504."""
+
+
+# Failures of a replica or of Serve's routing to it, not of the expert's computation: the
+# call is sent again (Serve picks another replica, or the one that replaced the dead one).
+RETRYABLE = (RayActorError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError,
+             ReplicaUnavailableError)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -56,6 +72,7 @@ class MoERouter:
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.app_name = serve.get_replica_context().app_name
+        self.call_window = asyncio.Semaphore(self.args.max_inflight_calls) if self.args.max_inflight_calls else None
         self.coalescer = (Coalescer(self.moe_forward, self.args.max_batch_tokens, self.args.batch_wait_ms / 1e3)
                           if self.args.max_batch_tokens else None)
 
@@ -82,7 +99,19 @@ class MoERouter:
         return y_TD.numpy() if as_numpy else y_TD
 
     async def run(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
-        """(y_TD, rows per expert) for a validated request, merged with concurrent ones if enabled."""
+        """(y_TD, rows per expert) for a validated request, merged with concurrent ones if enabled.
+
+        Raises DeadlineExceeded after request_timeout_s, ExpertCallError when an expert
+        deployment cannot answer (after retries): never a partially combined output.
+        """
+        try:
+            return await asyncio.wait_for(self._run(x_TD, layer), self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the request did not complete within {self.args.request_timeout_s:g}s "
+                                   "(request_timeout_s); the cluster may be overloaded or an expert "
+                                   "deployment is restarting: retry later") from None
+
+    async def _run(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
         if self.coalescer is not None:
             return await self.coalescer.submit(x_TD, layer)
         y_TD, plan = await self.moe_forward(x_TD, layer)
@@ -140,29 +169,64 @@ class MoERouter:
     async def moe_forward(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, DispatchPlan]:
         """Route on this replica's device, fan the chunks out, combine. Returns (y_TD, plan)."""
         router = self.layers[layer]
+        t0 = time.perf_counter()
         with torch.no_grad():
             x_model_TD, plan, x_ND = prepare_dispatch(x_TD.to(self.device), router, self.config)
         chunks = expert_chunks(plan, self.args.max_tokens_per_call)
+        if self.call_window is not None:
+            chunks.sort(key=lambda c: -c.size)  # largest first: the shortest tail under a window
         self.metrics.record_plan(layer, plan.counts, self.placement.owner)
         x_ND_host = x_ND.cpu()
-        calls = [self._call_expert(layer, chunk.expert, x_ND_host[chunk.start:chunk.stop]) for chunk in chunks]
+        deadline = time.monotonic() + self.args.request_timeout_s
+        calls = [self._call_expert(layer, chunk.expert, x_ND_host[chunk.start:chunk.stop], deadline)
+                 for chunk in chunks]
+        t1 = time.perf_counter()
         outputs = await asyncio.gather(*calls)
+        t2 = time.perf_counter()
         with torch.no_grad():
-            out_ND = torch.cat(outputs) if outputs else torch.empty_like(x_ND_host)
-            y_TD = finish_combine(x_model_TD, plan, out_ND.to(self.device), router)
-        return y_TD.to(x_TD.dtype).cpu(), plan
+            out_ND = torch.empty_like(x_ND_host)
+            for chunk, output in zip(chunks, outputs):  # chunks may be reordered: place by rows
+                out_ND[chunk.start:chunk.stop] = output
+            y_TD = finish_combine(x_model_TD, plan, out_ND.to(self.device), router).to(x_TD.dtype).cpu()
+        self.metrics.record_phases(route_ms=(t1 - t0) * 1e3, experts_ms=(t2 - t1) * 1e3,
+                                   combine_ms=(time.perf_counter() - t2) * 1e3)
+        return y_TD, plan
 
-    async def _call_expert(self, layer: int, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+    async def _call_expert(self, layer: int, expert: int, x_ND: torch.Tensor, deadline: float) -> torch.Tensor:
+        """One expert call; a dead or unavailable replica is retried until the deadline."""
         group = self.placement.owner[(layer, expert)]
+        x_array = to_numpy(x_ND)[0]
         started = time.perf_counter()
-        try:
-            array = await self.handles[group].forward.remote(layer, expert, to_numpy(x_ND)[0])
-        except Exception as exc:  # noqa: BLE001 - any failure of the remote call is a 503
-            raise ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) "
-                                  f"after {time.perf_counter() - started:.1f}s: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        backoff_s, attempts = 0.05, 0
+        while True:
+            attempts += 1
+            try:
+                array = await self._send(group, layer, expert, x_array)
+                break
+            except RETRYABLE as exc:
+                if time.monotonic() + backoff_s >= deadline:
+                    raise self._call_error(group, layer, expert, started, attempts, exc) from exc
+                self.metrics.record_retry(expert, group)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(2 * backoff_s, 1.0)
+            except Exception as exc:  # noqa: BLE001 - the expert itself failed: no retry
+                raise ExpertComputeError(str(self._call_error(group, layer, expert, started, attempts, exc))) from exc
         self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
         return from_numpy(array, self.config.dtype)
+
+    async def _send(self, group: str, layer: int, expert: int, x_array: np.ndarray) -> np.ndarray:
+        if self.call_window is None:
+            return await self.handles[group].forward.remote(layer, expert, x_array)
+        async with self.call_window:
+            return await self.handles[group].forward.remote(layer, expert, x_array)
+
+    @staticmethod
+    def _call_error(group: str, layer: int, expert: int, started: float, attempts: int,
+                    exc: BaseException) -> ExpertCallError:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) after "
+                               f"{attempts} attempt(s) in {time.perf_counter() - started:.1f}s: "
+                               f"{type(exc).__name__}: {first_line}")
 
 
 async def _await(response):
