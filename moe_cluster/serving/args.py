@@ -60,7 +60,8 @@ class PlacementEntry(BaseModel):
 class AppArgs(BaseModel):
     """Everything `build_app` needs. Defaults serve the tiny preset with seed 0."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field but never echo its value: a secret put in the wrong field stays out of logs.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     checkpoint: str | None = Field(default=None, description="checkpoint directory; overrides preset/seed")
     preset: str = Field(default="tiny", description="preset for random weights when no checkpoint is given")
@@ -76,8 +77,8 @@ class AppArgs(BaseModel):
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")
-    batch_wait_ms: float = Field(default=1.0, ge=0, description="under concurrency, wait this long for more "
-                                                                 "requests before a batch leaves")
+    batch_wait_ms: float = Field(default=10.0, ge=0, description="under concurrency, wait at most this long for "
+                                                                  "as many requests as the last batch merged")
     request_timeout_s: float = Field(default=30.0, gt=0, description="a request not done by then gets 504; "
                                                                      "failed expert calls are retried until then")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger HTTP bodies get 413")
@@ -86,9 +87,24 @@ class AppArgs(BaseModel):
     oip_model_name: str = Field(default="moe", min_length=1, pattern=r"^[^/]+$",
                                 description="model name on the Open Inference Protocol v2 endpoints, "
                                             "/v2/models/<name>/...")
+    auth_token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                       description="name of an environment variable of the router's replicas "
+                                                   "that holds the bearer token every HTTP request must carry "
+                                                   "(never the token itself)")
+    auth_token_file: str | None = Field(default=None, min_length=1,
+                                        description="path of a file (e.g. a mounted Kubernetes Secret) that "
+                                                    "holds the bearer token; with auth_token_env, either is accepted")
     router: DeploymentOptions = DeploymentOptions()
     experts: DeploymentOptions = DeploymentOptions()
     placement: list[PlacementEntry] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plain_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"auth_token", "token", "api_token"} & set(data):
+            raise ValueError("a token does not belong in the config file: put it in an environment variable "
+                             "or a file (a Kubernetes Secret) and set auth_token_env or auth_token_file")
+        return data
 
     def load_model_config(self) -> ModelConfig:
         return load_config(self.checkpoint) if self.checkpoint else preset_config(self.preset)

@@ -6,7 +6,11 @@ Shape legend: T tokens of one request, B tokens of a merged batch, D model dim.
 expert for 4096 rows) instead of 32 rounds. A request that finds the layer idle starts
 at once, so a lone client pays no waiting; requests that arrive while a batch is in
 flight queue up and leave together in the next batch. When the previous batch merged
-several requests (there is concurrency), the next batch waits `wait_s` for stragglers.
+several requests (there is concurrency), the next batch waits until as many requests are
+queued as were active last time (the last batch plus those that queued meanwhile), at
+most `wait_s` or 5% of the last batch's run time if that is longer: concurrent clients
+whose answers came back together send their next requests some ms apart, and should
+travel together again rather than split into alternating half batches.
 No Ray here: the router passes in its distributed forward as `run`.
 """
 
@@ -33,14 +37,16 @@ class _Pending:
 
 
 class Coalescer:
-    def __init__(self, run: RunBatch, max_batch_tokens: int, wait_s: float = 0.001) -> None:
+    def __init__(self, run: RunBatch, max_batch_tokens: int, wait_s: float = 0.01) -> None:
         self.run = run
         self.max_batch_tokens = max_batch_tokens
         self.wait_s = wait_s
         self._queues: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
         self._busy: set[int] = set()
-        self._last_batch_size: dict[int, int] = collections.defaultdict(int)
+        self._expected: dict[int, int] = collections.defaultdict(int)  # requests active last round
+        self._last_batch_s: dict[int, float] = collections.defaultdict(float)
         self.batches = 0  # merged batches run so far (for stats and tests)
+        self.recent_sizes: collections.deque[int] = collections.deque(maxlen=32)  # requests per batch
         self.requests = 0
 
     async def submit(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
@@ -56,14 +62,25 @@ class Coalescer:
         queue = self._queues[layer]
         try:
             while queue:
-                if self._last_batch_size[layer] > 1 and self.wait_s > 0 and self._queued_tokens(queue) < \
-                        self.max_batch_tokens:
-                    await asyncio.sleep(self.wait_s)  # concurrency seen: let stragglers join
+                limit_s = max(self.wait_s, 0.05 * self._last_batch_s[layer])
+                await self._wait_for_stragglers(queue, self._expected[layer], limit_s)
                 batch = self._take(queue)
-                self._last_batch_size[layer] = len(batch)
+                started = asyncio.get_running_loop().time()
                 await self._run_batch(batch, layer)
+                self._last_batch_s[layer] = asyncio.get_running_loop().time() - started
+                self._expected[layer] = len(batch) + len(queue)
         finally:
             self._busy.discard(layer)
+
+    async def _wait_for_stragglers(self, queue: collections.deque[_Pending], expected: int,
+                                   limit_s: float) -> None:
+        """Under concurrency, wait (<= limit_s) until `expected` requests or a full batch are queued."""
+        if expected <= 1 or self.wait_s <= 0:
+            return  # a lone client never waits
+        deadline = asyncio.get_running_loop().time() + limit_s
+        while (len(queue) < expected and self._queued_tokens(queue) < self.max_batch_tokens
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.0005)
 
     def _take(self, queue: collections.deque[_Pending]) -> list[_Pending]:
         """At least one request, then more while they fit in max_batch_tokens."""
@@ -81,6 +98,7 @@ class Coalescer:
     async def _run_batch(self, batch: list[_Pending], layer: int) -> None:
         self.batches += 1
         self.requests += len(batch)
+        self.recent_sizes.append(len(batch))
         try:
             if len(batch) == 1:
                 x_BD = batch[0].x_TD

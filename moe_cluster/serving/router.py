@@ -28,6 +28,7 @@ from ..dispatch import DispatchPlan, expert_chunks, expert_counts
 from ..model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
 from ..placement import Placement
 from .args import AppArgs
+from .auth import BearerAuth
 from .coalesce import Coalescer
 from .expert import pick_device, set_torch_threads
 from .http import handle_http
@@ -70,6 +71,8 @@ class MoERouter:
         self.layers = {layer_id: router.to(self.device)
                        for layer_id, router in zip(self.config.moe_layer_ids, self._load_router_layers())}
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
+        # The bearer token of the HTTP endpoints (None: no auth); fails here if configured but missing.
+        self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.app_name = serve.get_replica_context().app_name
         self.call_window = asyncio.Semaphore(self.args.max_inflight_calls) if self.args.max_inflight_calls else None
@@ -148,7 +151,8 @@ class MoERouter:
         snapshot = self.metrics.snapshot(deployments_of_expert)
         snapshot["replicas"] = replicas
         if self.coalescer is not None:
-            snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches}
+            snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches,
+                                      "recent_batch_sizes": list(self.coalescer.recent_sizes)}
         return snapshot
 
     def _running_replicas(self) -> dict[str, int]:
