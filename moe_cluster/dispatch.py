@@ -89,8 +89,11 @@ def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine(plan: DispatchPlan, expert_out_ND: torch.Tensor) -> torch.Tensor:
-    """y_TD[token] = sum over its rows of weight * expert_out, in expert_out's dtype."""
-    weighted_ND = expert_out_ND * plan.weights_N.to(expert_out_ND.dtype).unsqueeze(-1)
+    """y_TD[token] = sum over its rows of weight * expert_out, in expert_out's dtype.
+
+    Scales expert_out_ND in place (callers pass a buffer of their own): one pass less over N*D.
+    """
+    weighted_ND = expert_out_ND.mul_(plan.weights_N.to(expert_out_ND.dtype).unsqueeze(-1))
     y_TD = torch.zeros(plan.num_tokens, expert_out_ND.shape[-1], dtype=expert_out_ND.dtype,
                        device=expert_out_ND.device)
     return y_TD.index_add_(0, plan.token_ids_N, weighted_ND)

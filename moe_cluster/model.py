@@ -57,7 +57,10 @@ def prepare_dispatch(x_TD: torch.Tensor, router: RouterLayer, config: ModelConfi
 
 def finish_combine(x_TD: torch.Tensor, plan: DispatchPlan, expert_out_ND: torch.Tensor,
                    router: RouterLayer) -> torch.Tensor:
-    """y_TD = weighted sum of the routed answers (+ shared experts), in the model dtype."""
+    """y_TD = weighted sum of the routed answers (+ shared experts), in the model dtype.
+
+    Scales expert_out_ND in place (see dispatch.combine).
+    """
     y_TD = combine(plan, expert_out_ND)
     if router.shared is not None:
         y_TD = y_TD + router.shared(x_TD)

@@ -150,9 +150,11 @@ def concurrent_calls(make_call: Callable[[], Callable[[], Any]], settings: Bench
 
 
 def cluster_args(settings: BenchSettings) -> AppArgs:
-    """The cluster under test: default placement, one torch thread per replica, no CPU reservations."""
+    """The cluster under test: default placement, no CPU reservations, one torch thread per expert
+    replica (the experts share the cores) and every core for the router (it works while they wait)."""
     return AppArgs.model_validate({
         "preset": settings.preset, "seed": settings.seed, "torch_threads": 1,
+        "router_torch_threads": os.cpu_count() or 1,
         "max_tokens_per_request": max(settings.tokens) * 2,
         "router": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
         "experts": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
