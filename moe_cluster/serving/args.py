@@ -83,7 +83,12 @@ class AppArgs(BaseModel):
                                                                      "failed expert calls are retried until then")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger HTTP bodies get 413")
     allow_non_finite: bool = Field(default=False, description="accept NaN/Inf in hidden_states (else 422)")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: Ray's)")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads per expert replica "
+                                                                      "(default: Ray's, 1)")
+    router_torch_threads: int | None = Field(default=None, ge=1,
+                                             description="torch threads of a router replica (default: "
+                                                         "torch_threads); its gate and combine run while the "
+                                                         "experts wait, so it may use every core")
     oip_model_name: str = Field(default="moe", min_length=1, pattern=r"^[^/]+$",
                                 description="model name on the Open Inference Protocol v2 endpoints, "
                                             "/v2/models/<name>/...")

@@ -60,7 +60,7 @@ RETRYABLE = (RayActorError, ActorUnavailableError, BackPressureError, Deployment
 class MoERouter:
     def __init__(self, args: dict, handles: dict[str, DeploymentHandle]) -> None:
         self.args = AppArgs.model_validate(args)
-        set_torch_threads(self.args.torch_threads)
+        set_torch_threads(self.args.router_torch_threads or self.args.torch_threads)
         self.config = self.args.load_model_config()
         self.placement: Placement = self.args.resolve_placement(self.config)
         self.handles = handles
