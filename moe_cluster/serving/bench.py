@@ -5,7 +5,8 @@ On the same weights (a preset drawn from a seed), in one run:
   monolithic  one Serve deployment holding the whole MoE layer (what a user would deploy instead)
   handle      the cluster (router + one deployment per expert) through a DeploymentHandle
   http        the cluster through HTTP (msgpack)
-for T tokens per request, one client at a time, and with concurrent clients; plus the
+for T tokens per request, one client at a time (the modes take turns call by call, so a
+drifting machine speed hits them alike), and with concurrent clients; plus the
 machine's matmul peak and the Serve floor (p50 of a no-op router calling a no-op expert).
 Writes DIR/results.json and DIR/results.png.
 """
@@ -98,14 +99,22 @@ def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
 
 
 def time_calls(call: Callable[[], Any], settings: BenchSettings) -> list[float]:
-    """Latencies (s) of sequential calls: one warm-up, then min_reps and min_seconds."""
-    call()
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while len(latencies) < settings.min_reps or time.perf_counter() - started < settings.min_seconds:
-        t0 = time.perf_counter()
+    """Latencies (s) of sequential calls of one caller (see time_interleaved)."""
+    return time_interleaved({"only": call}, settings)["only"]
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], settings: BenchSettings) -> dict[str, list[float]]:
+    """Latencies (s) per caller, taking turns call by call: one warm-up each, then rounds until
+    every caller has min_reps calls and min_seconds each. Taking turns means that a machine
+    whose speed drifts (shared cores, thermal limits) slows every mode alike."""
+    for call in calls.values():
         call()
-        latencies.append(time.perf_counter() - t0)
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    while any(len(v) < settings.min_reps or sum(v) < settings.min_seconds for v in latencies.values()):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            latencies[name].append(time.perf_counter() - t0)
     return latencies
 
 
@@ -201,8 +210,11 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
         log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
         for tokens in settings.tokens:
-            for mode, call in callers.items():
-                rec = record(mode, tokens, 1, time_calls(lambda: call(inputs[tokens]), settings))
+            x_TD = inputs[tokens]
+            latencies = time_interleaved({mode: (lambda call=call: call(x_TD)) for mode, call in callers.items()},
+                                         settings)
+            for mode in callers:
+                rec = record(mode, tokens, 1, latencies[mode])
                 records.append(rec)
                 log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
                     f"p99 {rec.p99_ms:8.2f} ms")
