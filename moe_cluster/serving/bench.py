@@ -5,6 +5,7 @@ On the same weights (a preset drawn from a seed), in one run:
   monolithic  one Serve deployment holding the whole MoE layer (what a user would deploy instead)
   handle      the cluster (router + one deployment per expert) through a DeploymentHandle
   http        the cluster through HTTP (msgpack)
+  transformers  transformers' MixtralSparseMoeBlock on the same weights (Mixtral-shaped presets)
 for T tokens per request, one client at a time (the modes take turns call by call, so a
 drifting machine speed hits them alike), and with concurrent clients; plus the
 machine's matmul peak and the Serve floor (p50 of a no-op router calling a no-op expert).
@@ -96,6 +97,36 @@ def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
     for _ in range(reps):
         a @ b
     return 2 * size**3 * reps / (time.perf_counter() - started) / 1e9
+
+
+def transformers_block(model: MoEModel) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """transformers' MixtralSparseMoeBlock holding layer 0's weights, for Mixtral-shaped presets
+    (SwiGLU, softmax, renormalised top-k, no biases); None when it does not apply or is not installed."""
+    config = model.config
+    mixtral_shaped = (config.expert_kind == "swiglu" and config.normalize_top_k and not config.gate_bias
+                      and config.score_func == "softmax" and not config.num_shared_experts and config.n_group == 1)
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    if not mixtral_shaped:
+        return None
+    hf_config = MixtralConfig(hidden_size=config.d_model, intermediate_size=config.d_ff,
+                              num_local_experts=config.num_experts, num_experts_per_tok=config.top_k)
+    block = MixtralSparseMoeBlock(hf_config).eval()
+    layer = model.layers[0]
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.gate.weight_ED)
+        for e, expert in enumerate(layer.experts):
+            block.experts.gate_up_proj[e].copy_(torch.cat([expert.w1, expert.w3]))
+            block.experts.down_proj[e].copy_(expert.w2)
+
+    def forward(x_TD: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return block(x_TD.unsqueeze(0))[0]
+
+    return forward
 
 
 def time_calls(call: Callable[[], Any], settings: BenchSettings) -> list[float]:
@@ -207,6 +238,9 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
             "handle": lambda x: cluster.forward.remote(x, 0).result(),
             "http": lambda x: torch.from_numpy(client.forward(x.numpy(), 0)),
         }
+        hf_block = transformers_block(model)
+        if hf_block is not None:
+            callers["transformers"] = hf_block  # the same layer as transformers' MixtralSparseMoeBlock
         max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
         log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
         for tokens in settings.tokens:
@@ -263,7 +297,7 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
     big = max(t for _, t in single)
     tps = lambda mode: single[(mode, big)]["tokens_per_s"]  # noqa: E731
     flops_per_token = 2 * config.top_k * config.d_model * config.d_ff * (3 if config.expert_kind == "swiglu" else 2)
-    return {
+    out = {
         "largest_T": big,
         "handle_over_inprocess": tps("handle") / tps("inprocess"),
         "handle_over_monolithic": tps("handle") / tps("monolithic"),
@@ -273,6 +307,9 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
         "handle_fraction_of_matmul_peak": tps("handle") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
         "inprocess_fraction_of_matmul_peak": tps("inprocess") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
     }
+    if ("transformers", big) in single:
+        out["inprocess_over_transformers"] = tps("inprocess") / tps("transformers")
+    return out
 
 
 def plot(results: dict[str, Any], path: Path, log) -> None:
@@ -284,7 +321,7 @@ def plot(results: dict[str, Any], path: Path, log) -> None:
         log("matplotlib is not installed: no plot (pip install 'moe-cluster[bench]')")
         return
     fig, (ax_tps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in ("inprocess", "monolithic", "handle", "http"):
+    for mode in ("inprocess", "transformers", "monolithic", "handle", "http"):
         rows = sorted((r for r in results["records"] if r["mode"] == mode and r["clients"] == 1),
                       key=lambda r: r["tokens"])
         ax_tps.plot([r["tokens"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=mode)
