@@ -94,6 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--port", type=int, default=8765, help="HTTP port of the cluster under test")
     bench.set_defaults(run=_cmd_bench)
 
+    generate = commands.add_parser(
+        "generate", help="greedy generation with a Hugging Face MoE model whose experts run on the cluster",
+        description="Load the dense parts of a Hugging Face MoE model (embeddings, attention, norms, head) and "
+                    "generate greedily, each MoE block a call to the MoE cluster serving --checkpoint (its "
+                    "import-hf output) on an embedded local Ray cluster, or to the in-process MoE with "
+                    "--in-process. Prints the generated ids and where each token's time went.")
+    generate.add_argument("--hf-model", type=Path, required=True, help="Hugging Face model directory")
+    generate.add_argument("--checkpoint", type=Path, required=True,
+                          help="its MoE blocks, as written by `moe-cluster import-hf HF_MODEL CHECKPOINT`")
+    generate.add_argument("--input-ids", type=int, nargs="+", required=True, help="prompt token ids")
+    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    generate.add_argument("--batch", type=int, default=1,
+                          help="generate for this many copies of the prompt at once (default 1): each MoE call "
+                               "then carries one row per sequence")
+    generate.add_argument("--in-process", action="store_true", help="MoE blocks in this process, no Ray")
+    generate.add_argument("--config", type=Path, help="Serve config file whose args configure the MoE app "
+                                                      "(placement, replicas); its checkpoint is replaced")
+    generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                          help="dtype of the dense model (auto: as config.json says)")
+    generate.add_argument("--torch-threads", type=int, help="torch threads of every process (default: torch's "
+                                                            "in process, 1 per replica on the cluster)")
+    generate.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured one (default 1)")
+    generate.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster (default: all)")
+    generate.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    generate.set_defaults(run=_cmd_generate)
+
     return parser
 
 
@@ -163,6 +189,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))
     print(json.dumps(results["summary"], indent=2))
     return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    input_ids = [args.input_ids] * args.batch
+    limits = dict(max_input_tokens=max(4096, args.batch * len(args.input_ids)),
+                  max_new_tokens=max(256, args.max_new_tokens))
+    try:
+        if args.in_process:
+            import torch
+
+            from .runner import GenerateLimits, HFMoERunner
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)
+            runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, dtype=args.dtype,
+                                            limits=GenerateLimits(**limits))
+            for _ in range(args.warmup):
+                runner.generate(input_ids, args.max_new_tokens)
+            result = runner.generate(input_ids, args.max_new_tokens)
+        else:
+            from .serving.local import read_serve_config
+            from .serving.runner import generate_on_local_cluster
+            moe = dict(read_serve_config(args.config).args) if args.config else {}
+            moe["checkpoint"] = str(args.checkpoint.resolve())
+            if args.torch_threads:
+                moe["torch_threads"] = args.torch_threads
+            runner_args = dict(limits, hf_model=str(args.hf_model.resolve()), moe=moe, dtype=args.dtype,
+                               torch_threads=args.torch_threads)
+            result = generate_on_local_cluster(runner_args, input_ids, args.max_new_tokens, args.warmup,
+                                               args.num_cpus, log=lambda line: print(line, flush=True))
+    except (OSError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_generation(result, len(args.input_ids), "in process" if args.in_process else "through the cluster")
+    return 0
+
+
+def _print_generation(result: dict, prompt_tokens: int, mode: str) -> None:
+    """The ids, one timing row per generated token, and the mean decode token split by where it went."""
+    t = result["timings"]
+    ids = result["output_ids"][0]
+    print(f"output ids: {' '.join(map(str, ids[:prompt_tokens]))} | {' '.join(map(str, ids[prompt_tokens:]))}")
+    print(f"{t['new_tokens']} new tokens x {t['batch']} sequences in {t['total_ms']:.1f} ms, MoE blocks {mode}")
+    print(f"{'token':>5} {'ms':>9} {'dense_ms':>9} {'moe_ms':>9} {'moe_calls':>9} {'overhead_ms':>11}")
+    for i, row in enumerate(t["per_token"]):
+        print(f"{i:>5} {row['ms']:>9.2f} {row['dense_ms']:>9.2f} {row['moe_ms']:>9.2f} {row['moe_calls']:>9} "
+              f"{row['overhead_ms']:>11.2f}{'  (prefill + first token)' if i == 0 else ''}")
+    if t["decode_ms_per_token"] is not None:
+        calls = t["moe_calls_per_token"]
+        print(f"per decode token (mean of tokens 1..{t['new_tokens'] - 1}): {t['decode_ms_per_token']:.2f} ms = "
+              f"dense {t['dense_ms_per_token']:.2f} + MoE {t['moe_ms_per_token']:.2f} ({calls:g} calls, "
+              f"{t['moe_ms_per_token'] / calls:.2f} ms each) + overhead {t['overhead_ms_per_token']:.2f}")
+    phases = result.get("router_phases_ms")
+    if phases:  # through the cluster: what the router itself spent per MoE call (prefill included)
+        inside = sum(phases.values())
+        per_call = sum(row["moe_ms"] for row in t["per_token"]) / max(1, sum(r["moe_calls"] for r in t["per_token"]))
+        print(f"per MoE call (mean over all {len(t['per_token'])} tokens): {per_call:.2f} ms at the runner = router "
+              f"{inside:.2f} (route {phases.get('route_ms', 0):.2f} + experts {phases.get('experts_ms', 0):.2f} + "
+              f"combine {phases.get('combine_ms', 0):.2f}) + runner<->router hop {per_call - inside:.2f}")
 
 
 if __name__ == "__main__":

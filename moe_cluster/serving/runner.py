@@ -1,0 +1,216 @@
+"""`ModelRunner`: a whole Hugging Face MoE model served with its experts on the cluster.
+
+    client ──HTTP POST /v1/generate──┐                 (or handle.generate(input_ids, max_new_tokens))
+                                     ▼
+    ModelRunner (one deployment): embeddings, attention, norms, head of the HF model
+        greedy model.generate in a worker thread; every MoE block of every step is
+        handle.forward.remote(x_TD, layer).result()  ──►  MoE router app (router + experts)
+
+Two ways to wire it (`build_runner_app(args)`):
+- `moe: {checkpoint: ..., ...}` (the `args:` of `build_app`): the runner app binds its own
+  MoE router app, so one `serve.run` deploys runner, router and experts together.
+- `moe_app: NAME`: the runner calls a MoE app already running under that name (one MoE
+  cluster, several runners or other clients; the runner holds no expert).
+
+Why a thread: transformers' forward is synchronous, and `.result()` on a response raises
+on the replica's event loop. `generate` runs in `asyncio.to_thread`, where no event loop
+runs, so `.result()` is allowed there and blocks only that thread; the replica's loop
+stays free for other requests and health checks.
+
+    POST /v1/generate  {"input_ids": [[1, 2, 3]], "max_new_tokens": 8}
+                       -> {"output_ids": [[1, 2, 3, ...8 new]], "timings": {...}}   (greedy only)
+    GET  /v1/info      the model, its MoE layers, the limits
+    GET  /healthz      200 once the MoE app answers, else 503
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..codec import WireError
+from ..config import ModelConfig
+from ..runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
+from .app import ROUTER_NAME, build_app
+from .args import AppArgs, DeploymentOptions
+from .expert import set_torch_threads
+from .http import error_response, json_response, read_body, relative_path
+
+__all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
+
+RUNNER_NAME = "runner"
+
+logger = logging.getLogger("ray.serve")
+
+
+class RunnerArgs(BaseModel):
+    """The `args:` of `build_runner_app`. Exactly one of `moe` and `moe_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hf_model: str = Field(description="Hugging Face model directory (config.json + safetensors); only its "
+                                      "dense weights are loaded")
+    moe: dict[str, Any] | None = Field(default=None, description="args of the MoE app (build_app) to deploy with "
+                                                                 "the runner; its checkpoint is hf_model imported")
+    moe_app: str | None = Field(default=None, description="or: name of a running MoE app to call")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of the dense model (auto: config.json's)")
+    max_input_tokens: int = Field(default=4096, ge=1, description="batch x prompt length; more gets 413")
+    max_new_tokens: int = Field(default=256, ge=1, description="larger max_new_tokens gets 413")
+    moe_timeout_s: float = Field(default=60.0, gt=0, description="deadline of one MoE call")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch threads of the runner replica")
+    max_body_bytes: int = Field(default=2**20, ge=1024, description="larger HTTP bodies get 413")
+    runner: DeploymentOptions = DeploymentOptions()
+
+    @model_validator(mode="after")
+    def _one_moe_source(self) -> "RunnerArgs":
+        if (self.moe is None) == (self.moe_app is None):
+            raise ValueError("give exactly one of `moe` (args of the MoE app to deploy with the runner) and "
+                             "`moe_app` (name of a running MoE app)")
+        if self.moe is not None and not self.moe.get("checkpoint"):
+            raise ValueError("moe.checkpoint is required: the MoE checkpoint that `moe-cluster import-hf "
+                             f"{self.hf_model} DST` wrote")
+        return self
+
+
+def build_runner_app(args: dict[str, Any] | RunnerArgs) -> Application:
+    """`runner` (ingress); with `moe`, also the MoE router app bound into this app."""
+    runner_args = args if isinstance(args, RunnerArgs) else RunnerArgs.model_validate(args)
+    moe = None
+    if runner_args.moe is not None:
+        moe_args = AppArgs.model_validate(runner_args.moe)
+        check_compatible(runner_args.hf_model, moe_args.load_model_config())  # fail before anything is deployed
+        moe = build_app(moe_args)
+    options = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 8,
+               **runner_args.runner.model_dump(exclude_none=True)}
+    return ModelRunner.options(name=RUNNER_NAME, **options).bind(runner_args.model_dump(mode="json"), moe)
+
+
+@serve.deployment
+class ModelRunner:
+    async def __init__(self, args: dict, moe: DeploymentHandle | None) -> None:
+        self.args = RunnerArgs.model_validate(args)
+        set_torch_threads(self.args.torch_threads)
+        if moe is None:  # a lookup by name: ray.get inside, so off the event loop
+            try:
+                moe = await asyncio.to_thread(serve.get_app_handle, self.args.moe_app)
+            except Exception as exc:  # noqa: BLE001 - RayServeException: no such app
+                raise ValueError(f"moe_app {self.args.moe_app!r} is not running ({exc}): deploy the MoE app under "
+                                 "that name first, or give `moe` to deploy one with the runner") from exc
+        self.moe = moe
+        info = await self.moe.info.remote()
+        check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]))
+        limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
+        self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
+                                              limits)
+
+    def _moe_call(self, x_TD, layer: int):
+        """One MoE block on the cluster. Runs in generate's worker thread, never on the event loop."""
+        return self.moe.forward.remote(x_TD, layer).result(timeout_s=self.args.moe_timeout_s)
+
+    async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
+        """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises GenerateError (a ValueError)."""
+        return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
+
+    async def info(self) -> dict:
+        return {**self.runner.info(), "moe": self.args.moe_app or "bound"}
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = relative_path(request), request.method
+        endpoints = {"/v1/generate": "POST", "/v1/info": "GET", "/healthz": "GET"}
+        if path not in endpoints:
+            return error_response(404, f"no endpoint {path}; try POST /v1/generate, GET /v1/info or GET /healthz")
+        if method != endpoints[path]:
+            return error_response(405, f"{path} takes {endpoints[path]}, not {method}")
+        try:
+            if path == "/v1/info":
+                return json_response(await self.info())
+            if path == "/healthz":
+                return await self._healthz()
+            input_ids, max_new_tokens = parse_generate_body(await read_body(request, self.args.max_body_bytes),
+                                                            request.headers.get("content-type"))
+            return json_response(await self.generate(input_ids, max_new_tokens))
+        except (GenerateError, WireError) as exc:  # the client's fault: 4xx
+            return error_response(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a failure inside the cluster, e.g. a MoE call that failed
+            logger.exception("request to %s failed", path)
+            return error_response(500, f"{type(exc).__name__}: {exc}")
+
+    async def _healthz(self) -> Response:
+        try:
+            await asyncio.wait_for(_await(self.moe.info.remote()), 5.0)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(503, f"the MoE app does not answer: {type(exc).__name__}: {exc}")
+        return json_response({"status": "ok"})
+
+
+def parse_generate_body(body: bytes, content_type: str | None) -> tuple[object, object]:
+    """(input_ids, max_new_tokens) of a JSON body; their values are checked by the runner."""
+    if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
+        raise GenerateError(415, f"Content-Type must be application/json, got {content_type!r}")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise GenerateError(400, "malformed JSON body; send {\"input_ids\": [[1, 2, 3]], \"max_new_tokens\": 8}") \
+            from None
+    if not isinstance(payload, dict) or "input_ids" not in payload:
+        raise GenerateError(400, "the body must be a JSON object with input_ids, e.g. "
+                                 "{\"input_ids\": [[1, 2, 3]], \"max_new_tokens\": 8}")
+    unknown = sorted(set(payload) - {"input_ids", "max_new_tokens"})
+    if unknown:
+        raise GenerateError(400, f"unknown fields {unknown}: only input_ids and max_new_tokens (greedy decoding)")
+    return payload["input_ids"], payload.get("max_new_tokens", 16)
+
+
+async def _await(response):
+    return await response
+
+
+def generate_on_local_cluster(runner_args: dict[str, Any], input_ids: list[list[int]], max_new_tokens: int,
+                              warmup: int = 1, num_cpus: int | None = None,
+                              log=print) -> dict:
+    """`moe-cluster generate` without --in-process: start a local Ray cluster, deploy the runner
+    app (runner + router + experts, one serve.run), generate `warmup` + 1 times, return the last
+    result, shut the cluster down. No HTTP proxy is started (handles only)."""
+    import time
+
+    import ray
+
+    started = time.perf_counter()
+    app = build_runner_app(runner_args)  # validates the args before Ray starts
+    log(f"moe-cluster: starting a local Ray cluster for {runner_args['hf_model']}")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        handle = serve.run(app, name="generate", route_prefix=None)
+        log(f"moe-cluster: runner, router and experts ready in {time.perf_counter() - started:.0f}s")
+        for _ in range(warmup):  # the first calls pay for lazy initialisation on every replica
+            handle.generate.remote(input_ids, max_new_tokens).result()
+        router = serve.get_deployment_handle(ROUTER_NAME, app_name="generate")
+        before = router.stats.remote().result().get("router_phases", {})
+        result = handle.generate.remote(input_ids, max_new_tokens).result()
+        result["router_phases_ms"] = _phases_between(before, router.stats.remote().result().get("router_phases", {}))
+        return result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _phases_between(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per MoE call of the router's phases (route, experts, combine) between two
+    `router_phases` snapshots of /v1/stats, i.e. during one generate call; {} if unknown."""
+    calls = after.get("batches", 0) - before.get("batches", 0)
+    if calls <= 0:
+        return {}
+    total = {phase: ms * after["batches"] - before.get("mean_ms", {}).get(phase, 0.0) * before.get("batches", 0)
+             for phase, ms in after.get("mean_ms", {}).items()}
+    return {phase: round(ms / calls, 3) for phase, ms in total.items()}

@@ -1,0 +1,193 @@
+"""Imported Hugging Face checkpoints on a real local Ray cluster, held to transformers' own code.
+
+One local Ray cluster for the module, four apps:
+  hf-mixtral          MoE app of a tiny Mixtral import (4 experts packed in one deployment)
+  hf-deepseek         MoE app of a tiny DeepSeek-V3 import (dense layer 0; 8 experts in one deployment)
+  hf-mixtral-runner   ModelRunner calling the running app hf-mixtral by name (`moe_app`)
+  hf-deepseek-runner  ModelRunner with its own MoE app bound in (`moe`): one serve.run, three deployments
+
+Every MoE block through the cluster (handle and HTTP) equals HF's block (fp32, 1e-5), and
+greedy generation through the runner equals `model.generate(..., do_sample=False)` token for token.
+"""
+
+import json
+import urllib.request
+
+import pytest
+import torch
+
+from moe_cluster.checkpoint import load_config
+from moe_cluster.client import MoEClient
+from moe_cluster.hf_import import import_hf_checkpoint
+
+from ..hf_models import build_hf, moe_blocks
+from .conftest import start_local_serve, stop_local_serve
+
+# DeepSeek's attention (MLA) needs as many key/value heads as query heads.
+FAMILIES = {"mixtral": {}, "deepseek_v3": {"num_key_value_heads": 4}}
+APP = {"mixtral": "hf-mixtral", "deepseek_v3": "hf-deepseek"}
+PROMPTS = [[1, 5, 9, 17, 33], [2, 127, 64, 8, 3]]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray import serve
+
+    from moe_cluster.serving.app import build_app
+    from moe_cluster.serving.runner import build_runner_app
+
+    root = tmp_path_factory.mktemp("hf")
+    models, moe_args = {}, {}
+    for family, overrides in FAMILIES.items():
+        models[family] = build_hf(family, **overrides)
+        models[family].save_pretrained(root / family)
+        import_hf_checkpoint(root / family, root / f"{family}-moe", log=lambda _: None)
+        experts = list(range(load_config(root / f"{family}-moe").num_experts))
+        moe_args[family] = dict(checkpoint=str(root / f"{family}-moe"), torch_threads=1, max_tokens_per_request=256,
+                                placement=[{"name": "experts", "experts": experts}])
+    local = start_local_serve()
+    for family, app in APP.items():
+        serve.run(build_app(moe_args[family]), name=app, route_prefix=f"/{app}")
+    limits = dict(torch_threads=1, max_input_tokens=64, max_new_tokens=32)
+    serve.run(build_runner_app(dict(limits, hf_model=str(root / "mixtral"), moe_app="hf-mixtral")),
+              name="hf-mixtral-runner", route_prefix="/hf-mixtral-runner")
+    serve.run(build_runner_app(dict(limits, hf_model=str(root / "deepseek_v3"), moe=moe_args["deepseek_v3"])),
+              name="hf-deepseek-runner", route_prefix="/hf-deepseek-runner")
+    yield {"models": models, "local": local}
+    stop_local_serve()
+
+
+def _runner(family: str) -> str:
+    return f"{APP[family]}-runner"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_moe_block_through_the_handle_equals_hf(cluster, family):
+    from ray import serve
+
+    handle = serve.get_app_handle(APP[family])
+    blocks = moe_blocks(cluster["models"][family])
+    assert serve.get_app_handle(APP[family]).info.remote().result()["layers"] == list(blocks)
+    x_TD = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for layer, block in blocks.items():
+            expected = block(x_TD[None])[0]
+            torch.testing.assert_close(handle.forward.remote(x_TD, layer).result(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wire", ["json", "msgpack"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_moe_block_over_http_equals_hf(cluster, family, wire):
+    client = MoEClient(cluster["local"].url(f"/{APP[family]}"))
+    x_TD = torch.randn(9, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for layer, block in moe_blocks(cluster["models"][family]).items():
+            y = client.forward(x_TD.numpy(), layer=layer, wire=wire)
+            torch.testing.assert_close(torch.from_numpy(y), block(x_TD[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def _post(url: str, payload: object, content_type: str = "application/json") -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_dense_decoder_layer_is_http_400_unknown_layer(cluster):
+    status, body = _post(cluster["local"].url("/hf-deepseek/v1/forward"), {"hidden_states": [[0.1] * 32], "layer": 0})
+    assert status == 400 and "unknown layer 0" in body["error"]
+
+
+def _hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    ids = torch.tensor(prompts)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("via", ["handle", "http"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_through_the_cluster_equals_hf_generate(cluster, family, via):
+    from ray import serve
+
+    if via == "handle":
+        result = serve.get_app_handle(_runner(family)).generate.remote(PROMPTS, 6).result()
+    else:
+        status, result = _post(cluster["local"].url(f"/{_runner(family)}/v1/generate"),
+                               {"input_ids": PROMPTS, "max_new_tokens": 6})
+        assert status == 200, result
+    assert result["output_ids"] == _hf_generate(cluster["models"][family], PROMPTS, 6)
+    timings = result["timings"]
+    moe_layers = len(moe_blocks(cluster["models"][family]))
+    assert timings["new_tokens"] == 6 and timings["moe_calls_per_token"] == moe_layers
+    assert all(t["moe_calls"] == moe_layers and t["moe_ms"] > 0 for t in timings["per_token"])
+
+
+def test_concurrent_generate_calls(cluster):
+    """Several requests at once: each runs in its own worker thread of the runner replica."""
+    from ray import serve
+
+    handle = serve.get_app_handle(_runner("deepseek_v3"))
+    prompts = [[[i, 2 * i, 3 * i]] for i in range(1, 6)]
+    responses = [handle.generate.remote(prompt, 5) for prompt in prompts]
+    for prompt, response in zip(prompts, responses):
+        assert response.result()["output_ids"] == _hf_generate(cluster["models"]["deepseek_v3"], prompt, 5)
+
+
+BAD_GENERATE = {
+    "non-integer ids": ({"input_ids": [[1, 2.5]]}, 400, "integers"),
+    "bool ids": ({"input_ids": [[True, 2]]}, 400, "integers"),
+    "flat list": ({"input_ids": [1, 2, 3]}, 400, "[[1, 2, 3]]"),
+    "id >= vocab": ({"input_ids": [[1, 128]]}, 400, "outside the vocabulary [0, 128)"),
+    "negative id": ({"input_ids": [[-1]]}, 400, "outside the vocabulary"),
+    "ragged batch": ({"input_ids": [[1, 2], [3]]}, 400, "same length"),
+    "too many tokens": ({"input_ids": [[1] * 65]}, 413, "limit of 64"),
+    "too many new tokens": ({"input_ids": [[1]], "max_new_tokens": 33}, 413, "limit of 32"),
+    "zero new tokens": ({"input_ids": [[1]], "max_new_tokens": 0}, 400, "positive integer"),
+    "sampling asked": ({"input_ids": [[1]], "temperature": 0.7}, 400, "unknown fields"),
+    "malformed json": (b'{"input_ids": [[1,', 400, "malformed JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GENERATE)
+def test_bad_generate_requests_are_4xx(cluster, case):
+    payload, status, message = BAD_GENERATE[case]
+    got_status, body = _post(cluster["local"].url("/hf-mixtral-runner/v1/generate"), payload)
+    assert got_status == status and message in body["error"], body
+
+
+def test_runner_errors_paths_info_and_health(cluster):
+    from ray import serve
+
+    url = cluster["local"].url("/hf-mixtral-runner")
+    assert _post(f"{url}/v1/generate", b"x", "text/plain")[0] == 415
+    assert _post(f"{url}/v1/nothing", {})[0] == 404
+    assert _post(f"{url}/v1/info", {})[0] == 405
+    with urllib.request.urlopen(f"{url}/healthz") as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"{url}/v1/info") as response:
+        info = json.loads(response.read())
+    assert info["moe_layers"] == [0, 1] and info["moe"] == "hf-mixtral"
+    hf_params = sum(p.numel() for p in cluster["models"]["mixtral"].parameters())
+    experts = sum(p.numel() for b in moe_blocks(cluster["models"]["mixtral"]).values() for p in b.parameters())
+    assert info["dense_parameters"] == hf_params - experts  # the runner holds no gate, no expert
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        serve.get_app_handle("hf-mixtral-runner").generate.remote([[500]], 2).result()
+    assert serve.get_app_handle("hf-mixtral-runner").generate.remote([[1, 2]], 2).result()["output_ids"] == \
+        _hf_generate(cluster["models"]["mixtral"], [[1, 2]], 2)
+
+
+def test_runner_args_are_checked_before_anything_is_deployed(tmp_path):
+    from moe_cluster.serving.runner import build_runner_app
+
+    build_hf("mixtral").save_pretrained(tmp_path / "mixtral")
+    build_hf("qwen3_moe").save_pretrained(tmp_path / "qwen3")
+    import_hf_checkpoint(tmp_path / "qwen3", tmp_path / "qwen3-moe", log=lambda _: None)
+    with pytest.raises(ValueError, match="exactly one of"):
+        build_runner_app({"hf_model": str(tmp_path / "mixtral")})
+    with pytest.raises(ValueError, match="moe.checkpoint is required"):
+        build_runner_app({"hf_model": str(tmp_path / "mixtral"), "moe": {"preset": "tiny"}})
+    with pytest.raises(ValueError, match="does not match"):
+        build_runner_app({"hf_model": str(tmp_path / "mixtral"), "moe": {"checkpoint": str(tmp_path / "qwen3-moe")}})
