@@ -40,6 +40,10 @@ class WireError(ValueError):
         self.status = status
         self.message = message
 
+    def __reduce__(self):
+        # Ray pickles exceptions raised in a replica back to the caller of a handle.
+        return (WireError, (self.status, self.message))
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -140,7 +144,7 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body, parse_constant=_reject_constant)
     except RecursionError:
         raise WireError(400, "malformed JSON body: nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise WireError(400, f"malformed JSON body: {exc}") from None
 
 
@@ -155,7 +159,7 @@ def _tensor_from_map(raw: dict, limits: Limits) -> torch.Tensor:
     if extra:
         raise WireError(400, f"hidden_states: unknown tensor fields {extra}; expected dtype, shape, data")
     dtype, shape, data = raw.get("dtype"), raw.get("shape"), raw.get("data")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # a list or map here is unhashable
         raise WireError(400, f"hidden_states.dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
     if not (isinstance(shape, list) and len(shape) == 2
             and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):

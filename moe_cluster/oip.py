@@ -181,7 +181,7 @@ def _parse_json(header: bytes, has_header_length: bool) -> Any:
         return json.loads(header, parse_constant=float)
     except RecursionError:
         raise WireError(400, "malformed JSON inference header: nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         hint = "" if has_header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
         raise WireError(400, f"malformed JSON inference header: {exc}{hint}") from None
 

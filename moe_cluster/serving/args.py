@@ -3,13 +3,14 @@
     args:
       checkpoint: /models/tiny      # or preset + seed for random weights
       max_tokens_per_request: 8192
+      auth_token_env: MOE_API_TOKEN # optional bearer-token auth: where the token is, never the token
       router:  {num_replicas: 1, ray_actor_options: {num_cpus: 0}}
       experts: {num_replicas: 1, ray_actor_options: {num_cpus: 0}}   # defaults for every expert deployment
       placement:                    # optional: groups that differ from one deployment per expert
         - {name: experts-0-3, experts: [0, 1, 2, 3]}
         - {name: expert-5, experts: [5], options: {num_replicas: 3}}
 
-Unknown fields are errors, with the field's path in the message.
+Unknown fields are errors, with the field's path in the message (never its value).
 """
 
 from __future__ import annotations

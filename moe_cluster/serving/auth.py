@@ -29,8 +29,8 @@ def read_token_env(name: str) -> str:
     token = os.environ.get(name, "").strip()
     if not token:
         raise ValueError(f"auth_token_env is {name!r} but that environment variable is unset or empty in the "
-                         "router's process; set it on the Ray nodes (e.g. from a Kubernetes Secret) or in "
-                         "router.ray_actor_options.runtime_env.env_vars, or remove auth_token_env")
+                         "router's process; set it where Ray starts (the Ray nodes' environment, e.g. from a "
+                         "Kubernetes Secret, or the shell that runs `moe-cluster serve`), or remove auth_token_env")
     return token
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import torch
@@ -34,6 +34,8 @@ RunBatch = Callable[[torch.Tensor, int], Awaitable[tuple[torch.Tensor, DispatchP
 class _Pending:
     x_TD: torch.Tensor
     future: asyncio.Future
+    batch_task: asyncio.Task | None = None  # the merged batch it rides in, once taken
+    batch: list["_Pending"] = field(default_factory=list)
 
 
 class Coalescer:
@@ -51,12 +53,23 @@ class Coalescer:
 
     async def submit(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
         """(y_TD, rows per expert of this request), as if the request had run alone."""
-        future = asyncio.get_running_loop().create_future()
-        self._queues[layer].append(_Pending(x_TD, future))
+        pending = _Pending(x_TD, asyncio.get_running_loop().create_future())
+        self._queues[layer].append(pending)
         if layer not in self._busy:
             self._busy.add(layer)
             asyncio.create_task(self._drain(layer))
-        return await future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # e.g. the request's deadline passed
+            self._abandon(pending)
+            raise
+
+    @staticmethod
+    def _abandon(pending: _Pending) -> None:
+        """A cancelled request leaves its queue (see _take); a batch all of whose requests were
+        cancelled is cancelled too, so that it stops holding the layer (and its expert calls)."""
+        if pending.batch_task is not None and all(p.future.done() for p in pending.batch):
+            pending.batch_task.cancel()
 
     async def _drain(self, layer: int) -> None:
         queue = self._queues[layer]
@@ -65,6 +78,8 @@ class Coalescer:
                 limit_s = max(self.wait_s, 0.05 * self._last_batch_s[layer])
                 await self._wait_for_stragglers(queue, self._expected[layer], limit_s)
                 batch = self._take(queue)
+                if not batch:
+                    continue
                 started = asyncio.get_running_loop().time()
                 await self._run_batch(batch, layer)
                 self._last_batch_s[layer] = asyncio.get_running_loop().time() - started
@@ -83,10 +98,15 @@ class Coalescer:
             await asyncio.sleep(0.0005)
 
     def _take(self, queue: collections.deque[_Pending]) -> list[_Pending]:
-        """At least one request, then more while they fit in max_batch_tokens."""
-        batch = [queue.popleft()]
-        tokens = batch[0].x_TD.shape[0]
-        while queue and tokens + queue[0].x_TD.shape[0] <= self.max_batch_tokens:
+        """The first live request, then more while they fit in max_batch_tokens; cancelled ones drop out."""
+        batch: list[_Pending] = []
+        tokens = 0
+        while queue:
+            if queue[0].future.done():
+                queue.popleft()
+                continue
+            if batch and tokens + queue[0].x_TD.shape[0] > self.max_batch_tokens:
+                break
             tokens += queue[0].x_TD.shape[0]
             batch.append(queue.popleft())
         return batch
@@ -105,8 +125,15 @@ class Coalescer:
             else:
                 dtype = batch[0].x_TD.dtype
                 x_BD = torch.cat([p.x_TD.to(dtype) for p in batch])
-            y_BD, plan = await self.run(x_BD, layer)
-        except BaseException as exc:  # noqa: BLE001 - every request of the batch fails the same way
+            task = asyncio.ensure_future(self.run(x_BD, layer))
+            for pending in batch:
+                pending.batch_task, pending.batch = task, batch
+            y_BD, plan = await task
+        except asyncio.CancelledError:  # every request of the batch was cancelled (_abandon)
+            for pending in batch:
+                pending.future.cancel()
+            return
+        except Exception as exc:  # noqa: BLE001 - every request of the batch fails the same way
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)

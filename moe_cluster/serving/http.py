@@ -5,8 +5,10 @@
     POST /v1/forward   JSON or msgpack body (see codec.py); the response uses the request's format
     /v2/...            the Open Inference Protocol v2 (KServe / Triton REST), see oip_http.py
 
-Client errors are 4xx with a JSON body {"error": "..."}; a failed expert deployment is a
-503 and any other failure inside the cluster a 500, never a partial output.
+With `auth_token_env`/`auth_token_file` set, every endpoint first needs `Authorization:
+Bearer <token>` (401 otherwise, see auth.py). Client errors are 4xx with a JSON body
+{"error": "..."}; a failed expert deployment is a 503, a request past its deadline a 504
+and any other failure inside the cluster a 500, never a partial output.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..codec import JSON, WireError, decode_forward_request, encode_error, encod
 if TYPE_CHECKING:
     from .router import MoERouter
 
-__all__ = ["handle_http", "relative_path"]
+__all__ = ["handle_http", "relative_path", "check_auth"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +39,9 @@ def relative_path(request: Request) -> str:
 
 
 async def handle_http(router: "MoERouter", request: Request) -> Response:
+    denied = check_auth(router, request)
+    if denied is not None:  # before the path or the body is looked at
+        return denied
     path, method = relative_path(request), request.method
     endpoints = {
         "/healthz": ("GET", _healthz),
@@ -65,6 +70,19 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
         status = 503 if isinstance(exc, ExpertCallError) else 504 if isinstance(exc, DeadlineExceeded) else 500
         logger.exception("request to %s failed", path)
         return error_response(status, f"{type(exc).__name__}: {exc}")
+
+
+def check_auth(router: "MoERouter", request: Request) -> Response | None:
+    """A 401 response if the router requires a bearer token and the request lacks a valid one."""
+    auth = getattr(router, "auth", None)  # None: no authentication configured
+    if auth is None:
+        return None
+    failure = auth.check(request.headers.get("authorization"))
+    if failure is None:
+        return None
+    status, message, challenge = failure
+    return Response(encode_error(message), status_code=status, media_type=JSON,
+                    headers={"WWW-Authenticate": challenge})
 
 
 def error_response(status: int, message: str) -> Response:

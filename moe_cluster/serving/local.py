@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from .args import AppArgs
+from .auth import BearerAuth
 
 __all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
 
@@ -53,6 +55,11 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         args_dict.update(checkpoint=str(Path(checkpoint).resolve()))
     app_args = AppArgs.model_validate(args_dict)  # fail fast, before Ray starts
     model_config = app_args.load_model_config()
+    try:  # the replicas inherit this process's environment: a missing token fails here, not in a replica
+        auth = BearerAuth.from_args(app_args.auth_token_env, app_args.auth_token_file)
+    except ValueError as exc:
+        print(f"moe-cluster: {exc}", file=sys.stderr, flush=True)
+        return 2
     host = host or file_app.http_options.get("host", "127.0.0.1")
     port = port or int(file_app.http_options.get("port", 8000))
 
@@ -77,7 +84,8 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
         base = f"http://{host}:{port}{file_app.route_prefix.rstrip('/')}"
         print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
-              f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward); Ctrl-C to stop", flush=True)
+              f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward)"
+              f"{'; every request needs Authorization: Bearer <token>' if auth else ''}; Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
         print("moe-cluster: stopping", flush=True)

@@ -86,3 +86,31 @@ def test_dtype_of_each_request_is_kept():
 def test_expert_counts_of_a_token_range(start, stop):
     x = torch.randn(5, 16)
     assert expert_counts(_plan(x, 0), start, stop) == expert_counts(_plan(x[start:stop], 0))
+
+
+def test_timed_out_requests_leave_and_cancel_their_batch():
+    """A batch whose requests all timed out stops holding the layer; later requests run at once."""
+    calls = []
+
+    async def slow_run(x, layer):
+        calls.append(x.shape[0])
+        try:
+            await asyncio.sleep(10)  # an expert round trip that will not finish in time
+        except asyncio.CancelledError:
+            calls.append("cancelled")
+            raise
+        return MODEL.forward(x, layer), _plan(x, layer)
+
+    async def main():
+        coalescer = Coalescer(slow_run, max_batch_tokens=100)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(coalescer.submit(torch.randn(3, 16), 0), 0.05)
+        await asyncio.sleep(0.01)
+        coalescer.run = FakeCluster().run
+        x = torch.randn(2, 16)
+        y, _ = await asyncio.wait_for(coalescer.submit(x, 0), 1.0)  # not stuck behind the dead batch
+        return x, y
+
+    x, y = asyncio.run(main())
+    assert calls == [3, "cancelled"]
+    torch.testing.assert_close(y, MODEL.forward(x, 0))

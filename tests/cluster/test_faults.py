@@ -1,0 +1,245 @@
+"""Faults and overload on a real local cluster: nothing lost, nothing wrong, clear errors.
+
+One local Ray cluster for the module, two small apps sharing a checkpoint (tiny preset):
+  faults: router + experts-0-3 and experts-4-7, two replicas each, health-checked every
+          second. Eight HTTP clients run while a replica of a random expert deployment is
+          killed every few seconds: every answer must equal the oracle, >= 99% must
+          succeed, a failure may only be a clear 503/504, and requests succeed again soon
+          after each kill.
+  limits: a router that runs 1 request and queues 1 more (Serve answers the rest with
+          503 at once), a 1 s request deadline, and expert calls of at most 4 rows, so a
+          large request is slow enough to miss its deadline.
+
+`pytest -s` prints the measured recovery times and success rates.
+"""
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from moe_cluster import MoEModel, preset_config
+from moe_cluster.reference import reference_forward
+
+from .conftest import start_local_serve, stop_local_serve, wait_until
+from .loadgen import Load, first_success_after, request_pool, summarize
+
+KILL_EVERY_S = 5.0  # at most one kill per interval
+CHAOS_S = 60.0
+MIN_KILLS = 4  # a replica takes 12-30 s to start on a busy 2-core machine: that bounds the kill rate
+REPLICAS = 2  # per expert deployment of the faults app: one replica may die, the other answers
+DEADLINE_S = 1.0
+FAULTS = {
+    "torch_threads": 1, "max_tokens_per_call": 16,
+    # Health checks every second: Serve notices a dead replica and starts another within ~1-3 s.
+    "experts": {"num_replicas": REPLICAS, "health_check_period_s": 1, "health_check_timeout_s": 5,
+                "ray_actor_options": {"num_cpus": 0}},
+    "placement": [{"name": "experts-0-3", "experts": [0, 1, 2, 3]}, {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
+}
+LIMITS = {
+    "torch_threads": 1, "max_tokens_per_call": 4, "request_timeout_s": DEADLINE_S,
+    # Request merging stays on (the default): a batch whose requests all missed their deadline
+    # is cancelled, so it does not hold up the requests after it.
+    "router": {"max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0}},
+    "experts": {"ray_actor_options": {"num_cpus": 0}},
+    "placement": [{"name": "all-experts", "experts": list(range(8))}],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from ray import serve
+
+    from moe_cluster.serving.app import build_app
+
+    checkpoint = tmp_path_factory.mktemp("ckpt")
+    MoEModel.random(preset_config("tiny"), seed=7).save(checkpoint)
+    local = start_local_serve()
+    try:
+        serve.run(build_app({**FAULTS, "checkpoint": str(checkpoint)}), name="faults", route_prefix="/faults")
+        serve.run(build_app({**LIMITS, "checkpoint": str(checkpoint)}), name="limits", route_prefix="/limits")
+        yield {"model": MoEModel.load(checkpoint), "local": local}
+    finally:
+        stop_local_serve()
+
+
+# --- killing expert replicas under load --------------------------------------------------------
+
+@dataclass
+class Kill:
+    deployment: str
+    replica: str  # the killed actor's name
+    at: float  # time.monotonic()
+    replaced_s: float | None = None  # until the deployment had REPLICAS running ones again
+
+
+def _replicas(app: str) -> dict[str, list[str]]:
+    """Names of the live replica actors of each expert deployment of `app`."""
+    import ray
+
+    out: dict[str, list[str]] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        _, _, rest = actor["name"].partition("SERVE_REPLICA::")
+        parts = rest.split("#")
+        if len(parts) == 3 and parts[0] == app and parts[1].startswith("experts-"):
+            out.setdefault(parts[1], []).append(actor["name"])
+    return out
+
+
+def _running(app: str) -> dict[str, int]:
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments
+    return {name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, d in deployments.items()}
+
+
+def _kill_one(app: str, rng: random.Random) -> Kill | None:
+    """Kill a replica of a random expert deployment whose replicas are all up (None: none is).
+
+    So a deployment always keeps one live replica: the test measures retries onto it, not how
+    long a new replica takes to start (that is `replaced_s`).
+    """
+    import ray
+
+    replicas, running = _replicas(app), _running(app)
+    healthy = sorted(d for d, names in replicas.items() if len(names) == REPLICAS and running.get(d) == REPLICAS)
+    if not healthy:
+        return None
+    deployment = rng.choice(healthy)
+    name = rng.choice(replicas[deployment])
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return Kill(deployment, name, time.monotonic())
+
+
+def _note_replacements(app: str, kills: list[Kill]) -> None:
+    """Set replaced_s of kills whose deployment runs REPLICAS replicas again, none of them the dead one."""
+    pending = [k for k in kills if k.replaced_s is None]
+    if not pending:
+        return
+    replicas, running = _replicas(app), _running(app)
+    for kill in pending:
+        names = replicas.get(kill.deployment, [])
+        if kill.replica not in names and len(names) == REPLICAS and running.get(kill.deployment) == REPLICAS:
+            kill.replaced_s = time.monotonic() - kill.at
+
+
+def _chaos(app: str, duration_s: float, every_s: float, seed: int = 0) -> list[Kill]:
+    """Kill a replica every `every_s` for `duration_s` (the load runs alone for the first interval)."""
+    rng, kills = random.Random(seed), []
+    start = time.monotonic()
+    next_kill = start + every_s
+    while time.monotonic() < start + duration_s:
+        _note_replacements(app, kills)
+        if time.monotonic() >= next_kill:
+            kill = _kill_one(app, rng)
+            if kill is not None:
+                kills.append(kill)
+                next_kill += every_s
+        time.sleep(0.1)
+    return kills
+
+
+def _retries(url: str) -> int:
+    with urllib.request.urlopen(url + "/v1/stats", timeout=60) as response:
+        return sum(e["retries"] for e in json.loads(response.read())["experts"])
+
+
+def test_killing_expert_replicas_under_load_loses_nothing(cluster):
+    url = cluster["local"].url("/faults")
+    pool = request_pool(cluster["model"], seed=1)
+    with Load(url, pool, clients=8) as load:
+        kills = _chaos("faults", CHAOS_S, KILL_EVERY_S)
+    wait_until(lambda: (_note_replacements("faults", kills), all(k.replaced_s for k in kills))[1], timeout=60,
+               interval=0.2, what="a replacement for every killed replica")
+    summary = summarize(load.outcomes)
+    recovery = [first_success_after(load.outcomes, k.at) for k in kills]
+    print(f"\nkilled {len(kills)} expert replicas in {CHAOS_S:.0f}s under 8 clients: {summary['requests']} requests, "
+          f"success {100 * summary['success_rate']:.2f}%, {summary['clear_errors']} clear 503/504, "
+          f"p50 {summary['p50_s']:.3f}s, max {summary['max_s']:.2f}s")
+    print("first success after each kill (s):", [None if r is None else round(r, 2) for r in recovery])
+    print("replica replaced after (s):", [round(k.replaced_s, 1) for k in kills])
+    print("expert calls retried by the router:", _retries(url))
+    assert len(kills) >= MIN_KILLS, "too few kills: killed replicas were not replaced in time"
+    assert summary["wrong_answers"] == 0 and summary["unclear_count"] == 0, summary["unclear"]
+    assert summary["success_rate"] >= 0.99, summary
+    assert all(r is not None and r <= 5.0 for r in recovery), recovery
+
+
+# --- bounded queues and deadlines ----------------------------------------------------------------
+
+def _post(url: str, body: bytes, content_type: str = "application/msgpack") -> tuple[int, str, bytes, float]:
+    """(status, content type, body, seconds) of one POST."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers.get("content-type", ""), response.read(), \
+                time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("content-type", ""), exc.read(), time.monotonic() - started
+
+
+def _msgpack_request(x: np.ndarray, layer: int) -> bytes:
+    tensor = {"dtype": "float32", "shape": list(x.shape), "data": x.tobytes()}
+    return msgpack.packb({"hidden_states": tensor, "layer": layer})
+
+
+def _output(body: bytes) -> np.ndarray:
+    out = msgpack.unpackb(body)["output"]
+    return np.frombuffer(out["data"], np.float32).reshape(out["shape"])
+
+
+def _check_serves(cluster, prefix: str) -> None:
+    x = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
+    status, _, body, _ = _post(cluster["local"].url(prefix) + "/v1/forward", _msgpack_request(x, 1))
+    assert status == 200, body[:300]
+    expected = reference_forward(cluster["model"], torch.from_numpy(x), 1).numpy()
+    np.testing.assert_allclose(_output(body), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_overload_gets_fast_503s_and_accepted_requests_are_right(cluster):
+    url = cluster["local"].url("/limits") + "/v1/forward"
+    x = np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32)  # 32+ expert calls of <= 4 rows
+    expected = reference_forward(cluster["model"], torch.from_numpy(x), 0).numpy()
+    body = _msgpack_request(x, 0)
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(lambda _: _post(url, body), range(24)))
+    statuses = sorted(r[0] for r in results)
+    rejected = [r for r in results if r[0] == 503]
+    accepted = [r for r in results if r[0] == 200]
+    print(f"\n24 concurrent requests, router holds 1 + queues 1: {len(accepted)} answered, {len(rejected)} got 503 "
+          f"(slowest 503 after {max((r[3] for r in rejected), default=0):.2f}s, slowest answer after "
+          f"{max((r[3] for r in accepted), default=0):.2f}s)")
+    assert set(statuses) <= {200, 503}, statuses
+    assert len(accepted) >= 1 and len(rejected) >= 12, statuses
+    for _, _, content, _ in accepted:
+        np.testing.assert_allclose(_output(content), expected, rtol=1e-5, atol=1e-5)
+    for _, _, content, seconds in rejected:  # Serve's own answer, before the router sees the request
+        assert seconds < 5.0 and b"backpressure" in content.lower(), (seconds, content[:200])
+    _check_serves(cluster, "/limits")
+
+
+def test_missed_deadline_is_a_504_with_a_clear_message(cluster):
+    url = cluster["local"].url("/limits") + "/v1/forward"
+    x = np.random.default_rng(5).standard_normal((8192, 64)).astype(np.float32)  # 4096 expert calls
+    status, content_type, body, seconds = _post(url, _msgpack_request(x, 0))
+    print(f"\n8192 tokens in expert calls of 4 rows with request_timeout_s={DEADLINE_S:g}: {status} "
+          f"after {seconds:.2f}s")
+    assert status == 504 and content_type == "application/json", body[:300]
+    message = json.loads(body)["error"]
+    assert "DeadlineExceeded" in message and "request_timeout_s" in message and "retry later" in message
+    assert seconds < DEADLINE_S + 10
+    missed = time.monotonic()
+    wait_until(lambda: _post(url, _msgpack_request(x[:2], 0))[0] == 200, timeout=30, interval=0.2,
+               what="a small request answered after the missed deadline")
+    print(f"answering again {time.monotonic() - missed:.2f}s after the 504")
+    _check_serves(cluster, "/limits")
