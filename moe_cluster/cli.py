@@ -27,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moe-cluster",
         description="Serve a Mixture-of-Experts model with every expert in its own Ray Serve deployment.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_init(commands)
+    _add_serve(commands)
+    _add_render_k8s(commands)
+    _add_import_hf(commands)
+    _add_bench(commands)
+    _add_generate(commands)
+    return parser
 
+
+def _add_init(commands: argparse._SubParsersAction) -> None:
     init = commands.add_parser("init", help="write a checkpoint with deterministic random weights",
                                description="Write a checkpoint directory (config.json + safetensors, one file "
                                            "per expert) with random weights drawn from --seed.")
@@ -38,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     init.set_defaults(run=_cmd_init)
 
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve a model on an embedded local Ray cluster",
                                 description="Start a local Ray cluster, deploy the router and one deployment per "
                                             "expert, and serve HTTP until Ctrl-C or SIGTERM. Without --config, "
@@ -51,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-gpus", type=int, help="GPUs for the local Ray cluster (default: detected)")
     serve.set_defaults(run=_cmd_serve)
 
+
+def _add_render_k8s(commands: argparse._SubParsersAction) -> None:
     render_k8s = commands.add_parser(
         "render-k8s", help="copy the Serve config files into the KubeRay manifests' serveConfigV2",
         description="Embed deployments/gpu.yaml in k8s/rayservice-gpu.yaml and deployments/default.yaml "
@@ -65,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="folder of the RayService manifests (default: ./k8s)")
     render_k8s.set_defaults(run=_cmd_render_k8s)
 
+
+def _add_import_hf(commands: argparse._SubParsersAction) -> None:
     import_hf = commands.add_parser(
         "import-hf", help="convert the MoE layers of a Hugging Face checkpoint into a moe-cluster checkpoint",
         description="Read a Hugging Face model directory (config.json + model.safetensors, or sharded "
@@ -79,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in DST")
     import_hf.set_defaults(run=_cmd_import_hf)
 
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="measure in-process vs monolithic vs cluster (handle, HTTP)",
                                 description="Measure, on the same weights and in one run, the in-process MoE, one "
                                             "monolithic Serve deployment, and the cluster through a handle and "
@@ -94,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--port", type=int, default=8765, help="HTTP port of the cluster under test")
     bench.set_defaults(run=_cmd_bench)
 
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser(
         "generate", help="greedy generation with a Hugging Face MoE model whose experts run on the cluster",
         description="Load the dense parts of a Hugging Face MoE model (embeddings, attention, norms, head) and "
@@ -120,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the whole result as JSON")
     generate.set_defaults(run=_cmd_generate)
 
-    return parser
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
