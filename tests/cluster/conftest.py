@@ -1,7 +1,9 @@
 """Shared helpers for cluster-tier tests: one real local Ray cluster + Serve per test module."""
 
 import random
+import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,16 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in 20000-32767")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM a server this test started (by PID, never a broad kill), SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @dataclass

@@ -11,7 +11,6 @@ with a JSON error and never a 5xx; and the server must keep answering correctly.
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -27,7 +26,7 @@ import yaml
 from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient
 
-from .conftest import free_port
+from .conftest import free_port, stop_process
 
 ENV_TOKEN = "env-token-5b0c1e9d7a"
 FILE_TOKEN = "file-token-2f64aa81c3"
@@ -64,12 +63,7 @@ def server(tmp_path_factory):
         yield {"url": f"http://127.0.0.1:{port}", "model": MoEModel.load(work / "ckpt"), "process": process,
                "log": log, "work": work, "cli": cli}
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # by PID: this test's own server only
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
 
 
 def _request(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None,

@@ -13,7 +13,7 @@ import torch
 from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient, MoEHTTPError
 
-from .conftest import free_port, wait_until
+from .conftest import free_port, stop_process, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,7 @@ def server(tmp_path_factory):
         client.wait_ready(timeout=240)
         yield {"client": client, "model": MoEModel.load(checkpoint), "process": process, "log": log, "port": port}
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # by PID: this test's own server only
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
 
 
 def test_serve_prints_where_it_listens(server):
