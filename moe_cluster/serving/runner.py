@@ -42,8 +42,9 @@ from ..config import ModelConfig
 from ..runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
 from .app import ROUTER_NAME, build_app
 from .args import AppArgs, DeploymentOptions
+from .auth import BearerAuth
 from .expert import set_torch_threads
-from .http import error_response, json_response, read_body, relative_path
+from .http import check_auth, error_response, json_response, read_body, relative_path
 
 __all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
 
@@ -69,6 +70,11 @@ class RunnerArgs(BaseModel):
     moe_timeout_s: float = Field(default=60.0, gt=0, description="deadline of one MoE call")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads of the runner replica")
     max_body_bytes: int = Field(default=2**20, ge=1024, description="larger HTTP bodies get 413")
+    auth_token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                       description="bearer-token auth of the runner's HTTP endpoints, as in AppArgs: "
+                                                   "the name of an environment variable holding the token")
+    auth_token_file: str | None = Field(default=None, min_length=1,
+                                        description="or a file (a mounted Kubernetes Secret) holding it")
     runner: DeploymentOptions = DeploymentOptions()
 
     @model_validator(mode="after")
@@ -100,6 +106,8 @@ class ModelRunner:
     async def __init__(self, args: dict, moe: DeploymentHandle | None) -> None:
         self.args = RunnerArgs.model_validate(args)
         set_torch_threads(self.args.torch_threads)
+        # The bearer token of the HTTP endpoints (None: no auth); fails here if configured but missing.
+        self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         if moe is None:  # a lookup by name: ray.get inside, so off the event loop
             try:
                 moe = await asyncio.to_thread(serve.get_app_handle, self.args.moe_app)
@@ -125,6 +133,9 @@ class ModelRunner:
         return {**self.runner.info(), "moe": self.args.moe_app or "bound"}
 
     async def __call__(self, request: Request) -> Response:
+        denied = check_auth(self, request)  # before the path or body is looked at
+        if denied is not None:
+            return denied
         path, method = relative_path(request), request.method
         endpoints = {"/v1/generate": "POST", "/v1/info": "GET", "/healthz": "GET"}
         if path not in endpoints:

@@ -108,3 +108,24 @@ def test_app_args_carry_only_where_the_token_is():
     with pytest.raises(ValidationError, match="auth_token_env") as info:
         AppArgs.model_validate({"auth_token_env": TOKEN + " with spaces"})  # a token pasted as the name
     assert TOKEN not in str(info.value)
+
+
+def test_the_model_runner_checks_the_token_too():
+    """The generate runner's HTTP endpoints sit behind the same check (serving/runner.py)."""
+    import types
+
+    from starlette.requests import Request
+
+    from moe_cluster.serving.runner import ModelRunner, RunnerArgs
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    runner = types.SimpleNamespace(auth=BearerAuth([TOKEN]))
+    for path in ("/v1/generate", "/v1/info", "/healthz"):
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
+                 "headers": [(b"authorization", b"Bearer wrong")]}
+        response = asyncio.run(ModelRunner.func_or_class.__call__(runner, Request(scope, receive)))
+        assert response.status_code == 401 and TOKEN not in response.body.decode()
+    args = RunnerArgs(hf_model="/m", moe_app="moe", auth_token_env="MOE_API_TOKEN")
+    assert args.auth_token_env == "MOE_API_TOKEN"
