@@ -59,9 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- the app and its oracle -----------------------------------------------------------------
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range, so no process Ray starts is handed it first."""
+    for _ in range(200):
+        port = random.randint(20000, 32767)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767; pass --port")
 
 
 def start_app(config: Path, port: int) -> str:

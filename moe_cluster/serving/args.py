@@ -70,11 +70,6 @@ class AppArgs(BaseModel):
     max_tokens_per_request: int = Field(default=8192, ge=1, description="larger requests get 413")
     max_tokens_per_call: int | None = Field(default=None, ge=1,
                                             description="split an expert's rows into calls of at most this size")
-    max_inflight_calls: int | None = Field(default=None, ge=1,
-                                           description="at most this many expert calls in flight per router "
-                                                       "replica, largest first (null: all at once). Where experts "
-                                                       "share a few CPU cores, the core count keeps them from "
-                                                       "thrashing each other")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")

@@ -75,7 +75,6 @@ class MoERouter:
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.app_name = serve.get_replica_context().app_name
-        self.call_window = asyncio.Semaphore(self.args.max_inflight_calls) if self.args.max_inflight_calls else None
         self.coalescer = (Coalescer(self.moe_forward, self.args.max_batch_tokens, self.args.batch_wait_ms / 1e3)
                           if self.args.max_batch_tokens else None)
 
@@ -177,8 +176,6 @@ class MoERouter:
         with torch.no_grad():
             x_model_TD, plan, x_ND = prepare_dispatch(x_TD.to(self.device), router, self.config)
         chunks = expert_chunks(plan, self.args.max_tokens_per_call)
-        if self.call_window is not None:
-            chunks.sort(key=lambda c: -c.size)  # largest first: the shortest tail under a window
         self.metrics.record_plan(layer, plan.counts, self.placement.owner)
         x_ND_host = x_ND.cpu()
         deadline = time.monotonic() + self.args.request_timeout_s
@@ -189,7 +186,7 @@ class MoERouter:
         t2 = time.perf_counter()
         with torch.no_grad():
             out_ND = torch.empty_like(x_ND_host)
-            for chunk, output in zip(chunks, outputs):  # chunks may be reordered: place by rows
+            for chunk, output in zip(chunks, outputs):
                 out_ND[chunk.start:chunk.stop] = output
             y_TD = finish_combine(x_model_TD, plan, out_ND.to(self.device), router).to(x_TD.dtype).cpu()
         self.metrics.record_phases(route_ms=(t1 - t0) * 1e3, experts_ms=(t2 - t1) * 1e3,
@@ -205,7 +202,7 @@ class MoERouter:
         while True:
             attempts += 1
             try:
-                array = await self._send(group, layer, expert, x_array)
+                array = await self.handles[group].forward.remote(layer, expert, x_array)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + backoff_s >= deadline:
@@ -217,12 +214,6 @@ class MoERouter:
                 raise ExpertComputeError(str(self._call_error(group, layer, expert, started, attempts, exc))) from exc
         self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
         return from_numpy(array, self.config.dtype)
-
-    async def _send(self, group: str, layer: int, expert: int, x_array: np.ndarray) -> np.ndarray:
-        if self.call_window is None:
-            return await self.handles[group].forward.remote(layer, expert, x_array)
-        async with self.call_window:
-            return await self.handles[group].forward.remote(layer, expert, x_array)
 
     @staticmethod
     def _call_error(group: str, layer: int, expert: int, started: float, attempts: int,
