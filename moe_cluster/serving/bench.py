@@ -4,16 +4,22 @@ On the same weights (a preset drawn from a seed), in one run:
   inprocess   MoEModel.forward in this process (all cores)
   monolithic  one Serve deployment holding the whole MoE layer (what a user would deploy instead)
   handle      the cluster (router + one deployment per expert) through a DeploymentHandle
+              (monolithic and handle get and return numpy arrays, the fast way through Ray)
   http        the cluster through HTTP (msgpack)
   transformers  transformers' MixtralSparseMoeBlock on the same weights (Mixtral-shaped presets)
 for T tokens per request, one client at a time (the modes take turns call by call, so a
 drifting machine speed hits them alike), and with concurrent clients; plus the
-machine's matmul peak and the Serve floor (p50 of a no-op router calling a no-op expert).
+machine's matmul peak and two Serve floors, timed in turns with the T=1 calls:
+  serve_floor         p50 of a no-op router calling one no-op expert (two hops)
+  serve_fanout_floor  p50 of a no-op router calling top_k no-op experts of top_k
+                      deployments at once: the fewest hops and calls one token can cost
+                      with one deployment per expert (a token visits top_k experts)
 Writes DIR/results.json and DIR/results.png.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -67,9 +73,10 @@ class MonolithicMoE:
         torch.set_num_threads(threads)
         self.model = MoEModel.random(preset_config(preset), seed)
 
-    async def forward(self, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    async def forward(self, x_TD: np.ndarray, layer: int = 0) -> np.ndarray:
+        """numpy in, numpy out, like the router's fast path (see `callers` in run_bench)."""
         with torch.no_grad():
-            return self.model.forward(x_TD, layer)
+            return self.model.forward(torch.from_numpy(np.asarray(x_TD)), layer).numpy()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -80,11 +87,19 @@ class NoopExpert:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class NoopRouter:
-    def __init__(self, expert) -> None:
-        self.expert = expert
+    """Calls every one of its no-op experts at once (as the router fans a token out to top_k)."""
+
+    def __init__(self, *experts) -> None:
+        self.experts = experts
 
     async def forward(self, x: np.ndarray) -> np.ndarray:
-        return await self.expert.forward.remote(x)
+        outputs = await asyncio.gather(*(expert.forward.remote(x) for expert in self.experts))
+        return outputs[0]
+
+
+def floor_app(width: int):
+    """A no-op router over `width` no-op expert deployments."""
+    return NoopRouter.bind(*(NoopExpert.options(name=f"NoopExpert{i}").bind() for i in range(width)))
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -127,11 +142,6 @@ def transformers_block(model: MoEModel) -> Callable[[torch.Tensor], torch.Tensor
             return block(x_TD.unsqueeze(0))[0]
 
     return forward
-
-
-def time_calls(call: Callable[[], Any], settings: BenchSettings) -> list[float]:
-    """Latencies (s) of sequential calls of one caller (see time_interleaved)."""
-    return time_interleaved({"only": call}, settings)["only"]
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], settings: BenchSettings) -> dict[str, list[float]]:
@@ -222,42 +232,51 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": settings.port},
                     logging_config={"enable_access_log": False})
-        log("deploying the floor (no-op router -> no-op expert), the monolithic deployment and the cluster ...")
-        floor = serve.run(NoopRouter.bind(NoopExpert.bind()), name="floor", route_prefix=None)
+        log(f"deploying the floors (no-op router -> 1 and -> {config.top_k} no-op experts), the monolithic "
+            "deployment and the cluster ...")
+        floor = serve.run(floor_app(1), name="floor", route_prefix=None)
+        fanout_floor = serve.run(floor_app(config.top_k), name="fanout-floor", route_prefix=None)
         mono = serve.run(MonolithicMoE.bind(settings.preset, settings.seed, cores), name="monolithic",
                          route_prefix=None)
         cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/",
                             logging_config={"enable_access_log": False})
         one_token = np.zeros((1, config.d_model), np.float32)
-        floor_ms = record("floor", 1, 1, time_calls(lambda: floor.forward.remote(one_token).result(), settings))
-        log(f"serve floor p50: {floor_ms.p50_ms:.2f} ms")
+        floor_calls = {"serve_floor": lambda: floor.forward.remote(one_token).result(),
+                       "serve_fanout_floor": lambda: fanout_floor.forward.remote(one_token).result()}
         client = MoEClient(f"http://127.0.0.1:{settings.port}")
         callers = {
             "inprocess": lambda x: model.forward(x, 0),
-            "monolithic": lambda x: mono.forward.remote(x, 0).result(),
-            "handle": lambda x: cluster.forward.remote(x, 0).result(),
-            "http": lambda x: torch.from_numpy(client.forward(x.numpy(), 0)),
+            # numpy arrays through the handles: Ray pickles them zero-copy, while a torch tensor
+            # goes through torch.save (38 ms for 16 MB on the 2-core machine, each way)
+            "monolithic": lambda x: mono.forward.remote(x.numpy(), 0).result(),
+            "handle": lambda x: cluster.forward.remote(x.numpy(), 0).result(),
+            "http": lambda x: client.forward(x.numpy(), 0),
         }
         hf_block = transformers_block(model)
         if hf_block is not None:
             callers["transformers"] = hf_block  # the same layer as transformers' MixtralSparseMoeBlock
         max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
         log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
+        floors: dict[str, float] = {}
         for tokens in settings.tokens:
             x_TD = inputs[tokens]
-            latencies = time_interleaved({mode: (lambda call=call: call(x_TD)) for mode, call in callers.items()},
-                                         settings)
+            calls = {mode: (lambda call=call: call(x_TD)) for mode, call in callers.items()}
+            latencies = time_interleaved({**calls, **(floor_calls if tokens == 1 else {})}, settings)
+            if tokens == 1:  # the floors in turns with the single-token calls they are compared with
+                floors = log_floors(latencies, config.top_k, log)
             for mode in callers:
                 rec = record(mode, tokens, 1, latencies[mode])
                 records.append(rec)
                 log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
                     f"p99 {rec.p99_ms:8.2f} ms")
+        if not floors:
+            floors = log_floors(time_interleaved(floor_calls, settings), config.top_k, log)
         records += concurrent_records(settings, config.d_model, mono, cluster, log)
     finally:
         serve.shutdown()
         ray.shutdown()
     results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
-               "serve_floor_p50_ms": floor_ms.p50_ms, "max_abs_diff_vs_inprocess": max_diff,
+               **floors, "fanout_width": config.top_k, "max_abs_diff_vs_inprocess": max_diff,
                "model": config.to_dict(), "settings": asdict(settings), "records": [asdict(r) for r in records]}
     results["summary"] = summarize(results, config)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -266,19 +285,32 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
     return results
 
 
+def log_floors(latencies: dict[str, list[float]], width: int, log) -> dict[str, float]:
+    """{serve_floor_p50_ms, serve_fanout_floor_p50_ms}, taken out of `latencies`."""
+    floors = {f"{name}_p50_ms": float(np.percentile(latencies.pop(name), 50)) * 1e3
+              for name in ("serve_floor", "serve_fanout_floor")}
+    log(f"serve floor p50: {floors['serve_floor_p50_ms']:.2f} ms (router -> 1 expert), "
+        f"{floors['serve_fanout_floor_p50_ms']:.2f} ms (router -> {width} experts at once)")
+    return floors
+
+
 def check_outputs(callers: dict[str, Callable], model: MoEModel, x_TD: torch.Tensor) -> dict[str, float]:
     expected = model.forward(x_TD, 0)
-    return {mode: float((call(x_TD) - expected).abs().max()) for mode, call in callers.items()}
+    return {mode: float((_as_tensor(call(x_TD)) - expected).abs().max()) for mode, call in callers.items()}
+
+
+def _as_tensor(y: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return y if isinstance(y, torch.Tensor) else torch.from_numpy(np.array(y))  # a copy: Ray's arrays are read-only
 
 
 def concurrent_records(settings: BenchSettings, d_model: int, mono, cluster, log) -> list[Record]:
     from ..client import MoEClient
 
-    x = torch.randn(settings.client_tokens, d_model)
+    x = torch.randn(settings.client_tokens, d_model).numpy()
     makers = {
         "monolithic": lambda: (lambda: mono.forward.remote(x, 0).result()),
         "handle": lambda: (lambda: cluster.forward.remote(x, 0).result()),
-        "http": lambda: (lambda c=MoEClient(f"http://127.0.0.1:{settings.port}"): c.forward(x.numpy(), 0)),
+        "http": lambda: (lambda c=MoEClient(f"http://127.0.0.1:{settings.port}"): c.forward(x, 0)),
     }
     out = []
     for mode, make_call in makers.items():
@@ -302,6 +334,8 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
         "handle_over_inprocess": tps("handle") / tps("inprocess"),
         "handle_over_monolithic": tps("handle") / tps("monolithic"),
         "handle_T1_p50_over_floor": single[("handle", 1)]["p50_ms"] / results["serve_floor_p50_ms"]
+        if ("handle", 1) in single else float("nan"),
+        "handle_T1_p50_over_fanout_floor": single[("handle", 1)]["p50_ms"] / results["serve_fanout_floor_p50_ms"]
         if ("handle", 1) in single else float("nan"),
         "concurrent_handle_over_inprocess": many["handle"]["tokens_per_s"] / tps("inprocess") if many else float("nan"),
         "handle_fraction_of_matmul_peak": tps("handle") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
@@ -327,6 +361,8 @@ def plot(results: dict[str, Any], path: Path, log) -> None:
         ax_tps.plot([r["tokens"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=mode)
         ax_lat.plot([r["tokens"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=mode)
     ax_lat.axhline(results["serve_floor_p50_ms"], color="grey", linestyle="--", label="Serve floor")
+    ax_lat.axhline(results["serve_fanout_floor_p50_ms"], color="grey", linestyle=":",
+                   label=f"Serve fan-out floor ({results['fanout_width']} experts)")
     for ax, label in ((ax_tps, "tokens/s"), (ax_lat, "p50 latency (ms)")):
         ax.set_xscale("log")
         ax.set_yscale("log")

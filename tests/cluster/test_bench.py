@@ -20,6 +20,7 @@ def test_bench_tiny_writes_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["preset"] == "tiny"
     assert results["matmul_peak_gflops"] > 0 and results["serve_floor_p50_ms"] > 0
+    assert results["serve_fanout_floor_p50_ms"] > 0 and results["fanout_width"] == 2  # tiny is top-2
     assert set(results["max_abs_diff_vs_inprocess"]) == MODES
     assert max(results["max_abs_diff_vs_inprocess"].values()) < 1e-5  # every path computes the same MoE
     records = results["records"]
@@ -28,6 +29,7 @@ def test_bench_tiny_writes_results(tmp_path):
     for r in records:
         assert set(r) >= {"mode", "tokens", "clients", "tokens_per_s", "p50_ms", "p99_ms"}
         assert r["tokens_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
-    assert set(results["summary"]) >= {"handle_over_inprocess", "handle_T1_p50_over_floor"}
+    assert set(results["summary"]) >= {"handle_over_inprocess", "handle_T1_p50_over_floor",
+                                       "handle_T1_p50_over_fanout_floor"}
     assert (tmp_path / "results.png").stat().st_size > 1000
     assert any("serve floor" in line for line in lines)  # progress was reported
