@@ -83,20 +83,29 @@ def expert_chunks(plan: DispatchPlan, max_rows: int | None = None) -> list[Exper
     return chunks
 
 
-def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """x_ND: the input row of every routed (token, expert) pair, in plan order."""
-    return x_TD.index_select(0, plan.token_ids_N)
+def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """x_ND: the input row of routed rows [start, stop) of the plan (all by default), in plan order."""
+    return x_TD.index_select(0, plan.token_ids_N[start:stop])
+
+
+def add_rows(y_TD: torch.Tensor, plan: DispatchPlan, start: int, out_ND: torch.Tensor) -> torch.Tensor:
+    """y_TD[token] += weight * out for rows [start, start + N) of the plan; returns y_TD.
+
+    Adding the chunks of a plan in plan order sums each token's rows in the same order as
+    one `combine` over all rows, so the result does not depend on how the rows were chunked.
+    Chunk by chunk, no [N, D] buffer is needed (a fresh 32 MiB buffer per call costs the
+    page faults of its first touch: about as much as the arithmetic on a 2-core machine).
+    """
+    stop = start + out_ND.shape[0]
+    weighted_ND = out_ND * plan.weights_N[start:stop].to(out_ND.dtype).unsqueeze(-1)
+    return y_TD.index_add_(0, plan.token_ids_N[start:stop], weighted_ND)
 
 
 def combine(plan: DispatchPlan, expert_out_ND: torch.Tensor) -> torch.Tensor:
-    """y_TD[token] = sum over its rows of weight * expert_out, in expert_out's dtype.
-
-    Scales expert_out_ND in place (callers pass a buffer of their own): one pass less over N*D.
-    """
-    weighted_ND = expert_out_ND.mul_(plan.weights_N.to(expert_out_ND.dtype).unsqueeze(-1))
+    """y_TD[token] = sum over its rows of weight * expert_out, in expert_out's dtype (all rows at once)."""
     y_TD = torch.zeros(plan.num_tokens, expert_out_ND.shape[-1], dtype=expert_out_ND.dtype,
                        device=expert_out_ND.device)
-    return y_TD.index_add_(0, plan.token_ids_N, weighted_ND)
+    return add_rows(y_TD, plan, 0, expert_out_ND)
 
 
 def expert_counts(plan: DispatchPlan, start: int = 0, stop: int | None = None) -> list[int]:

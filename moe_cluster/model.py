@@ -3,8 +3,9 @@
 Shape legend: T tokens, D model dim, N = T*K routed rows.
 
 `MoEModel.forward` is the fast in-process path. It is built from the same pieces the
-router uses (`route`, `make_plan`, `gather_rows`, `combine`, via `prepare_dispatch` and
-`finish_combine`), so the only thing the cluster changes is where the experts run.
+router uses (`route` and `make_plan` via `prepare_dispatch`, then per chunk `gather_rows`
+and `add_rows`, then `finish_combine`), so the only thing the cluster changes is where the
+experts run.
 Random weights are drawn per (layer, expert) from a seed, so an expert server can build
 its own experts of a random model without building the others.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .dispatch import DispatchPlan, combine, expert_chunks, gather_rows, make_plan
+from .dispatch import DispatchPlan, add_rows, expert_chunks, gather_rows, make_plan
 from .experts import SharedExperts, make_expert
 from .routing import GateWeights, route
 
@@ -47,24 +48,18 @@ class MoELayer:
 
 
 def prepare_dispatch(x_TD: torch.Tensor, router: RouterLayer, config: ModelConfig
-                     ) -> tuple[torch.Tensor, DispatchPlan, torch.Tensor]:
-    """Route and group. Returns (x_TD in the model dtype, plan, x_ND rows in plan order)."""
+                     ) -> tuple[torch.Tensor, DispatchPlan]:
+    """Route and group. Returns (x_TD in the model dtype, plan)."""
     x_TD = x_TD.to(config.torch_dtype)
     weights_TK, expert_ids_TK = route(x_TD, router.gate, config)
-    plan = make_plan(weights_TK, expert_ids_TK, config.num_experts)
-    return x_TD, plan, gather_rows(x_TD, plan)
+    return x_TD, make_plan(weights_TK, expert_ids_TK, config.num_experts)
 
 
-def finish_combine(x_TD: torch.Tensor, plan: DispatchPlan, expert_out_ND: torch.Tensor,
-                   router: RouterLayer) -> torch.Tensor:
-    """y_TD = weighted sum of the routed answers (+ shared experts), in the model dtype.
-
-    Scales expert_out_ND in place (see dispatch.combine).
-    """
-    y_TD = combine(plan, expert_out_ND)
+def finish_combine(x_TD: torch.Tensor, routed_TD: torch.Tensor, router: RouterLayer) -> torch.Tensor:
+    """y_TD = the weighted sum of the routed answers (from add_rows) + the shared experts, in the model dtype."""
     if router.shared is not None:
-        y_TD = y_TD + router.shared(x_TD)
-    return y_TD
+        return routed_TD + router.shared(x_TD)
+    return routed_TD
 
 
 class MoEModel:
@@ -84,11 +79,12 @@ class MoEModel:
         """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype."""
         check_hidden_states(x_TD, self.config)
         moe_layer = self.layer(layer)
-        x_model_TD, plan, x_ND = prepare_dispatch(x_TD, moe_layer.router, self.config)
-        out_ND = torch.empty_like(x_ND)
+        x_model_TD, plan = prepare_dispatch(x_TD, moe_layer.router, self.config)
+        routed_TD = torch.zeros_like(x_model_TD)
         for chunk in expert_chunks(plan):
-            out_ND[chunk.start:chunk.stop] = moe_layer.experts[chunk.expert](x_ND[chunk.start:chunk.stop])
-        return finish_combine(x_model_TD, plan, out_ND, moe_layer.router).to(x_TD.dtype)
+            x_ND = gather_rows(x_model_TD, plan, chunk.start, chunk.stop)
+            add_rows(routed_TD, plan, chunk.start, moe_layer.experts[chunk.expert](x_ND))
+        return finish_combine(x_model_TD, routed_TD, moe_layer.router).to(x_TD.dtype)
 
     __call__ = forward
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from ..checkpoint import load_router_layers
 from ..codec import Limits, check_values, from_numpy, to_numpy
-from ..dispatch import DispatchPlan, expert_chunks, expert_counts
+from ..dispatch import DispatchPlan, add_rows, expert_chunks, expert_counts, gather_rows
 from ..model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
 from ..placement import Placement
 from .args import AppArgs
@@ -170,27 +170,42 @@ class MoERouter:
     # --- the distributed MoE ------------------------------------------------------------------
 
     async def moe_forward(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, DispatchPlan]:
-        """Route on this replica's device, fan the chunks out, combine. Returns (y_TD, plan)."""
+        """Route on this replica's device, fan the chunks out, combine. Returns (y_TD, plan).
+
+        Every call is sent before the first answer is awaited; answers are added in plan order
+        as they come (a token's rows are summed in the same order as in-process, so the result
+        does not depend on which expert answered first), overlapping the combine with the
+        experts' work. Any failure cancels the calls still in flight: never a partial output.
+        """
         router = self.layers[layer]
         t0 = time.perf_counter()
         with torch.no_grad():
-            x_model_TD, plan, x_ND = prepare_dispatch(x_TD.to(self.device), router, self.config)
-        chunks = expert_chunks(plan, self.args.max_tokens_per_call)
-        self.metrics.record_plan(layer, plan.counts, self.placement.owner)
-        x_ND_host = x_ND.cpu()
-        deadline = time.monotonic() + self.args.request_timeout_s
-        calls = [self._call_expert(layer, chunk.expert, x_ND_host[chunk.start:chunk.stop], deadline)
-                 for chunk in chunks]
+            x_model_TD, plan = prepare_dispatch(x_TD.to(self.device), router, self.config)
+            chunks = expert_chunks(plan, self.args.max_tokens_per_call)
+            self.metrics.record_plan(layer, plan.counts, self.placement.owner)
+            deadline = time.monotonic() + self.args.request_timeout_s
+            calls = [asyncio.ensure_future(self._call_expert(
+                layer, chunk.expert, gather_rows(x_model_TD, plan, chunk.start, chunk.stop).cpu(), deadline))
+                for chunk in chunks]
         t1 = time.perf_counter()
-        outputs = await asyncio.gather(*calls)
+        combine_s = 0.0
+        try:
+            routed_TD = torch.zeros_like(x_model_TD)
+            for chunk, call in zip(chunks, calls):
+                out_ND = await call
+                started = time.perf_counter()
+                with torch.no_grad():
+                    add_rows(routed_TD, plan, chunk.start, out_ND.to(self.device))
+                combine_s += time.perf_counter() - started
+        except BaseException:
+            _cancel(calls)
+            raise
         t2 = time.perf_counter()
         with torch.no_grad():
-            out_ND = torch.empty_like(x_ND_host)
-            for chunk, output in zip(chunks, outputs):
-                out_ND[chunk.start:chunk.stop] = output
-            y_TD = finish_combine(x_model_TD, plan, out_ND.to(self.device), router).to(x_TD.dtype).cpu()
-        self.metrics.record_phases(route_ms=(t1 - t0) * 1e3, experts_ms=(t2 - t1) * 1e3,
-                                   combine_ms=(time.perf_counter() - t2) * 1e3)
+            y_TD = finish_combine(x_model_TD, routed_TD, router).to(x_TD.dtype).cpu()
+        combine_s += time.perf_counter() - t2
+        self.metrics.record_phases(route_ms=(t1 - t0) * 1e3, experts_ms=(t2 - t1 - combine_s) * 1e3,
+                                   combine_ms=combine_s * 1e3)
         return y_TD, plan
 
     async def _call_expert(self, layer: int, expert: int, x_ND: torch.Tensor, deadline: float) -> torch.Tensor:
@@ -222,6 +237,15 @@ class MoERouter:
         return ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) after "
                                f"{attempts} attempt(s) in {time.perf_counter() - started:.1f}s: "
                                f"{type(exc).__name__}: {first_line}")
+
+
+def _cancel(calls: list[asyncio.Future]) -> None:
+    """Cancel the calls still running; mark the failures of finished ones as seen (no asyncio log noise)."""
+    for call in calls:
+        if not call.done():
+            call.cancel()
+        elif not call.cancelled():
+            call.exception()
 
 
 async def _await(response):
