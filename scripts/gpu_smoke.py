@@ -40,8 +40,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +63,7 @@ from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.config import ModelConfig  # noqa: E402
 from moe_cluster.model import MoELayer  # noqa: E402
 from moe_cluster.reference import reference_forward  # noqa: E402
+from moe_cluster.ports import free_port  # noqa: E402
 from moe_cluster.routing import gate_scores  # noqa: E402
 
 FP32_TOL = 1e-4  # atol = rtol; TF32 is off, so CUDA and CPU fp32 agree far better than this
@@ -453,19 +452,6 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A free port in 20000-32767: below Linux's ephemeral range, above Ray's worker ports."""
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 def _run_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.client import MoEClient, MoEHTTPError  # noqa: E402
+from moe_cluster.ports import free_port  # noqa: E402
 from moe_cluster.reference import reference_forward  # noqa: E402
 
 
@@ -57,19 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- the app and its oracle -----------------------------------------------------------------
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range, so no process Ray starts is handed it first."""
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767; pass --port")
-
 
 def start_app(config: Path, port: int) -> str:
     """Start Ray and the app of `config` on 127.0.0.1:port; returns its URL."""

@@ -1,33 +1,15 @@
 """Shared helpers for cluster-tier tests: one real local Ray cluster + Serve per test module."""
 
-import random
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 
 import pytest
 
+from moe_cluster.ports import free_port  # noqa: F401 - the tests import it from here
+
 pytestmark = pytest.mark.cluster
-
-
-def free_port() -> int:
-    """A port that is free now and that nobody else will be handed by the kernel.
-
-    Not `bind(0)`: that returns a port of the ephemeral range, which the kernel may give to
-    one of the processes Ray starts before Serve binds it ("Failed to bind"). 20000-32767
-    is below Linux's ephemeral range and above Ray's worker ports (10002-19999).
-    """
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
