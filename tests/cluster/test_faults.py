@@ -7,7 +7,7 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
           succeed, a failure may only be a clear 503/504, and requests succeed again soon
           after each kill.
   limits: a router that runs 1 request and queues 1 more (Serve answers the rest with
-          503 at once), a 1 s request deadline, and expert calls of at most 4 rows, so a
+          503 at once), a 3 s request deadline, and expert calls of at most 4 rows, so a
           large request is slow enough to miss its deadline.
 
 `pytest -s` prints the measured recovery times and success rates.
@@ -36,7 +36,7 @@ KILL_EVERY_S = 5.0  # at most one kill per interval
 CHAOS_S = 60.0
 MIN_KILLS = 4  # a replica takes 12-30 s to start on a busy 2-core machine: that bounds the kill rate
 REPLICAS = 2  # per expert deployment of the faults app: one replica may die, the other answers
-DEADLINE_S = 1.0
+DEADLINE_S = 3.0  # the 64-token overload request takes ~0.8 s on a busy CI machine, twice that when queued
 FAULTS = {
     "torch_threads": 1, "max_tokens_per_call": 16,
     # Health checks every second: Serve notices a dead replica and starts another within ~1-3 s.
@@ -221,7 +221,10 @@ def test_overload_gets_fast_503s_and_accepted_requests_are_right(cluster):
     print(f"\n24 concurrent requests, router holds 1 + queues 1: {len(accepted)} answered, {len(rejected)} got 503 "
           f"(slowest 503 after {max((r[3] for r in rejected), default=0):.2f}s, slowest answer after "
           f"{max((r[3] for r in accepted), default=0):.2f}s)")
-    assert set(statuses) <= {200, 503}, statuses
+    # a request that waited in the queue longer than the deadline may get a clear 504 instead
+    late = [json.loads(r[2])["error"] for r in results if r[0] == 504]
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert all("DeadlineExceeded" in message for message in late), late
     assert len(accepted) >= 1 and len(rejected) >= 12, statuses
     for _, _, content, _ in accepted:
         np.testing.assert_allclose(_output(content), expected, rtol=1e-5, atol=1e-5)
