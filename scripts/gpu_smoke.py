@@ -16,8 +16,9 @@ Four stages, each in its own try/except so that one failure does not hide the ot
          with the router and every expert deployment on a fraction of it (num_gpus 0.1, num_cpus 0);
          /v1/info must say router_device cuda, every expert's stats must say device cuda; outputs
          through a DeploymentHandle and through HTTP (MoEClient, msgpack and JSON) against the CPU
-         oracle (fp32, atol = rtol = 1e-4); p50 latency of T=1 and T=4096 through the handle (and
-         T=1 over HTTP). Serve and Ray are shut down at the end.
+         oracle (fp32, atol = rtol = 1e-4); p50 latency of T=1 and T=4096 through the handle
+         (torch tensors and numpy arrays) and of T=1 over HTTP. Serve and Ray are shut down at
+         the end.
 
 Tokens whose K-th and (K+1)-th gate scores are closer than 1e-5 (a near tie: float rounding
 on another device may pick another expert) are left out of the comparisons and counted.
@@ -421,13 +422,15 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
 
         latency: dict[str, Any] = {}
         for T in (min(args.serve_tokens), max(args.serve_tokens)):
-            x = inputs(T, config.d_model, seed=T)
-            timing = time_calls(lambda: handle.forward.remote(x, layers[0]).result(timeout_s=120),
-                                calls=args.latency_calls, warmup=3)
-            timing["tokens_per_s"] = T / (timing["p50_ms"] / 1e3)
-            latency[f"handle.T{T}"] = timing
-            log(f"serve handle T={T:5d}: p50 {timing['p50_ms']:8.2f} ms  mean {timing['mean_ms']:8.2f} ms  "
-                f"{timing['tokens_per_s']:10,.0f} tok/s")
+            # torch tensors as users pass them, and numpy arrays (Ray pickles those without torch.save)
+            for kind, x in (("torch", inputs(T, config.d_model, seed=T)),
+                            ("numpy", inputs(T, config.d_model, seed=T).numpy())):
+                timing = time_calls(lambda: handle.forward.remote(x, layers[0]).result(timeout_s=120),
+                                    calls=args.latency_calls, warmup=3)
+                timing["tokens_per_s"] = T / (timing["p50_ms"] / 1e3)
+                latency[f"handle.{kind}.T{T}"] = timing
+                log(f"serve handle ({kind}) T={T:5d}: p50 {timing['p50_ms']:8.2f} ms  "
+                    f"mean {timing['mean_ms']:8.2f} ms  {timing['tokens_per_s']:10,.0f} tok/s")
         x1 = inputs(1, config.d_model, seed=1).numpy()
         timing = time_calls(lambda: client.forward(x1, layer=layers[0]), calls=args.latency_calls, warmup=3)
         latency["http_msgpack.T1"] = timing
