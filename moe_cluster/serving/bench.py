@@ -14,6 +14,7 @@ machine's matmul peak and two Serve floors, timed in turns with the T=1 calls:
   serve_fanout_floor  p50 of a no-op router calling top_k no-op experts of top_k
                       deployments at once: the fewest hops and calls one token can cost
                       with one deployment per expert (a token visits top_k experts)
+It also records, per T, the router's phases (route, experts, combine) of a batch of that T.
 Writes DIR/results.json and DIR/results.png.
 """
 
@@ -247,7 +248,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         callers = {
             "inprocess": lambda x: model.forward(x, 0),
             # numpy arrays through the handles: Ray pickles them zero-copy, while a torch tensor
-            # goes through torch.save (38 ms for 16 MB on the 2-core machine, each way)
+            # goes through torch.save (38 ms to pickle 16 MB on the 2-core machine)
             "monolithic": lambda x: mono.forward.remote(x.numpy(), 0).result(),
             "handle": lambda x: cluster.forward.remote(x.numpy(), 0).result(),
             "http": lambda x: client.forward(x.numpy(), 0),
@@ -258,6 +259,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
         log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
         floors: dict[str, float] = {}
+        phases_ms: dict[str, dict[str, float]] = {}  # per T: the router's phases of its last batch
         for tokens in settings.tokens:
             x_TD = inputs[tokens]
             calls = {mode: (lambda call=call: call(x_TD)) for mode, call in callers.items()}
@@ -269,6 +271,9 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
                 records.append(rec)
                 log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
                     f"p99 {rec.p99_ms:8.2f} ms")
+            phases_ms[str(tokens)] = cluster.stats.remote().result()["router_phases"]["last_ms"]
+            log(f"  router phases of a T={tokens} batch: "
+                + ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases_ms[str(tokens)].items()))
         if not floors:
             floors = log_floors(time_interleaved(floor_calls, settings), config.top_k, log)
         records += concurrent_records(settings, config.d_model, mono, cluster, log)
@@ -276,7 +281,8 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         serve.shutdown()
         ray.shutdown()
     results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
-               **floors, "fanout_width": config.top_k, "max_abs_diff_vs_inprocess": max_diff,
+               **floors, "fanout_width": config.top_k, "router_phases_ms": phases_ms,
+               "max_abs_diff_vs_inprocess": max_diff,
                "model": config.to_dict(), "settings": asdict(settings), "records": [asdict(r) for r in records]}
     results["summary"] = summarize(results, config)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -21,6 +21,9 @@ def test_bench_tiny_writes_results(tmp_path):
     assert results["preset"] == "tiny"
     assert results["matmul_peak_gflops"] > 0 and results["serve_floor_p50_ms"] > 0
     assert results["serve_fanout_floor_p50_ms"] > 0 and results["fanout_width"] == 2  # tiny is top-2
+    for tokens in ("1", "64"):  # where the router's time went, per T
+        assert set(results["router_phases_ms"][tokens]) == {"route_ms", "experts_ms", "combine_ms"}
+        assert results["router_phases_ms"][tokens]["experts_ms"] > 0
     assert set(results["max_abs_diff_vs_inprocess"]) == MODES
     assert max(results["max_abs_diff_vs_inprocess"].values()) < 1e-5  # every path computes the same MoE
     records = results["records"]
