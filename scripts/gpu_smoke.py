@@ -341,6 +341,7 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
     from moe_cluster.client import MoEClient
     from moe_cluster.serving.app import build_app
     from moe_cluster.serving.args import AppArgs
+    from moe_cluster.serving.runtime import start_local_serve, stop_local_serve
 
     info_out: dict[str, Any] = report.data["serve"]
     expected = "cuda" if cuda else "cpu"
@@ -354,8 +355,8 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
     info_out.update({"port": port, "app_args": app_args, "expected_device": expected})
     log(f"ray.init(num_gpus=1) {'(the real GPU)' if cuda else '(a fake GPU resource: replicas fall back to CPU)'}")
     try:
-        ray.init(num_gpus=1, include_dashboard=False, log_to_driver=args.log_to_driver,
-                 object_store_memory=int(args.object_store_gib * 2**30))
+        start_local_serve(("127.0.0.1", port), num_gpus=1, log_to_driver=args.log_to_driver,
+                          object_store_memory=int(args.object_store_gib * 2**30))
     except Exception:
         _copy_log_tails("/tmp/ray/session_latest", args.out / "ray_logs")
         raise
@@ -364,7 +365,6 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
     info_out["cluster_resources"] = ray.cluster_resources()
     log(f"cluster resources: {ray.cluster_resources()}; session {session_dir}")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         log(f"serve.start on 127.0.0.1:{port}")
         app = build_app(app_args)
         started = time.perf_counter()
@@ -447,10 +447,7 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
         if serve_failed:
             _copy_log_tails(session_dir, args.out / "ray_logs")
         log("shutting down serve and ray")
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        stop_local_serve()
         log("ray is down")
 
 

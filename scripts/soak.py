@@ -60,16 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_app(config: Path, port: int) -> str:
     """Start Ray and the app of `config` on 127.0.0.1:port; returns its URL."""
-    import ray
     from ray import serve
 
     from moe_cluster.serving.app import build_app
     from moe_cluster.serving.local import read_serve_config
+    from moe_cluster.serving.runtime import start_local_serve
 
     file_app = read_serve_config(config)
     port = port or free_port()
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(("127.0.0.1", port))
     serve.run(build_app(file_app.args), name=file_app.name, route_prefix=file_app.route_prefix)
     return f"http://127.0.0.1:{port}{file_app.route_prefix.rstrip('/')}"
 
@@ -290,10 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         result = summary(soak, args.duration_s, start, snapshot(own_cluster), samples)
     finally:
         if own_cluster:
-            import ray
-            from ray import serve
-            serve.shutdown()
-            ray.shutdown()
+            from moe_cluster.serving.runtime import stop_local_serve
+            stop_local_serve()
     print_summary(result)
     if args.report:
         args.report.write_text(json.dumps(result, indent=2))

@@ -214,10 +214,9 @@ def cluster_args(settings: BenchSettings) -> AppArgs:
 
 def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement, write results.json (+ results.png), return the results dict."""
-    import ray
-
     from ..client import MoEClient
     from .app import build_app
+    from .runtime import start_local_serve, stop_local_serve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -229,10 +228,8 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
     inputs = {t: torch.randn(t, config.d_model, generator=torch.Generator().manual_seed(t)) for t in settings.tokens}
     records: list[Record] = []
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    start_local_serve(("127.0.0.1", settings.port), access_log=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": settings.port},
-                    logging_config={"enable_access_log": False})
         log(f"deploying the floors (no-op router -> 1 and -> {config.top_k} no-op experts), the monolithic "
             "deployment and the cluster ...")
         floor = serve.run(floor_app(1), name="floor", route_prefix=None)
@@ -278,8 +275,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
             floors = log_floors(time_interleaved(floor_calls, settings), config.top_k, log)
         records += concurrent_records(settings, config.d_model, mono, cluster, log)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
     results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
                **floors, "fanout_width": config.top_k, "router_phases_ms": phases_ms,
                "max_abs_diff_vs_inprocess": max_diff,

@@ -63,21 +63,20 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
     host = host or file_app.http_options.get("host", "127.0.0.1")
     port = port or int(file_app.http_options.get("port", 8000))
 
-    import ray
     from ray import serve
 
     from .app import build_app
+    from .runtime import start_local_serve, stop_local_serve
 
     started = time.perf_counter()
     source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
     print(f"moe-cluster: starting a local Ray cluster for {source}", flush=True)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+    start_local_serve((host, port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
     # After ray.init, which installs handlers of its own: we want a clean shutdown.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
         groups = app_args.resolve_placement(model_config).groups
         print(f"moe-cluster: deploying router + {len(groups)} expert deployments "
               f"(D={model_config.d_model}, E={model_config.num_experts}, top-{model_config.top_k})", flush=True)
@@ -89,8 +88,7 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         while not stop.wait(0.5):
             pass
         print("moe-cluster: stopping", flush=True)
-        serve.shutdown()
     finally:
-        ray.shutdown()
+        stop_local_serve()
     print("moe-cluster: stopped", flush=True)
     return 0

@@ -194,14 +194,13 @@ def generate_on_local_cluster(runner_args: dict[str, Any], input_ids: list[list[
     result, shut the cluster down. No HTTP proxy is started (handles only)."""
     import time
 
-    import ray
+    from .runtime import start_local_serve, stop_local_serve
 
     started = time.perf_counter()
     app = build_runner_app(runner_args)  # validates the args before Ray starts
     log(f"moe-cluster: starting a local Ray cluster for {runner_args['hf_model']}")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    start_local_serve(None, num_cpus=num_cpus)
     try:
-        serve.start(proxy_location="Disabled")
         handle = serve.run(app, name="generate", route_prefix=None)
         log(f"moe-cluster: runner, router and experts ready in {time.perf_counter() - started:.0f}s")
         for _ in range(warmup):  # the first calls pay for lazy initialisation on every replica
@@ -212,8 +211,7 @@ def generate_on_local_cluster(runner_args: dict[str, Any], input_ids: list[list[
         result["router_phases_ms"] = _phases_between(before, router.stats.remote().result().get("router_phases", {}))
         return result
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
 
 
 def _phases_between(before: dict, after: dict) -> dict[str, float]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from moe_cluster.ports import free_port  # noqa: F401 - the tests import it from here
+from moe_cluster.serving import runtime
 
 pytestmark = pytest.mark.cluster
 
@@ -31,25 +32,14 @@ class LocalServe:
 
 
 def start_local_serve(num_gpus: int = 0, **init_kwargs) -> LocalServe:
-    """ray.init + serve.start on a free port. Stop with stop_local_serve()."""
-    import ray
-    from ray import serve
-
+    """A local Ray cluster + Serve on a free port (moe_cluster.serving.runtime). Stop with stop_local_serve()."""
     port = free_port()
-    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-             **init_kwargs)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    runtime.start_local_serve(("127.0.0.1", port), num_cpus=2, num_gpus=num_gpus, **init_kwargs)
     return LocalServe(port)
 
 
 def stop_local_serve() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    runtime.stop_local_serve()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
