@@ -5,8 +5,8 @@ dispatch/combine, experts, the in-process model and its oracle, and checkpoints.
 Everything that imports Ray Serve lives in `moe_cluster.serving`.
 """
 
-from .config import PRESETS, ModelConfig, preset_config
-from .model import MoEModel
+from .core.config import PRESETS, ModelConfig, preset_config
+from .core.model import MoEModel
 
 __all__ = ["ModelConfig", "MoEModel", "PRESETS", "preset_config"]
 __version__ = "0.1.0"

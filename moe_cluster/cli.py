@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS
+from .core.config import PRESETS
 
 __all__ = ["main"]
 
@@ -142,7 +142,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .model import MoEModel
+    from .core.model import MoEModel
 
     if (args.directory / "config.json").exists() and not args.force:
         print(f"error: {args.directory} already holds a checkpoint; pass --force to overwrite it", file=sys.stderr)
@@ -165,7 +165,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_render_k8s(args: argparse.Namespace) -> int:
-    from .k8s import render_all
+    from .tools.k8s import render_all
 
     try:
         changed = render_all(args.deployments, args.k8s, check=args.check)
@@ -186,7 +186,7 @@ def _cmd_render_k8s(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
-    from .hf_import import import_hf_checkpoint
+    from .hf.importer import import_hf_checkpoint
 
     if (args.dst / "config.json").exists() and not args.force:
         print(f"error: {args.dst} already holds a config.json; pass --force to overwrite it", file=sys.stderr)
@@ -200,7 +200,7 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .serving.bench import BenchSettings, run_bench
+    from .tools.bench import BenchSettings, run_bench
 
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
                              client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port)
@@ -217,7 +217,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.in_process:
             import torch
 
-            from .runner import GenerateLimits, HFMoERunner
+            from .hf.runner import GenerateLimits, HFMoERunner
             if args.torch_threads:
                 torch.set_num_threads(args.torch_threads)
             runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, dtype=args.dtype,

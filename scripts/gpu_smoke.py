@@ -61,11 +61,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network there; no us
 import torch  # noqa: E402
 
 from moe_cluster import MoEModel, preset_config  # noqa: E402
-from moe_cluster.config import ModelConfig  # noqa: E402
-from moe_cluster.model import MoELayer  # noqa: E402
-from moe_cluster.reference import reference_forward  # noqa: E402
-from moe_cluster.ports import free_port  # noqa: E402
-from moe_cluster.routing import gate_scores  # noqa: E402
+from moe_cluster.core.config import ModelConfig  # noqa: E402
+from moe_cluster.core.model import MoELayer  # noqa: E402
+from moe_cluster.core.reference import reference_forward  # noqa: E402
+from moe_cluster.tools.ports import free_port  # noqa: E402
+from moe_cluster.core.routing import gate_scores  # noqa: E402
 
 FP32_TOL = 1e-4  # atol = rtol; TF32 is off, so CUDA and CPU fp32 agree far better than this
 BF16_RTOL = 3e-2  # elementwise: |y - ref| <= BF16_RTOL * (|ref| + rms(ref))

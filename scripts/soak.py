@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.client import MoEClient, MoEHTTPError  # noqa: E402
-from moe_cluster.ports import free_port  # noqa: E402
-from moe_cluster.reference import reference_forward  # noqa: E402
+from moe_cluster.tools.ports import free_port  # noqa: E402
+from moe_cluster.core.reference import reference_forward  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checkpoint import load_config
-from ..config import ModelConfig, preset_config
-from ..placement import GroupSpec, Placement, resolve_placement
+from ..checkpoint.reader import load_config
+from ..core.config import ModelConfig, preset_config
+from ..core.placement import GroupSpec, Placement, resolve_placement
 
 __all__ = ["AppArgs", "DeploymentOptions", "PlacementEntry", "merge_options"]
 

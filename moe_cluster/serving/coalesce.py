@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from ..dispatch import DispatchPlan, expert_counts
+from ..core.dispatch import DispatchPlan, expert_counts
 
 __all__ = ["Coalescer"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from .args import AppArgs
-from .auth import BearerAuth
+from .http.auth import BearerAuth
 
 __all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
 

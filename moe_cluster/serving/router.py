@@ -22,16 +22,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..checkpoint import load_router_layers
-from ..codec import Limits, check_values, from_numpy, to_numpy
-from ..dispatch import DispatchPlan, add_rows, expert_chunks, expert_counts, gather_rows
-from ..model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
-from ..placement import Placement
+from ..checkpoint.reader import load_router_layers
+from ..protocol.v1 import Limits, check_values, from_numpy, to_numpy
+from ..core.dispatch import DispatchPlan, add_rows, expert_chunks, expert_counts, gather_rows
+from ..core.model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
+from ..core.placement import Placement
 from .args import AppArgs
-from .auth import BearerAuth
+from .http.auth import BearerAuth
 from .coalesce import Coalescer
 from .expert import pick_device, set_torch_threads
-from .http import handle_http
+from .http.endpoints import handle_http
 from .metrics import RouterMetrics
 
 __all__ = ["MoERouter", "ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE"]

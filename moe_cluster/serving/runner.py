@@ -37,14 +37,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..codec import WireError
-from ..config import ModelConfig
-from ..runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
+from ..protocol.v1 import WireError
+from ..core.config import ModelConfig
+from ..hf.runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
 from .app import ROUTER_NAME, build_app
 from .args import AppArgs, DeploymentOptions
-from .auth import BearerAuth
+from .http.auth import BearerAuth
 from .expert import set_torch_threads
-from .http import check_auth, error_response, json_response, read_body, relative_path
+from .http.endpoints import check_auth, error_response, json_response, read_body, relative_path
 
 __all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
 

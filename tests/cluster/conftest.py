@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from moe_cluster.ports import free_port  # noqa: F401 - the tests import it from here
+from moe_cluster.tools.ports import free_port  # noqa: F401 - the tests import it from here
 from moe_cluster.serving import runtime
 
 pytestmark = pytest.mark.cluster

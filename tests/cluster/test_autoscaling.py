@@ -16,7 +16,7 @@ import torch
 
 from moe_cluster import ModelConfig, MoEModel
 from moe_cluster.client import MoEClient
-from moe_cluster.routing import route
+from moe_cluster.core.routing import route
 from moe_cluster.serving.autoscaling import POLICY_PATH
 
 from .conftest import free_port, start_local_serve, stop_local_serve, wait_until

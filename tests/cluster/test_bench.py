@@ -5,7 +5,7 @@ Timings are never asserted here: they belong to benchmark runs, not to CI.
 
 import json
 
-from moe_cluster.serving.bench import BenchSettings, run_bench
+from moe_cluster.tools.bench import BenchSettings, run_bench
 
 from .conftest import free_port
 

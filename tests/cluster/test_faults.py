@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from moe_cluster import MoEModel, preset_config
-from moe_cluster.reference import reference_forward
+from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
-from .loadgen import Load, first_success_after, request_pool, summarize
+from ..support.loadgen import Load, first_success_after, request_pool, summarize
 
 KILL_EVERY_S = 5.0  # at most one kill per interval
 CHAOS_S = 60.0

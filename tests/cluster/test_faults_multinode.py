@@ -21,7 +21,7 @@ import pytest
 from moe_cluster import MoEModel, preset_config
 
 from .conftest import free_port, wait_until
-from .loadgen import Load, first_success_after, request_pool, summarize
+from ..support.loadgen import Load, first_success_after, request_pool, summarize
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import urllib.request
 import pytest
 import torch
 
-from moe_cluster.checkpoint import load_config
+from moe_cluster.checkpoint.reader import load_config
 from moe_cluster.client import MoEClient
-from moe_cluster.hf_import import import_hf_checkpoint
+from moe_cluster.hf.importer import import_hf_checkpoint
 
-from ..hf_models import build_hf, moe_blocks
+from ..support.hf_models import build_hf, moe_blocks
 from .conftest import start_local_serve, stop_local_serve
 
 # DeepSeek's attention (MLA) needs as many key/value heads as query heads.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe_cluster import MoEModel, preset_config
-from moe_cluster.reference import reference_forward
+from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve
 

@@ -15,7 +15,7 @@ import torch
 
 from moe_cluster import MoEModel, preset_config
 from moe_cluster.client import MoEClient, MoEHTTPError
-from moe_cluster.reference import reference_forward
+from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from moe_cluster.cli import main as cli_main
-from moe_cluster.k8s import TARGETS, embedded_serve_config, render_all, render_serve_config, splice_serve_config
+from moe_cluster.tools.k8s import TARGETS, embedded_serve_config, render_all, render_serve_config, splice_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ModelConfig
-from .experts import SharedExperts, make_expert
-from .model import MoELayer, MoEModel, RouterLayer
-from .routing import GateWeights
+from ..core.config import ModelConfig
+from ..core.experts import SharedExperts, make_expert
+from ..core.model import MoELayer, MoEModel, RouterLayer
+from ..core.routing import GateWeights
 
 __all__ = ["FORMAT", "save_model", "load_model", "load_config", "load_router_layers", "load_experts",
            "expert_file", "CheckpointError"]

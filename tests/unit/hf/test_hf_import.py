@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from moe_cluster import MoEModel
 from moe_cluster.cli import main
-from moe_cluster.hf_import import import_hf_checkpoint
-from moe_cluster.routing import GateWeights, route
+from moe_cluster.hf.importer import import_hf_checkpoint
+from moe_cluster.core.routing import GateWeights, route
 
-from ..hf_models import FAMILIES, build_hf, moe_blocks  # skips this module without transformers
+from ...support.hf_models import FAMILIES, build_hf, moe_blocks  # skips this module without transformers
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def test_missing_shard_is_reported(tmp_path):
 
 
 def test_importer_needs_neither_ray_nor_transformers():
-    code = "import sys, moe_cluster.hf_import; print('ray' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, moe_cluster.hf.importer; print('ray' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

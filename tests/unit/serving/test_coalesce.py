@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moe_cluster import ModelConfig, MoEModel
-from moe_cluster.dispatch import expert_counts, make_plan
-from moe_cluster.routing import route
+from moe_cluster.core.dispatch import expert_counts, make_plan
+from moe_cluster.core.routing import route
 from moe_cluster.serving.coalesce import Coalescer
 
 MODEL = MoEModel.random(ModelConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, num_layers=2), seed=0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from moe_cluster.cli import main
-from moe_cluster.hf_import import HFCheckpoint, import_hf_checkpoint
-from moe_cluster.model import MoEModel
-from moe_cluster.runner import GenerateError, GenerateLimits, HFMoERunner, MoEBlockProxy
+from moe_cluster.hf.importer import HFCheckpoint, import_hf_checkpoint
+from moe_cluster.core.model import MoEModel
+from moe_cluster.hf.runner import GenerateError, GenerateLimits, HFMoERunner, MoEBlockProxy
 
-from ..hf_models import FAMILIES, build_hf, moe_blocks
+from ...support.hf_models import FAMILIES, build_hf, moe_blocks
 
 # DeepSeek's attention (MLA) needs as many key/value heads as query heads to run at all.
 OVERRIDES = {"deepseek_v3": {"num_key_value_heads": 4}}
@@ -173,6 +173,6 @@ def test_cli_generate_in_process(imported, tmp_path, capsys):
 
 
 def test_runner_needs_no_ray():
-    code = "import sys, moe_cluster.runner; print('ray' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, moe_cluster.hf.runner; print('ray' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..codec import JSON, WireError, decode_forward_request, encode_error, encode_forward_response
+from ...protocol.v1 import JSON, WireError, decode_forward_request, encode_error, encode_forward_response
 
 if TYPE_CHECKING:
-    from .router import MoERouter
+    from ..router import MoERouter
 
 __all__ = ["handle_http", "relative_path", "check_auth"]
 
@@ -50,7 +50,7 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
         "/v1/stats": ("GET", _stats),
     }
     if path == "/v2" or path.startswith("/v2/"):
-        from .oip_http import handle_oip  # imported here: oip_http uses this module's helpers
+        from .oip import handle_oip  # imported here: oip_http uses this module's helpers
         endpoint = handle_oip  # checks its own paths and methods
     elif path not in endpoints:
         return error_response(404, f"no endpoint {path}; try GET /healthz, GET /v1/info, POST /v1/forward "
@@ -66,7 +66,7 @@ async def handle_http(router: "MoERouter", request: Request) -> Response:
     except ValueError as exc:  # e.g. an unknown layer, caught by the model's own checks
         return error_response(400, str(exc))
     except Exception as exc:  # noqa: BLE001 - a failure inside the cluster
-        from .router import DeadlineExceeded, ExpertCallError
+        from ..router import DeadlineExceeded, ExpertCallError
         status = 503 if isinstance(exc, ExpertCallError) else 504 if isinstance(exc, DeadlineExceeded) else 500
         logger.exception("request to %s failed", path)
         return error_response(status, f"{type(exc).__name__}: {exc}")

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .hf_families import family_for, moe_layer_ids
-from .hf_import import HFCheckpoint, read_hf_config
+from ..core.config import ModelConfig
+from .families import family_for, moe_layer_ids
+from .importer import HFCheckpoint, read_hf_config
 
 __all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "GenerateError", "load_dense_model", "check_compatible"]
 
@@ -234,7 +234,7 @@ class HFMoERunner:
     @classmethod
     def in_process(cls, hf_dir: str | Path, checkpoint: str | Path, **kwargs) -> "HFMoERunner":
         """The correctness baseline: MoE blocks computed by `MoEModel.load(checkpoint)` in this process."""
-        from .model import MoEModel
+        from ..core.model import MoEModel
 
         moe = MoEModel.load(checkpoint)
         check_compatible(hf_dir, moe.config)

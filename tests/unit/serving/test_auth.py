@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from moe_cluster.serving.args import AppArgs
-from moe_cluster.serving.auth import BearerAuth, read_token_env, read_token_file
+from moe_cluster.serving.http.auth import BearerAuth, read_token_env, read_token_file
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -32,7 +32,7 @@ def _call(router, method, path, authorization=None, body=b""):
     """(status, headers, body) of handle_http for one request."""
     from starlette.requests import Request
 
-    from moe_cluster.serving.http import handle_http
+    from moe_cluster.serving.http.endpoints import handle_http
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}

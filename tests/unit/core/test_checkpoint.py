@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_cluster import ModelConfig, MoEModel
-from moe_cluster.checkpoint import CheckpointError, expert_file, load_config, load_experts
+from moe_cluster.checkpoint.reader import CheckpointError, expert_file, load_config, load_experts
 from moe_cluster.cli import main
 
 CONFIG = ModelConfig(d_model=16, d_ff=24, num_experts=6, top_k=2, num_layers=2, layer_ids=(1, 3),

@@ -40,9 +40,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FORMAT, expert_file
-from .config import ModelConfig
-from .hf_families import HFFamily, family_for, model_config, moe_layer_ids
+from ..checkpoint.reader import FORMAT, expert_file
+from ..core.config import ModelConfig
+from .families import HFFamily, family_for, model_config, moe_layer_ids
 
 __all__ = ["import_hf_checkpoint", "HFCheckpoint", "read_hf_config", "IMPORT_DTYPES"]
 

@@ -100,11 +100,11 @@ class MoEModel:
 
     @classmethod
     def load(cls, directory: str | Path) -> "MoEModel":
-        from .checkpoint import load_model
+        from ..checkpoint.reader import load_model
         return load_model(directory)
 
     def save(self, directory: str | Path) -> None:
-        from .checkpoint import save_model
+        from ..checkpoint.reader import save_model
         save_model(self, directory)
 
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from ..config import preset_config
-from ..model import MoEModel
-from .args import AppArgs
+from ..core.config import preset_config
+from ..core.model import MoEModel
+from ..serving.args import AppArgs
 
 __all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops"]
 
@@ -215,8 +215,8 @@ def cluster_args(settings: BenchSettings) -> AppArgs:
 def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement, write results.json (+ results.png), return the results dict."""
     from ..client import MoEClient
-    from .app import build_app
-    from .runtime import start_local_serve, stop_local_serve
+    from ..serving.app import build_app
+    from ..serving.runtime import start_local_serve, stop_local_serve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .config import DTYPES
+from ..core.config import DTYPES
 
 __all__ = ["WireError", "ForwardRequest", "Limits", "decode_forward_request", "encode_forward_response",
            "tensor_to_bytes", "tensor_from_bytes", "to_numpy", "from_numpy", "MSGPACK", "JSON",

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from .codec import JSON, Limits, WireError, check_values, tensor_from_bytes, tensor_to_bytes
+from .v1 import JSON, Limits, WireError, check_values, tensor_from_bytes, tensor_to_bytes
 
 __all__ = ["HEADER_LENGTH", "MODEL_VERSION", "BINARY", "Route", "InferRequest", "parse_route", "check_model",
            "server_metadata", "model_metadata", "parse_infer_request", "encode_infer_response"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from moe_cluster.client import MoEClient, MoEHTTPError
-from moe_cluster.reference import reference_forward
+from moe_cluster.core.reference import reference_forward
 
 __all__ = ["Outcome", "Load", "request_pool", "summarize", "first_success_after", "CLEAR_ERRORS"]
 

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from moe_cluster import ModelConfig
-from moe_cluster.placement import GroupSpec, resolve_placement
+from moe_cluster.core.placement import GroupSpec, resolve_placement
 from moe_cluster.serving.args import AppArgs
 from moe_cluster.serving.autoscaling import RowRate, TokenLoadPolicy
 

@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_cluster.codec import (JSON, MSGPACK, Limits, WireError, decode_forward_request, tensor_to_bytes)
-from moe_cluster.oip import HEADER_LENGTH, parse_infer_request
+from moe_cluster.protocol.v1 import JSON, MSGPACK, Limits, WireError, decode_forward_request, tensor_to_bytes
+from moe_cluster.protocol.oip import HEADER_LENGTH, parse_infer_request
 
 D = 8
 MAX_TOKENS = 16

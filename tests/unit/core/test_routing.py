@@ -3,7 +3,7 @@ import math
 import torch
 
 from moe_cluster import ModelConfig
-from moe_cluster.routing import GateWeights, route
+from moe_cluster.core.routing import GateWeights, route
 
 
 def _config(**changes):

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 codec (moe_cluster/oip.py) and its HTTP routes with a fake router (no Ray)."""
+"""Open Inference Protocol v2 codec (moe_cluster/protocol/oip.py) and its HTTP routes with a fake router (no Ray)."""
 
 import asyncio
 import json
@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from moe_cluster import MoEModel, preset_config
-from moe_cluster.codec import Limits, WireError
-from moe_cluster.oip import (HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata,
-                             parse_infer_request, parse_route)
+from moe_cluster.protocol.v1 import Limits, WireError
+from moe_cluster.protocol.oip import HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request, parse_route
 
 D = 8
 LIMITS = Limits(d_model=D, max_tokens=16)
@@ -230,7 +229,7 @@ def _call(router, method, path, body=b"", headers=()):
     """(status, headers, body) of handle_http for one request."""
     from starlette.requests import Request
 
-    from moe_cluster.serving.http import handle_http
+    from moe_cluster.serving.http.endpoints import handle_http
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}

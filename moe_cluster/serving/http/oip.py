@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import __version__
-from ..codec import WireError
-from ..oip import (HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request,
-                   parse_route, server_metadata)
-from .http import error_response, json_response, read_body, relative_path
+from ... import __version__
+from ...protocol.v1 import WireError
+from ...protocol.oip import HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request, parse_route, server_metadata
+from .endpoints import error_response, json_response, read_body, relative_path
 
 if TYPE_CHECKING:
-    from .router import MoERouter
+    from ..router import MoERouter
 
 __all__ = ["handle_oip"]
 

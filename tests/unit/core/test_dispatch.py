@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moe_cluster.dispatch import add_rows, combine, expert_chunks, gather_rows, make_plan
+from moe_cluster.core.dispatch import add_rows, combine, expert_chunks, gather_rows, make_plan
 
 
 def _plan():

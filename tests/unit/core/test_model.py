@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_cluster import ModelConfig, MoEModel
-from moe_cluster.reference import reference_forward
+from moe_cluster.core.reference import reference_forward
 
 CONFIGS = {
     "seed-mlp-gelu": dict(d_model=32, d_ff=48, num_experts=8, top_k=2, expert_kind="mlp", gate_bias=True),
@@ -89,7 +89,7 @@ def test_unknown_layer_is_rejected():
 
 
 def test_import_leaves_ray_out():
-    code = "import sys, moe_cluster, moe_cluster.reference, moe_cluster.checkpoint, moe_cluster.cli; " \
+    code = "import sys, moe_cluster, moe_cluster.core.reference, moe_cluster.checkpoint.reader, moe_cluster.cli; " \
            "print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelConfig
+from ..core.config import ModelConfig
 
 __all__ = ["HFFamily", "FAMILIES", "family_for", "moe_layer_ids", "model_config"]
 
