@@ -142,6 +142,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from .checkpoint import save_model
     from .core.model import MoEModel
 
     if (args.directory / "config.json").exists() and not args.force:
@@ -152,7 +153,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"drawing {args.preset} weights (seed {args.seed}): D={config.d_model} F={config.d_ff} "
           f"E={config.num_experts} K={config.top_k} layers={config.num_layers} {config.expert_kind}", flush=True)
     model = MoEModel.random(config, seed=args.seed)
-    model.save(args.directory)
+    save_model(model, args.directory)
     print(f"wrote {args.directory} in {time.perf_counter() - started:.1f}s")
     return 0
 

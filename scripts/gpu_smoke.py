@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.core.config import ModelConfig  # noqa: E402
-from moe_cluster.core.model import MoELayer  # noqa: E402
+from moe_cluster.core.layers import MoELayer  # noqa: E402
 from moe_cluster.core.reference import reference_forward  # noqa: E402
 from moe_cluster.tools.ports import free_port  # noqa: E402
 from moe_cluster.core.routing import gate_scores  # noqa: E402
@@ -157,7 +157,7 @@ def cpu_model(preset: str, dtype: str = "float32", seed: int = 0) -> MoEModel:
 
 def model_to(model: MoEModel, device: torch.device | str) -> MoEModel:
     """A copy of `model` on `device` (MoEModel has no .to(); its router layers and experts do)."""
-    layers = [MoELayer(layer.router.to(device), [copy.deepcopy(e).to(device) for e in layer.experts])
+    layers = [MoELayer(layer.gate_and_shared.to(device), [copy.deepcopy(e).to(device) for e in layer.experts])
               for layer in model.layers]
     return MoEModel(model.config, layers)
 
@@ -167,7 +167,7 @@ def near_ties(model: MoEModel, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
     config = model.config
     if config.top_k >= config.num_experts:
         return torch.zeros(x_TD.shape[0], dtype=torch.bool)
-    scores_TE = gate_scores(x_TD.to(config.torch_dtype), model.layer(layer).router.gate, config)
+    scores_TE = gate_scores(x_TD.to(config.torch_dtype), model.layer(layer).gate_and_shared.gate, config)
     top_TK1 = torch.sort(scores_TE, dim=-1, descending=True).values[:, : config.top_k + 1]
     return (top_TK1[:, -2] - top_TK1[:, -1]) < NEAR_TIE
 

@@ -35,6 +35,7 @@ from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.client import MoEClient, MoEHTTPError  # noqa: E402
 from moe_cluster.tools.ports import free_port  # noqa: E402
 from moe_cluster.core.reference import reference_forward  # noqa: E402
+from moe_cluster.checkpoint import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def load_oracle(info: dict) -> MoEModel:
     """The served model, from what /v1/info says about its source."""
     source = info["source"]
     if "checkpoint" in source:
-        return MoEModel.load(source["checkpoint"])  # the path must be readable here too
+        return load_model(source["checkpoint"])  # the path must be readable here too
     return MoEModel.random(preset_config(source["preset"]), seed=source["seed"])
 
 

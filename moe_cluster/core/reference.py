@@ -21,7 +21,7 @@ def reference_forward(model: MoEModel, x_TD: torch.Tensor, layer: int = 0) -> to
     config = model.config
     moe_layer = model.layer(layer)
     hidden = x_TD.to(config.torch_dtype)
-    routing_weights, selected_experts = route(hidden, moe_layer.router.gate, config)
+    routing_weights, selected_experts = route(hidden, moe_layer.gate_and_shared.gate, config)
     routing_weights = routing_weights.to(hidden.dtype)
     final = torch.zeros_like(hidden)
     # expert_mask[e, k, t] = 1 if token t chose expert e as its k-th choice
@@ -33,6 +33,6 @@ def reference_forward(model: MoEModel, x_TD: torch.Tensor, layer: int = 0) -> to
         current_state = hidden[top_x]
         current_out = moe_layer.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
         final.index_add_(0, top_x, current_out)
-    if moe_layer.router.shared is not None:
-        final = final + moe_layer.router.shared(hidden)
+    if moe_layer.gate_and_shared.shared is not None:
+        final = final + moe_layer.gate_and_shared.shared(hidden)
     return final.to(x_TD.dtype)

@@ -40,7 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint.reader import FORMAT, expert_file
+from ..checkpoint import FORMAT, expert_file
 from ..core.config import ModelConfig
 from .families import HFFamily, family_for, model_config, moe_layer_ids
 

@@ -6,7 +6,7 @@
     generate           ──  transformers' own greedy `model.generate`, so the KV cache, masks and
                            stopping rules are HF's; only where the MoE blocks run changes.
 
-`moe_call(x_TD, layer) -> y_TD` is `MoEModel.load(imported).forward` in process (the
+`moe_call(x_TD, layer) -> y_TD` is `load_model(imported).forward` in process (the
 correctness baseline) or a call to the cluster's router (`serving/runner.py`). `layer` is
 the decoder layer index, as in `import-hf`.
 
@@ -37,6 +37,7 @@ from torch import nn
 from ..core.config import ModelConfig
 from .families import family_for, moe_layer_ids
 from .importer import HFCheckpoint, read_hf_config
+from ..checkpoint import load_model
 
 __all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "GenerateError", "load_dense_model", "check_compatible"]
 
@@ -233,10 +234,8 @@ class HFMoERunner:
 
     @classmethod
     def in_process(cls, hf_dir: str | Path, checkpoint: str | Path, **kwargs) -> "HFMoERunner":
-        """The correctness baseline: MoE blocks computed by `MoEModel.load(checkpoint)` in this process."""
-        from ..core.model import MoEModel
-
-        moe = MoEModel.load(checkpoint)
+        """The correctness baseline: MoE blocks computed by `load_model(checkpoint)` in this process."""
+        moe = load_model(checkpoint)
         check_compatible(hf_dir, moe.config)
         return cls(hf_dir, moe.forward, **kwargs)
 

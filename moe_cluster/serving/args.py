@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checkpoint.reader import load_config
+from ..checkpoint import load_config
 from ..core.config import ModelConfig, preset_config
 from ..core.placement import GroupSpec, Placement, resolve_placement
 

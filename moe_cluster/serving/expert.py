@@ -18,9 +18,9 @@ import ray
 import torch
 from ray import serve
 
-from ..checkpoint.reader import load_experts
+from ..checkpoint import load_experts
 from ..protocol.v1 import from_numpy, to_numpy
-from ..core.model import random_expert
+from ..core.init import random_expert
 from .args import AppArgs
 from .autoscaling import ROWS_PER_S, RowRate
 

@@ -22,10 +22,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..checkpoint.reader import load_router_layers
+from ..checkpoint import load_router_layers
 from ..protocol.v1 import Limits, check_values, from_numpy, to_numpy
 from ..core.dispatch import DispatchPlan, add_rows, expert_chunks, expert_counts, gather_rows
-from ..core.model import RouterLayer, check_hidden_states, finish_combine, prepare_dispatch, random_router_layer
+from ..core.layers import GateAndShared, check_hidden_states, add_shared_experts, route_and_plan
+from ..core.init import random_gate_and_shared
 from ..core.placement import Placement
 from .args import AppArgs
 from .http.auth import BearerAuth
@@ -78,10 +79,10 @@ class MoERouter:
         self.coalescer = (Coalescer(self.moe_forward, self.args.max_batch_tokens, self.args.batch_wait_ms / 1e3)
                           if self.args.max_batch_tokens else None)
 
-    def _load_router_layers(self) -> list[RouterLayer]:
+    def _load_router_layers(self) -> list[GateAndShared]:
         if self.args.checkpoint:
             return load_router_layers(self.args.checkpoint, self.config)
-        return [random_router_layer(self.config, self.args.seed, layer) for layer in self.config.moe_layer_ids]
+        return [random_gate_and_shared(self.config, self.args.seed, layer) for layer in self.config.moe_layer_ids]
 
     # --- Python API (DeploymentHandle) ----------------------------------------------------------
 
@@ -180,7 +181,7 @@ class MoERouter:
         router = self.layers[layer]
         t0 = time.perf_counter()
         with torch.no_grad():
-            x_model_TD, plan = prepare_dispatch(x_TD.to(self.device), router, self.config)
+            x_model_TD, plan = route_and_plan(x_TD.to(self.device), router, self.config)
             chunks = expert_chunks(plan, self.args.max_tokens_per_call)
             self.metrics.record_plan(layer, plan.counts, self.placement.owner)
             deadline = time.monotonic() + self.args.request_timeout_s
@@ -202,7 +203,7 @@ class MoERouter:
             raise
         t2 = time.perf_counter()
         with torch.no_grad():
-            y_TD = finish_combine(x_model_TD, routed_TD, router).to(x_TD.dtype).cpu()
+            y_TD = add_shared_experts(x_model_TD, routed_TD, router).to(x_TD.dtype).cpu()
         combine_s += time.perf_counter() - t2
         self.metrics.record_phases(route_ms=(t1 - t0) * 1e3, experts_ms=(t2 - t1 - combine_s) * 1e3,
                                    combine_ms=combine_s * 1e3)

@@ -133,7 +133,7 @@ def transformers_block(model: MoEModel) -> Callable[[torch.Tensor], torch.Tensor
     block = MixtralSparseMoeBlock(hf_config).eval()
     layer = model.layers[0]
     with torch.no_grad():
-        block.gate.weight.copy_(layer.router.gate.weight_ED)
+        block.gate.weight.copy_(layer.gate_and_shared.gate.weight_ED)
         for e, expert in enumerate(layer.experts):
             block.experts.gate_up_proj[e].copy_(torch.cat([expert.w1, expert.w3]))
             block.experts.down_proj[e].copy_(expert.w2)

@@ -20,6 +20,7 @@ from moe_cluster.core.routing import route
 from moe_cluster.serving.autoscaling import POLICY_PATH
 
 from .conftest import free_port, start_local_serve, stop_local_serve, wait_until
+from moe_cluster.checkpoint import load_model, save_model
 
 HOT = 2
 CONFIG = ModelConfig(d_model=32, d_ff=64, num_experts=4, top_k=1, num_layers=1, expert_kind="mlp")
@@ -32,7 +33,7 @@ def cluster(tmp_path_factory):
     from moe_cluster.serving.app import build_app
 
     checkpoint = tmp_path_factory.mktemp("autoscale")
-    MoEModel.random(CONFIG, seed=3).save(checkpoint)
+    save_model(MoEModel.random(CONFIG, seed=3), checkpoint)
     metrics_port = free_port()
     local = start_local_serve(_metrics_export_port=metrics_port)
     autoscaling = {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "metrics_interval_s": 0.5,
@@ -42,7 +43,7 @@ def cluster(tmp_path_factory):
                          "router": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
                          "experts": {"autoscaling_config": autoscaling, "ray_actor_options": {"num_cpus": 0}}}),
               name="moe", route_prefix="/")
-    yield {"local": local, "model": MoEModel.load(checkpoint), "metrics_port": metrics_port}
+    yield {"local": local, "model": load_model(checkpoint), "metrics_port": metrics_port}
     stop_local_serve()
 
 
@@ -55,10 +56,10 @@ def _running_replicas():
 
 
 def _hot_tokens(model, tokens, rng):
-    gate_ED = model.layers[0].router.gate.weight_ED
+    gate_ED = model.layers[0].gate_and_shared.gate.weight_ED
     x = 4.0 * gate_ED[HOT] / gate_ED[HOT].norm() ** 2 * 8 + 0.05 * torch.from_numpy(
         rng.standard_normal((tokens, CONFIG.d_model)).astype(np.float32))
-    _, ids = route(x, model.layers[0].router.gate, CONFIG)
+    _, ids = route(x, model.layers[0].gate_and_shared.gate, CONFIG)
     assert (ids == HOT).all(), "the crafted tokens must all route to the hot expert"
     return x.numpy()
 

@@ -27,6 +27,7 @@ from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient
 
 from .conftest import free_port, stop_process
+from moe_cluster.checkpoint import load_model
 
 ENV_TOKEN = "env-token-5b0c1e9d7a"
 FILE_TOKEN = "file-token-2f64aa81c3"
@@ -60,7 +61,7 @@ def server(tmp_path_factory):
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         MoEClient(f"http://127.0.0.1:{port}", token=ENV_TOKEN).wait_ready(timeout=240)
-        yield {"url": f"http://127.0.0.1:{port}", "model": MoEModel.load(work / "ckpt"), "process": process,
+        yield {"url": f"http://127.0.0.1:{port}", "model": load_model(work / "ckpt"), "process": process,
                "log": log, "work": work, "cli": cli}
     finally:
         stop_process(process)

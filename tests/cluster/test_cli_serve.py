@@ -14,6 +14,7 @@ from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient, MoEHTTPError
 
 from .conftest import free_port, stop_process, wait_until
+from moe_cluster.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def server(tmp_path_factory):
     client = MoEClient(f"http://127.0.0.1:{port}")
     try:
         client.wait_ready(timeout=240)
-        yield {"client": client, "model": MoEModel.load(checkpoint), "process": process, "log": log, "port": port}
+        yield {"client": client, "model": load_model(checkpoint), "process": process, "log": log, "port": port}
     finally:
         stop_process(process)
 

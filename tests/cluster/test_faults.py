@@ -31,6 +31,7 @@ from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
 from ..support.loadgen import Load, first_success_after, request_pool, summarize
+from moe_cluster.checkpoint import load_model, save_model
 
 KILL_EVERY_S = 5.0  # at most one kill per interval
 CHAOS_S = 60.0
@@ -61,12 +62,12 @@ def cluster(tmp_path_factory):
     from moe_cluster.serving.app import build_app
 
     checkpoint = tmp_path_factory.mktemp("ckpt")
-    MoEModel.random(preset_config("tiny"), seed=7).save(checkpoint)
+    save_model(MoEModel.random(preset_config("tiny"), seed=7), checkpoint)
     local = start_local_serve()
     try:
         serve.run(build_app({**FAULTS, "checkpoint": str(checkpoint)}), name="faults", route_prefix="/faults")
         serve.run(build_app({**LIMITS, "checkpoint": str(checkpoint)}), name="limits", route_prefix="/limits")
-        yield {"model": MoEModel.load(checkpoint), "local": local}
+        yield {"model": load_model(checkpoint), "local": local}
     finally:
         stop_local_serve()
 

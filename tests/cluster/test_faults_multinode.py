@@ -22,6 +22,7 @@ from moe_cluster import MoEModel, preset_config
 
 from .conftest import free_port, wait_until
 from ..support.loadgen import Load, first_success_after, request_pool, summarize
+from moe_cluster.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory):
     from moe_cluster.serving.app import build_app
 
     checkpoint = tmp_path_factory.mktemp("ckpt")
-    MoEModel.random(preset_config("tiny"), seed=11).save(checkpoint)
+    save_model(MoEModel.random(preset_config("tiny"), seed=11), checkpoint)
     # A short directory of our own (Ray's socket paths live under it); Ray also writes the
     # cluster address to $RAY_TMPDIR/ray, which must exist.
     old_tmpdir = os.environ.get("RAY_TMPDIR")
@@ -61,7 +62,7 @@ def cluster(tmp_path_factory):
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({**ARGS, "checkpoint": str(checkpoint)}), name="moe", route_prefix="/")
         yield {"nodes": nodes, "node_a": node_a, "url": f"http://127.0.0.1:{port}",
-               "model": MoEModel.load(checkpoint)}
+               "model": load_model(checkpoint)}
     finally:
         _shutdown(nodes)
         if old_tmpdir is None:  # leave the environment as it was for the next test module

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import torch
 
-from moe_cluster.checkpoint.reader import load_config
+from moe_cluster.checkpoint import load_config
 from moe_cluster.client import MoEClient
 from moe_cluster.hf.importer import import_hf_checkpoint
 

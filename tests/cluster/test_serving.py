@@ -18,6 +18,7 @@ from moe_cluster.client import MoEClient, MoEHTTPError
 from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
+from moe_cluster.checkpoint import load_model, save_model
 
 MAX_TOKENS = 4096
 
@@ -30,7 +31,7 @@ def cluster(tmp_path_factory):
 
     checkpoint = tmp_path_factory.mktemp("ckpt")
     model = MoEModel.random(preset_config("tiny"), seed=5)
-    model.save(checkpoint)
+    save_model(model, checkpoint)
     local = start_local_serve(num_gpus=4)
     common = dict(checkpoint=str(checkpoint), max_tokens_per_request=MAX_TOKENS, torch_threads=1,
                   max_body_bytes=2**21)
@@ -41,7 +42,7 @@ def cluster(tmp_path_factory):
                              {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
                   max_tokens_per_call=16)
     serve.run(build_app(packed), name="packed", route_prefix="/packed")
-    yield {"model": MoEModel.load(checkpoint), "local": local,
+    yield {"model": load_model(checkpoint), "local": local,
            "handle": serve.get_app_handle("moe"), "packed": serve.get_app_handle("packed")}
     stop_local_serve()
 

@@ -1,7 +1,7 @@
 """Parity of `moe-cluster import-hf` with Hugging Face's own MoE blocks.
 
 Each test builds a tiny randomly initialised transformers model, saves it with
-`save_pretrained`, imports it, and holds `MoEModel.load(DST).forward(x, layer=i)` to the HF
+`save_pretrained`, imports it, and holds `load_model(DST).forward(x, layer=i)` to the HF
 MoE block of decoder layer i on the same x (fp32, 1e-5).
 """
 
@@ -19,12 +19,13 @@ from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.core.routing import GateWeights, route
 
 from ...support.hf_models import FAMILIES, build_hf, moe_blocks  # skips this module without transformers
+from moe_cluster.checkpoint import load_model
 
 
 @torch.no_grad()
 def assert_parity(hf_model, dst, tokens: int = 16) -> MoEModel:
     """Every MoE layer of the import equals HF's block on the same hidden states (fp32, 1e-5)."""
-    ours = MoEModel.load(dst)
+    ours = load_model(dst)
     blocks = moe_blocks(hf_model)
     assert ours.config.moe_layer_ids == tuple(blocks)
     x_TD = torch.randn(tokens, ours.config.d_model, generator=torch.Generator().manual_seed(1))
@@ -59,7 +60,7 @@ def test_deepseek_selection_bias_changes_the_choice(tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     import_hf_checkpoint(tmp_path / "hf", tmp_path / "ours", log=lambda _: None)
     ours = assert_parity(hf_model, tmp_path / "ours")
-    gate = ours.layer(1).router.gate
+    gate = ours.layer(1).gate_and_shared.gate
     x_TD = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     _, with_bias = route(x_TD, gate, ours.config)
     _, without = route(x_TD, GateWeights(gate.weight_ED), ours.config)
@@ -92,7 +93,7 @@ def test_bfloat16_checkpoint(tmp_path, model_type):
     hf_model.save_pretrained(tmp_path / "hf")
     kept = import_hf_checkpoint(tmp_path / "hf", tmp_path / "kept", log=lambda _: None)
     assert kept.dtype == "bfloat16"
-    ours = MoEModel.load(tmp_path / "kept")
+    ours = load_model(tmp_path / "kept")
     for layer_id, block in moe_blocks(hf_model).items():
         for e, expert in enumerate(ours.layer(layer_id).experts):
             gate_up = block.experts.gate_up_proj[e]
@@ -138,7 +139,7 @@ def test_fp8_block_quantised_experts_are_dequantised(tmp_path):
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [8, 8]}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert import_hf_checkpoint(tmp_path / "hf", tmp_path / "ours", log=lambda _: None).dtype == "bfloat16"
-    expert = MoEModel.load(tmp_path / "ours").layer(1).experts[5]
+    expert = load_model(tmp_path / "ours").layer(1).experts[5]
     prefix = "model.layers.1.mlp.experts.5"
     for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
         assert torch.equal(getattr(expert, ours), expected[f"{prefix}.{theirs}.weight"].to(torch.bfloat16))
@@ -148,7 +149,7 @@ def test_fp8_block_quantised_experts_are_dequantised(tmp_path):
 def test_dense_layer_is_an_unknown_layer(tmp_path, model_type, dense_layer):
     build_hf(model_type).save_pretrained(tmp_path / "hf")
     import_hf_checkpoint(tmp_path / "hf", tmp_path / "ours", log=lambda _: None)
-    ours = MoEModel.load(tmp_path / "ours")
+    ours = load_model(tmp_path / "ours")
     with pytest.raises(ValueError, match="unknown layer"):
         ours.forward(torch.randn(2, 32), layer=dense_layer)
 

@@ -15,6 +15,7 @@ from moe_cluster.core.model import MoEModel
 from moe_cluster.hf.runner import GenerateError, GenerateLimits, HFMoERunner, MoEBlockProxy
 
 from ...support.hf_models import FAMILIES, build_hf, moe_blocks
+from moe_cluster.checkpoint import load_model
 
 # DeepSeek's attention (MLA) needs as many key/value heads as query heads to run at all.
 OVERRIDES = {"deepseek_v3": {"num_key_value_heads": 4}}
@@ -73,7 +74,7 @@ def test_expert_weights_are_never_read(imported, monkeypatch):
     read = []
     original_get = HFCheckpoint.get
     monkeypatch.setattr(HFCheckpoint, "get", lambda self, key, row=None: read.append(key) or original_get(self, key, row))
-    runner = HFMoERunner(hf_dir, MoEModel.load(moe_dir).forward)
+    runner = HFMoERunner(hf_dir, load_model(moe_dir).forward)
     blocks = moe_blocks(hf_model)
     moe_keys = {f"model.layers.{i}.mlp." for i in blocks}
     assert read and not [key for key in read if any(key.startswith(prefix) for prefix in moe_keys)]
@@ -85,7 +86,7 @@ def test_expert_weights_are_never_read(imported, monkeypatch):
 
 def test_moe_call_gets_flat_rows_and_timings_add_up(imported):
     hf_model, hf_dir, moe_dir = imported("mixtral")
-    moe, shapes = MoEModel.load(moe_dir), []
+    moe, shapes = load_model(moe_dir), []
 
     def moe_call(x_TD, layer):
         shapes.append((tuple(x_TD.shape), layer))

@@ -14,7 +14,7 @@ MODEL = MoEModel.random(ModelConfig(d_model=16, d_ff=32, num_experts=4, top_k=2,
 
 
 def _plan(x, layer):
-    weights, ids = route(x, MODEL.layer(layer).router.gate, MODEL.config)
+    weights, ids = route(x, MODEL.layer(layer).gate_and_shared.gate, MODEL.config)
     return make_plan(weights, ids, MODEL.config.num_experts)
 
 

@@ -1,0 +1,148 @@
+"""The MoE forward loop, written once: route -> plan -> one call per chunk -> combine -> shared experts.
+
+Shape legend: T tokens, D model dim, N rows of one expert call.
+
+Where the experts run is the only thing that changes between the in-process model and the
+router deployment, so it is a parameter: an `ExpertBackend`.
+- `LocalExperts` (here): the experts are modules of this process; `MoEModel.forward` drives the
+  loop with `run_sync`, since a local answer is ready as soon as it is asked for.
+- `RemoteExperts` (serving/remote_experts.py): one call per chunk to the expert deployments,
+  all sent before the first answer is awaited; the router awaits the loop on its event loop.
+
+Answers are added in plan order as they come, so a token's rows are summed in the same
+order on every path (the result does not depend on which expert answered first). Every
+answer is checked ([rows sent, D], model dtype) before it is added; a wrong one fails the
+whole call (`ExpertAnswerError`), and any failure cancels the calls still in flight: never
+a partial output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Coroutine, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .dispatch import DispatchPlan, ExpertChunk, add_rows, expert_chunks, gather_rows
+from .layers import GateAndShared, add_shared_experts, route_and_plan
+
+__all__ = ["ExpertBackend", "LocalExperts", "ExpertAnswerError", "ForwardTimings", "moe_forward", "run_sync"]
+
+T = TypeVar("T")
+
+
+class ExpertAnswerError(RuntimeError):
+    """An expert answered with the wrong shape or dtype: a bug or a bad deployment (500), never combined."""
+
+
+class ExpertBackend(Protocol):
+    """Where the routed experts of a model run."""
+
+    def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> Awaitable[torch.Tensor]:
+        """Start Expert_{layer, chunk.expert}(x_ND); the awaitable gives out_ND [N, D] on x_ND's device."""
+
+    def cancel(self, calls: list[Awaitable[torch.Tensor]]) -> None:
+        """Stop the calls that are still running (a failure elsewhere made their answers useless)."""
+
+    def where(self, layer: int, expert: int) -> str:
+        """Where (layer, expert) runs, for error messages (e.g. "expert deployment 'experts-0-3'")."""
+
+
+@dataclass
+class ForwardTimings:
+    """Where one forward's time went, in seconds (the router reports them as its phases)."""
+
+    route_s: float = 0.0  # gate, top-k, plan, gathering the rows of every call
+    experts_s: float = 0.0  # waiting for the experts' answers
+    combine_s: float = 0.0  # adding the answers and the shared experts
+
+
+async def moe_forward(x_TD: torch.Tensor, layer: int, parts: GateAndShared, config: ModelConfig,
+                      experts: ExpertBackend, max_rows_per_call: int | None = None,
+                      timings: ForwardTimings | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+    """(y_TD in the model dtype, plan) for x_TD [T, D] through MoE layer `layer`, on x_TD's device."""
+    timings = ForwardTimings() if timings is None else timings
+    started = time.perf_counter()
+    with torch.no_grad():
+        x_model_TD, plan = route_and_plan(x_TD, parts, config)
+        chunks = expert_chunks(plan, max_rows_per_call)
+        calls = [experts.start(layer, chunk, gather_rows(x_model_TD, plan, chunk.start, chunk.stop))
+                 for chunk in chunks]
+        routed_TD = torch.zeros_like(x_model_TD)
+    timings.route_s += time.perf_counter() - started
+    try:
+        for chunk, call in zip(chunks, calls):
+            waited = time.perf_counter()
+            out_ND = await call
+            added = time.perf_counter()
+            timings.experts_s += added - waited
+            check_answer(out_ND, chunk, x_model_TD, experts.where(layer, chunk.expert), layer)
+            with torch.no_grad():
+                add_rows(routed_TD, plan, chunk.start, out_ND)
+            timings.combine_s += time.perf_counter() - added
+    except BaseException:
+        experts.cancel(calls)
+        raise
+    finished = time.perf_counter()
+    with torch.no_grad():
+        y_TD = add_shared_experts(x_model_TD, routed_TD, parts)
+    timings.combine_s += time.perf_counter() - finished
+    return y_TD, plan
+
+
+def check_answer(out_ND: Any, chunk: ExpertChunk, x_model_TD: torch.Tensor, where: str, layer: int) -> None:
+    """ExpertAnswerError unless out_ND is a [chunk.size, D] tensor of the model dtype on x's device."""
+    expected = [chunk.size, x_model_TD.shape[1]]
+    problem = None
+    if not isinstance(out_ND, torch.Tensor):
+        problem = f"a {type(out_ND).__name__}, not a tensor"
+    elif list(out_ND.shape) != expected:
+        problem = f"shape {list(out_ND.shape)} for {chunk.size} rows sent (expected {expected})"
+    elif out_ND.dtype != x_model_TD.dtype:
+        problem = f"dtype {out_ND.dtype} (expected the model dtype {x_model_TD.dtype})"
+    elif out_ND.device != x_model_TD.device:
+        problem = f"device {out_ND.device} (expected {x_model_TD.device})"
+    if problem is not None:
+        raise ExpertAnswerError(f"{where} answered (layer {layer}, expert {chunk.expert}) with {problem}; "
+                                "the request failed rather than combine a wrong answer: check that deployment")
+
+
+class LocalExperts:
+    """The experts are modules of this process: `modules[layer][expert]`."""
+
+    def __init__(self, modules: dict[int, list[nn.Module]]) -> None:
+        self.modules = modules
+
+    def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> Coroutine[Any, Any, torch.Tensor]:
+        # Computed when awaited, one chunk at a time (as a plain loop would): no answer waits in memory.
+        return _compute(self.modules[layer][chunk.expert], x_ND)
+
+    def cancel(self, calls: list[Coroutine[Any, Any, torch.Tensor]]) -> None:
+        for call in calls:
+            call.close()  # never awaited: close it, so Python does not warn
+
+    def where(self, layer: int, expert: int) -> str:
+        return f"in-process expert {expert}"
+
+
+async def _compute(module: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x_ND)
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (every awaitable it awaits is ready), with no event loop.
+
+    `moe_forward` over LocalExperts awaits only `_compute` coroutines, which return without
+    suspending, so the loop runs to its end on the first step, in this thread.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    raise RuntimeError("the forward loop suspended: run_sync drives only backends whose answers are ready "
+                       "when awaited (LocalExperts); await moe_forward on an event loop instead")
