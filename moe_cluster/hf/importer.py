@@ -31,106 +31,23 @@ Where HF's arithmetic differs from ours (none matters in float32; tests/unit/tes
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..checkpoint import FORMAT, expert_file
+from ..checkpoint import CheckpointWriter
+from ..checkpoint.format import layer_key
 from ..core.config import ModelConfig
 from .families import HFFamily, family_for, model_config, moe_layer_ids
+from .safetensors_reader import HFCheckpoint, read_hf_config
 
-__all__ = ["import_hf_checkpoint", "HFCheckpoint", "read_hf_config", "IMPORT_DTYPES"]
+__all__ = ["import_hf_checkpoint", "IMPORT_DTYPES"]
 
 IMPORT_DTYPES = ("keep", "float32", "bfloat16")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16",
               "F8_E4M3": "bfloat16", "F8_E5M2": "bfloat16"}  # FP8 is dequantised to bfloat16 by default
-
-
-class HFCheckpoint:
-    """Lazy read-only access to the tensors of a Hugging Face checkpoint directory."""
-
-    def __init__(self, directory: str | Path, config: dict | None = None) -> None:
-        self.directory = Path(directory)
-        self.config = read_hf_config(self.directory) if config is None else config
-        self._file_of = _tensor_index(self.directory)
-        self._handles: dict[str, object] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._file_of
-
-    def __enter__(self) -> "HFCheckpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handles.clear()  # safe_open handles unmap when dropped
-
-    def _handle(self, key: str):
-        name = self._file_of[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
-        return self._handles[name]
-
-    def shape(self, key: str) -> list[int]:
-        return list(self._handle(key).get_slice(key).get_shape())
-
-    def dtype_name(self, key: str) -> str:
-        """The safetensors dtype of `key`, e.g. "BF16"."""
-        return self._handle(key).get_slice(key).get_dtype()
-
-    def get(self, key: str, row: int | None = None) -> torch.Tensor:
-        """Tensor `key`, or only its row `row` (one expert of a fused [E, ...] tensor)."""
-        handle = self._handle(key)
-        tensor = handle.get_tensor(key) if row is None else handle.get_slice(key)[row]
-        if tensor.dtype in _FP8:
-            tensor = self._dequantize(key, tensor)
-        return tensor
-
-    def _dequantize(self, key: str, w_MN: torch.Tensor) -> torch.Tensor:
-        """FP8 weight [M, N] with one float scale per (bm x bn) block (`{key}_scale_inv`) -> float32."""
-        scale_key = f"{key}_scale_inv"
-        if scale_key not in self or w_MN.dim() != 2:
-            raise ValueError(f"{key} is stored as {w_MN.dtype} without a 2-D block scale {scale_key}; "
-                             "dequantise the checkpoint to bfloat16 first")
-        bm, bn = self.config.get("quantization_config", {}).get("weight_block_size", [128, 128])
-        M, N = w_MN.shape
-        scale_MN = self.get(scale_key).float().repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
-        return w_MN.float() * scale_MN
-
-
-def read_hf_config(directory: Path) -> dict:
-    """The Hugging Face config.json of `directory`, as a dict."""
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path} not found: SRC must be a Hugging Face model directory "
-                         "(config.json + *.safetensors), e.g. one written by save_pretrained")
-    return json.loads(config_path.read_text())
-
-
-def _tensor_index(directory: Path) -> dict[str, str]:
-    """{tensor name: file name} from model.safetensors.index.json, else from the *.safetensors files."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
-        missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
-        if missing:
-            raise ValueError(f"{index} lists shards that are not in {directory}: {missing}; fetch every shard")
-        return weight_map
-    files = [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else \
-        sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors in {directory}: import-hf reads safetensors only; re-save the model "
-                         "with `model.save_pretrained(DIR)` (transformers writes safetensors by default)")
-    out = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            out.update({key: path.name for key in f.keys()})
-    return out
 
 
 def import_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str = "keep",
@@ -156,13 +73,12 @@ def import_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str = "keep",
         dense = sorted(set(range(int(ckpt.config["num_hidden_layers"]))) - set(layer_ids))
         log(f"importing {family.model_type} from {src}: D={config.d_model} F={config.d_ff} E={config.num_experts} "
             f"K={config.top_k}, MoE layers {list(layer_ids)} (dense, skipped: {dense}), dtype {model_dtype}")
-        (dst / "experts").mkdir(parents=True, exist_ok=True)
-        (dst / "config.json").unlink(missing_ok=True)  # no config.json = incomplete checkpoint, until the end
-        _write_router(ckpt, family, config, prefixes, dst, dtype, log)
-        for expert in range(config.num_experts):
-            _write_expert(ckpt, family, config, prefixes, expert, dst, log)
-    # config.json last: its presence marks a complete checkpoint (as checkpoint.save_model does).
-    (dst / "config.json").write_text(json.dumps({"format": FORMAT, "model": config.to_dict()}, indent=2))
+        with CheckpointWriter(dst) as writer:  # config.json comes last, in finish(): incomplete until then
+            path = writer.write_router(_router_tensors(ckpt, family, config, prefixes, dtype))
+            log(f"router: {len(prefixes)} layers -> {path}")
+            for expert in range(config.num_experts):
+                _write_expert(ckpt, family, config, prefixes, expert, writer, log)
+            writer.finish(config)
     log(f"wrote {dst} in {time.perf_counter() - started:.1f}s")
     return config
 
@@ -202,45 +118,41 @@ def _checked(ckpt: HFCheckpoint, key: str, shape: list[int], row: int | None = N
     return tensor
 
 
-def _write_router(ckpt: HFCheckpoint, family: HFFamily, config: ModelConfig, prefixes: dict[int, str],
-                  dst: Path, dtype: str, log: Callable[[str], None]) -> None:
-    """router.safetensors: every layer's gate [E, D], selection bias [E] and shared experts."""
+def _router_tensors(ckpt: HFCheckpoint, family: HFFamily, config: ModelConfig, prefixes: dict[int, str],
+                    dtype: str) -> dict[str, torch.Tensor]:
+    """The router file: every layer's gate [E, D], selection bias [E] and shared experts."""
     E, D, model_dtype = config.num_experts, config.d_model, config.torch_dtype
     F_s = config.num_shared_experts * config.shared_d_ff
     tensors: dict[str, torch.Tensor] = {}
     for layer_id, prefix in prefixes.items():
-        ours = f"layers.{layer_id}"
         gate_ED = _checked(ckpt, f"{prefix}.gate.weight", [E, D])
         # The gate runs in float32 (routing.gate_scores), so keep its stored precision unless asked for float32.
-        tensors[f"{ours}.gate.weight"] = gate_ED.float() if dtype == "float32" else gate_ED
+        tensors[layer_key(layer_id, "gate.weight")] = gate_ED.float() if dtype == "float32" else gate_ED
         if family.selection_bias_name:
             bias_E = _checked(ckpt, f"{prefix}.gate.{family.selection_bias_name}", [E])
-            tensors[f"{ours}.gate.selection_bias"] = bias_E.float()
+            tensors[layer_key(layer_id, "gate.selection_bias")] = bias_E.float()
         if family.shared_name and config.num_shared_experts:
             shared = f"{prefix}.{family.shared_name}"
-            tensors[f"{ours}.shared.expert.w1"] = _checked(ckpt, f"{shared}.gate_proj.weight", [F_s, D])
-            tensors[f"{ours}.shared.expert.w3"] = _checked(ckpt, f"{shared}.up_proj.weight", [F_s, D])
-            tensors[f"{ours}.shared.expert.w2"] = _checked(ckpt, f"{shared}.down_proj.weight", [D, F_s])
+            tensors[layer_key(layer_id, "shared.expert.w1")] = _checked(ckpt, f"{shared}.gate_proj.weight", [F_s, D])
+            tensors[layer_key(layer_id, "shared.expert.w3")] = _checked(ckpt, f"{shared}.up_proj.weight", [F_s, D])
+            tensors[layer_key(layer_id, "shared.expert.w2")] = _checked(ckpt, f"{shared}.down_proj.weight", [D, F_s])
             for name in ("w1", "w3", "w2"):
-                key = f"{ours}.shared.expert.{name}"
+                key = layer_key(layer_id, f"shared.expert.{name}")
                 tensors[key] = tensors[key].to(model_dtype)
         if family.shared_gate_name:
             gate_1D = _checked(ckpt, f"{prefix}.{family.shared_gate_name}.weight", [1, D])
-            tensors[f"{ours}.shared.gate"] = gate_1D.to(model_dtype)
-    tensors = {k: t.contiguous() for k, t in tensors.items()}
-    save_file(tensors, str(dst / "router.safetensors"), metadata={"format": FORMAT})
-    log(f"router: {len(prefixes)} layers -> {dst / 'router.safetensors'}")
+            tensors[layer_key(layer_id, "shared.gate")] = gate_1D.to(model_dtype)
+    return tensors
 
 
 def _write_expert(ckpt: HFCheckpoint, family: HFFamily, config: ModelConfig, prefixes: dict[int, str],
-                  expert: int, dst: Path, log: Callable[[str], None]) -> None:
-    """experts/expert-{e:05d}.safetensors: w1, w3 [F, D] and w2 [D, F] of expert e, every MoE layer."""
+                  expert: int, writer: CheckpointWriter, log: Callable[[str], None]) -> None:
+    """The file of expert e: w1, w3 [F, D] and w2 [D, F], every MoE layer."""
     tensors: dict[str, torch.Tensor] = {}
     for layer_id, prefix in prefixes.items():
         for name, tensor in _expert_weights(ckpt, family, config, prefix, expert).items():
-            tensors[f"layers.{layer_id}.{name}"] = tensor.to(config.torch_dtype).contiguous()
-    path = expert_file(dst, expert)
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+            tensors[layer_key(layer_id, name)] = tensor.to(config.torch_dtype)
+    path = writer.write_expert(expert, tensors)
     size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     log(f"expert {expert + 1}/{config.num_experts}: {len(prefixes)} layers, {size_mb:.1f} MiB -> {path}")
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core.config import ModelConfig
 from .families import family_for, moe_layer_ids
-from .importer import HFCheckpoint, read_hf_config
+from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_model
 
 __all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "GenerateError", "load_dense_model", "check_compatible"]
