@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import DTYPES, FLOAT64_NOT_SUPPORTED, ModelConfig
 from .dispatch import DispatchPlan, add_rows, expert_chunks, gather_rows, make_plan
 from .experts import SharedExperts, make_expert
 from .routing import GateWeights, route
@@ -75,10 +75,13 @@ class MoEModel:
         return self.layers[self.config.layer_position(layer)]
 
     @torch.no_grad()
-    def forward(self, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
-        """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype."""
+    def forward(self, x_TD: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype.
+
+        `layer` may be left out only when the model has one MoE layer (ModelConfig.resolve_layer).
+        """
         check_hidden_states(x_TD, self.config)
-        moe_layer = self.layer(layer)
+        moe_layer = self.layer(self.config.resolve_layer(layer))
         x_model_TD, plan = prepare_dispatch(x_TD, moe_layer.router, self.config)
         routed_TD = torch.zeros_like(x_model_TD)
         for chunk in expert_chunks(plan):
@@ -109,12 +112,15 @@ class MoEModel:
 
 
 def check_hidden_states(x_TD: torch.Tensor, config: ModelConfig) -> None:
-    """ValueError unless x_TD is a floating [T, D] tensor with D = d_model."""
+    """ValueError unless x_TD is a [T, D] tensor (D = d_model) of float32, bfloat16 or float16."""
     if not isinstance(x_TD, torch.Tensor):
         raise ValueError(f"hidden_states must be a torch.Tensor, got {type(x_TD).__name__}")
     if x_TD.dim() != 2 or x_TD.shape[1] != config.d_model:
         raise ValueError(f"hidden_states must have shape [T, {config.d_model}], got {list(x_TD.shape)}")
-    if not x_TD.is_floating_point():
+    if x_TD.dtype == torch.float64:
+        raise ValueError(f"hidden_states: {FLOAT64_NOT_SUPPORTED} (x.float() for a tensor, "
+                         "x.astype(np.float32) for a numpy array)")
+    if x_TD.dtype not in DTYPES.values():
         raise ValueError(f"hidden_states must be float32, bfloat16 or float16, got {x_TD.dtype}")
 
 
