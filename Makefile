@@ -1,27 +1,39 @@
-# Two commands for a fresh clone:
-#   make serve   create .venv on first use, then serve the default model on an embedded local Ray cluster
-#   make test    create .venv on first use, then run the whole test suite
+# Commands for a fresh clone (each creates .venv on first use: a few minutes, with progress shown):
+#   make serve       serve the default model on an embedded local Ray cluster
+#   make test        run the whole test suite (unit, k8s and cluster tiers; `slow` tests excluded)
+#   make test-unit   run the unit and k8s tiers only: no Ray cluster is started
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install clean
+.PHONY: serve test test-unit install clean
 
 install: $(STAMP)
 
 # torch comes first, pinned to the CPU wheel that lies on disk: a plain `torch` would pull
-# a multi-GB CUDA build. Re-run when pyproject.toml changes.
+# a multi-GB CUDA build. Re-run when pyproject.toml changes. pip prints what it collects
+# and installs, so a first install is not minutes of silence.
 $(STAMP): pyproject.toml
+	@echo "==> [1/3] creating the virtual environment $(VENV) (a few seconds)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	@echo "==> [2/3] installing torch==2.13.0, the CPU build (about 20 s when its wheel is cached)"
+	$(VENV)/bin/pip install --progress-bar on torch==2.13.0
+	@echo "==> [3/3] installing moe-cluster with its test dependencies: Ray Serve, transformers, ..." \
+	      "(a few minutes the first time)"
+	$(VENV)/bin/pip install --progress-bar on -e '.[test]'
 	touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 serve: $(STAMP)
 	$(VENV)/bin/moe-cluster serve
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# Tests under tests/cluster carry the `cluster` marker (tests/cluster/conftest.py). A -m on the
+# command line replaces the `-m 'not slow'` of pyproject's addopts, so it says `not slow` again.
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not cluster and not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

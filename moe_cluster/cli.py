@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -22,9 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args) or 0
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """`--help` gives each option's default, "(default: X)", unless its help text already
+    says it or there is none to give (None, a False flag, --help itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or not action.option_strings
+                or "(default" in (action.help or "")):
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{action.help or ''} (default: {shown.replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-cluster",
+        prog="moe-cluster", formatter_class=HelpWithDefaults,
         description="Serve a Mixture-of-Experts model with every expert in its own Ray Serve deployment.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_init(commands)
@@ -36,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_command(commands: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows the defaults."""
+    return commands.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
+
+
 def _add_init(commands: argparse._SubParsersAction) -> None:
-    init = commands.add_parser("init", help="write a checkpoint with deterministic random weights",
+    init = _add_command(commands, "init", help="write a checkpoint with deterministic random weights",
                                description="Write a checkpoint directory (config.json + safetensors, one file "
                                            "per expert) with random weights drawn from --seed.")
     init.add_argument("directory", type=Path, help="where to write the checkpoint (created if missing)")
@@ -49,7 +68,7 @@ def _add_init(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="serve a model on an embedded local Ray cluster",
+    serve = _add_command(commands, "serve", help="serve a model on an embedded local Ray cluster",
                                 description="Start a local Ray cluster, deploy the router and one deployment per "
                                             "expert, and serve HTTP until Ctrl-C or SIGTERM. Without --config, "
                                             "uses deployments/default.yaml when run from a source checkout.")
@@ -64,8 +83,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_render_k8s(commands: argparse._SubParsersAction) -> None:
-    render_k8s = commands.add_parser(
-        "render-k8s", help="copy the Serve config files into the KubeRay manifests' serveConfigV2",
+    render_k8s = _add_command(
+        commands, "render-k8s", help="copy the Serve config files into the KubeRay manifests' serveConfigV2",
         description="Embed deployments/gpu.yaml in k8s/rayservice-gpu.yaml and deployments/default.yaml "
                     "(with http_options.host 0.0.0.0) in k8s/rayservice-cpu.yaml, as spec.serveConfigV2, "
                     "keeping the manifests' comments. Run it after editing a file in deployments/; with "
@@ -80,8 +99,8 @@ def _add_render_k8s(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_import_hf(commands: argparse._SubParsersAction) -> None:
-    import_hf = commands.add_parser(
-        "import-hf", help="convert the MoE layers of a Hugging Face checkpoint into a moe-cluster checkpoint",
+    import_hf = _add_command(
+        commands, "import-hf", help="convert the MoE layers of a Hugging Face checkpoint into a moe-cluster checkpoint",
         description="Read a Hugging Face model directory (config.json + model.safetensors, or sharded "
                     "model-*.safetensors with model.safetensors.index.json) and write the gates, routed and "
                     "shared experts of its MoE layers as a moe-cluster checkpoint, one expert file at a time. "
@@ -96,7 +115,7 @@ def _add_import_hf(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="measure in-process vs monolithic vs cluster (handle, HTTP)",
+    bench = _add_command(commands, "bench", help="measure in-process vs monolithic vs cluster (handle, HTTP)",
                                 description="Measure, on the same weights and in one run, the in-process MoE, one "
                                             "monolithic Serve deployment, and the cluster through a handle and "
                                             "HTTP, for several batch sizes and with concurrent clients. Writes "
@@ -113,8 +132,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    generate = commands.add_parser(
-        "generate", help="greedy generation with a Hugging Face MoE model whose experts run on the cluster",
+    generate = _add_command(
+        commands, "generate", help="greedy generation with a Hugging Face MoE model whose experts run on the cluster",
         description="Load the dense parts of a Hugging Face MoE model (embeddings, attention, norms, head) and "
                     "generate greedily, each MoE block a call to the MoE cluster serving --checkpoint (its "
                     "import-hf output) on an embedded local Ray cluster, or to the in-process MoE with "
@@ -123,9 +142,9 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--checkpoint", type=Path, required=True,
                           help="its MoE blocks, as written by `moe-cluster import-hf HF_MODEL CHECKPOINT`")
     generate.add_argument("--input-ids", type=int, nargs="+", required=True, help="prompt token ids")
-    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    generate.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     generate.add_argument("--batch", type=int, default=1,
-                          help="generate for this many copies of the prompt at once (default 1): each MoE call "
+                          help="generate for this many copies of the prompt at once: each MoE call "
                                "then carries one row per sequence")
     generate.add_argument("--in-process", action="store_true", help="MoE blocks in this process, no Ray")
     generate.add_argument("--config", type=Path, help="Serve config file whose args configure the MoE app "
@@ -134,9 +153,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
                           help="dtype of the dense model (auto: as config.json says)")
     generate.add_argument("--torch-threads", type=int, help="torch threads of every process (default: torch's "
                                                             "in process, 1 per replica on the cluster)")
-    generate.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured one (default 1)")
+    generate.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured one")
     generate.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster (default: all)")
-    generate.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    generate.add_argument("--json", action="store_true",
+                          help="print the whole result as JSON, alone on stdout (progress goes to stderr)")
     generate.set_defaults(run=_cmd_generate)
 
 
@@ -202,49 +222,65 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import BenchSettings, run_bench
+    from .serving.runtime import PortBusyError
 
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
                              client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port)
-    results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))
+    try:
+        results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))
+    except PortBusyError as error:
+        print(f"error: {error}; pass --port with a free port", file=sys.stderr)
+        return 2
     print(json.dumps(results["summary"], indent=2))
+    if results["wrong_answers"]:
+        print(f"error: answers that differ from the oracle by more than {results['oracle_atol']:g}: "
+              + "; ".join(results["wrong_answers"]), file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    input_ids = [args.input_ids] * args.batch
-    limits = dict(max_input_tokens=max(4096, args.batch * len(args.input_ids)),
-                  max_new_tokens=max(256, args.max_new_tokens))
-    try:
-        if args.in_process:
-            import torch
-
-            from .hf.runner import GenerateLimits, HFMoERunner
-            if args.torch_threads:
-                torch.set_num_threads(args.torch_threads)
-            runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, dtype=args.dtype,
-                                            limits=GenerateLimits(**limits))
-            for _ in range(args.warmup):
-                runner.generate(input_ids, args.max_new_tokens)
-            result = runner.generate(input_ids, args.max_new_tokens)
-        else:
-            from .serving.local import read_serve_config
-            from .serving.runner import generate_on_local_cluster
-            moe = dict(read_serve_config(args.config).args) if args.config else {}
-            moe["checkpoint"] = str(args.checkpoint.resolve())
-            if args.torch_threads:
-                moe["torch_threads"] = args.torch_threads
-            runner_args = dict(limits, hf_model=str(args.hf_model.resolve()), moe=moe, dtype=args.dtype,
-                               torch_threads=args.torch_threads)
-            result = generate_on_local_cluster(runner_args, input_ids, args.max_new_tokens, args.warmup,
-                                               args.num_cpus, log=lambda line: print(line, flush=True))
-    except (OSError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    # With --json, stdout carries the JSON alone: everything printed meanwhile (our progress
+    # lines, Ray's and transformers' messages) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        try:
+            result = _generate(args)
+        except (OSError, ValueError, ImportError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_generation(result, len(args.input_ids), "in process" if args.in_process else "through the cluster")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> dict:
+    """`generate`'s result: the ids and the timings, in process or on a local Ray cluster."""
+    input_ids = [args.input_ids] * args.batch
+    limits = dict(max_input_tokens=max(4096, args.batch * len(args.input_ids)),
+                  max_new_tokens=max(256, args.max_new_tokens))
+    if args.in_process:
+        import torch
+
+        from .hf.runner import GenerateLimits, HFMoERunner
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, dtype=args.dtype,
+                                        limits=GenerateLimits(**limits))
+        for _ in range(args.warmup):
+            runner.generate(input_ids, args.max_new_tokens)
+        return runner.generate(input_ids, args.max_new_tokens)
+    from .serving.local import read_serve_config
+    from .serving.runner import generate_on_local_cluster
+    moe = dict(read_serve_config(args.config).args) if args.config else {}
+    moe["checkpoint"] = str(args.checkpoint.resolve())
+    if args.torch_threads:
+        moe["torch_threads"] = args.torch_threads
+    runner_args = dict(limits, hf_model=str(args.hf_model.resolve()), moe=moe, dtype=args.dtype,
+                       torch_threads=args.torch_threads)
+    return generate_on_local_cluster(runner_args, input_ids, args.max_new_tokens, args.warmup, args.num_cpus,
+                                     log=lambda line: print(line, flush=True))
 
 
 def _print_generation(result: dict, prompt_tokens: int, mode: str) -> None:

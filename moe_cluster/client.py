@@ -5,6 +5,11 @@
     client.wait_ready()
     y = client.forward(np.random.randn(16, 64).astype(np.float32), layer=0)
 
+`hidden_states` is float32, float16 or bfloat16 (an `ml_dtypes.bfloat16` array, the type
+tritonclient and JAX use; numpy has no bfloat16 of its own); the answer has the same dtype.
+float64 raises ValueError before anything is sent: convert with `x.astype(np.float32)`.
+`layer` may be left out only when the model has one MoE layer (the server answers 400 otherwise).
+
 One client keeps one keep-alive connection; use one client per thread.
 """
 
@@ -19,9 +24,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .core.config import FLOAT64_NOT_SUPPORTED
+
 __all__ = ["MoEClient", "MoEHTTPError"]
 
-_NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+# Wire dtypes by numpy dtype name: little-endian bytes. bfloat16 (ml_dtypes) travels as its own
+# 16-bit pattern, which is what the server's "bfloat16" expects on a little-endian machine.
+_NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": None}
 
 
 class MoEHTTPError(RuntimeError):
@@ -47,22 +56,31 @@ class MoEClient:
 
     # --- endpoints -----------------------------------------------------------------------------
 
-    def forward(self, hidden_states: np.ndarray, layer: int = 0, *, wire: str = "msgpack",
+    def forward(self, hidden_states: np.ndarray, layer: int | None = None, *, wire: str = "msgpack",
                 return_expert_counts: bool = False) -> np.ndarray | tuple[np.ndarray, list[int]]:
-        """y [T, D] for x [T, D] (float32 or float16); with counts, (y, tokens per expert)."""
+        """y [T, D] for x [T, D] (float32, float16 or bfloat16), in x's dtype; with counts,
+        (y, tokens per expert). msgpack keeps the dtype on the wire; JSON computes in float32."""
         x = np.ascontiguousarray(hidden_states)
+        if x.dtype.name == "float64":
+            raise ValueError(f"hidden_states: {FLOAT64_NOT_SUPPORTED} (x.astype(np.float32))")
         if x.dtype.name not in _NUMPY_DTYPES:
-            raise ValueError(f"hidden_states must be float32 or float16, got {x.dtype}")
+            raise ValueError(f"hidden_states must be float32, float16 or bfloat16 (ml_dtypes), got {x.dtype}")
+        fields: dict[str, Any] = {"return_expert_counts": return_expert_counts}
+        if layer is not None:  # left out: the server resolves it (the only MoE layer, else 400)
+            fields["layer"] = layer
         if wire == "msgpack":
-            tensor = {"dtype": x.dtype.name, "shape": list(x.shape), "data": x.astype(_NUMPY_DTYPES[x.dtype.name]).tobytes()}
-            body = msgpack.packb({"hidden_states": tensor, "layer": layer,
-                                  "return_expert_counts": return_expert_counts}, use_bin_type=True)
+            wire_dtype = _NUMPY_DTYPES[x.dtype.name] or x.dtype
+            fields["hidden_states"] = {"dtype": x.dtype.name, "shape": list(x.shape),
+                                       "data": x.astype(wire_dtype, copy=False).tobytes()}
+            body = msgpack.packb(fields, use_bin_type=True)
             reply = msgpack.unpackb(self._request("POST", "/v1/forward", body, "application/msgpack"), raw=False)
             out = reply["output"]
-            y = np.frombuffer(out["data"], dtype=_NUMPY_DTYPES[out["dtype"]]).reshape(out["shape"]).copy()
+            if out["dtype"] != x.dtype.name:  # the server answers in the request's dtype
+                raise RuntimeError(f"the server answered {out['dtype']} to a {x.dtype.name} request")
+            y = np.frombuffer(out["data"], dtype=wire_dtype).reshape(out["shape"]).astype(x.dtype)
         elif wire == "json":
-            body = json.dumps({"hidden_states": x.tolist(), "layer": layer,
-                               "return_expert_counts": return_expert_counts}).encode()
+            fields["hidden_states"] = x.astype(np.float32).tolist()
+            body = json.dumps(fields).encode()
             reply = json.loads(self._request("POST", "/v1/forward", body, "application/json"))
             y = np.asarray(reply["output"], dtype=np.float32).reshape(x.shape).astype(x.dtype)
         else:

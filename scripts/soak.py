@@ -210,15 +210,23 @@ class Soak:
                         self.latencies.append(time.monotonic() - started)
 
     def _one(self, client: MoEClient, x: np.ndarray, layer: int, expected: np.ndarray) -> str:
+        """The outcome of one request: ok, wrong, http_<status> or error_<exception type>.
+
+        Never raises: any exception (a reset connection, a truncated body, a decode error, a
+        KeyError in the reply) is a failed request, and the client thread goes on.
+        """
+        request = f"T={x.shape[0]} layer={layer}"
         try:
             y = client.forward(x, layer)
+            if y.shape != expected.shape:
+                return self._failed("wrong", f"{request}: shape {list(y.shape)}, expected {list(expected.shape)}")
+            if not np.allclose(y, expected, rtol=1e-5, atol=1e-5):
+                return self._failed("wrong", f"{request}: max abs diff {np.abs(y - expected).max():.3g}")
+            return "ok"
         except MoEHTTPError as exc:
             return self._failed(f"http_{exc.status}", exc.message)
-        except OSError as exc:
-            return self._failed(f"error_{type(exc).__name__}", str(exc))
-        if y.shape != expected.shape or not np.allclose(y, expected, rtol=1e-5, atol=1e-5):
-            return self._failed("wrong", f"T={x.shape[0]} layer={layer}: max abs diff {np.abs(y - expected).max():.3g}")
-        return "ok"
+        except Exception as exc:  # noqa: BLE001 - any exception is a failed request, counted by its type
+            return self._failed(f"error_{type(exc).__name__}", f"{request}: {exc}")
 
     def _failed(self, kind: str, message: str) -> str:
         with self.lock:

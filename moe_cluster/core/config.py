@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["ModelConfig", "PRESETS", "preset_config", "DTYPES"]
+__all__ = ["ModelConfig", "PRESETS", "preset_config", "DTYPES", "FLOAT64_NOT_SUPPORTED"]
 
 ExpertKind = Literal["mlp", "swiglu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -26,6 +26,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+# Hidden states in float64 are refused on every path (handle, MoEModel, both wire formats, the
+# client): no wire format here carries float64, and computing it in float32 would silently
+# change the caller's precision. One message, so every path says the same.
+FLOAT64_NOT_SUPPORTED = "float64 is not supported: send float32, bfloat16 or float16"
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,25 @@ class ModelConfig:
         """Storage position of MoE layer `layer`; ValueError if the model has no such MoE layer."""
         ids = self.moe_layer_ids
         if isinstance(layer, bool) or not isinstance(layer, int) or layer not in ids:
-            shown = f"{ids[0]}..{ids[-1]}" if ids == tuple(range(ids[0], ids[-1] + 1)) else str(list(ids))
+            contiguous = len(ids) > 1 and ids == tuple(range(ids[0], ids[-1] + 1))
+            shown = f"{ids[0]}..{ids[-1]}" if contiguous else str(list(ids))
             raise ValueError(f"unknown layer {layer!r}: this model has MoE layers {shown}")
         return ids.index(layer)
+
+    def resolve_layer(self, layer: int | None) -> int:
+        """The MoE layer a request means: `layer`, or, when none is given, the model's only MoE layer.
+
+        ValueError when `layer` is None and the model has several MoE layers (a missing layer
+        never silently means the first one), or when `layer` is not one of them.
+        """
+        if layer is None:
+            ids = self.moe_layer_ids
+            if len(ids) == 1:
+                return ids[0]
+            raise ValueError(f'layer is required: this model has MoE layers {list(ids)}; send "layer": <id> '
+                             '(Python: forward(x, layer=<id>); Open Inference Protocol: the input "layer")')
+        self.layer_position(layer)
+        return layer
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import DTYPES, FLOAT64_NOT_SUPPORTED, ModelConfig
 from .dispatch import DispatchPlan, make_plan
 from .experts import SharedExperts
 from .routing import GateWeights, route
@@ -58,10 +58,13 @@ def add_shared_experts(x_TD: torch.Tensor, routed_TD: torch.Tensor, parts: GateA
 
 
 def check_hidden_states(x_TD: torch.Tensor, config: ModelConfig) -> None:
-    """ValueError unless x_TD is a floating [T, D] tensor with D = d_model."""
+    """ValueError unless x_TD is a [T, D] tensor (D = d_model) of float32, bfloat16 or float16."""
     if not isinstance(x_TD, torch.Tensor):
         raise ValueError(f"hidden_states must be a torch.Tensor, got {type(x_TD).__name__}")
     if x_TD.dim() != 2 or x_TD.shape[1] != config.d_model:
         raise ValueError(f"hidden_states must have shape [T, {config.d_model}], got {list(x_TD.shape)}")
-    if not x_TD.is_floating_point():
+    if x_TD.dtype == torch.float64:
+        raise ValueError(f"hidden_states: {FLOAT64_NOT_SUPPORTED} (x.float() for a tensor, "
+                         "x.astype(np.float32) for a numpy array)")
+    if x_TD.dtype not in DTYPES.values():
         raise ValueError(f"hidden_states must be float32, bfloat16 or float16, got {x_TD.dtype}")

@@ -33,9 +33,13 @@ class MoEModel:
     def layer(self, layer: int) -> MoELayer:
         return self.layers[self.config.layer_position(layer)]
 
-    def forward(self, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
-        """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype."""
+    def forward(self, x_TD: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """y_TD for hidden states x_TD [T, D] through MoE layer `layer`, in x_TD's dtype.
+
+        `layer` may be left out only when the model has one MoE layer (ModelConfig.resolve_layer).
+        """
         check_hidden_states(x_TD, self.config)
+        layer = self.config.resolve_layer(layer)
         parts = self.layer(layer).gate_and_shared
         y_TD, _ = run_sync(moe_forward(x_TD, layer, parts, self.config, self.experts))
         return y_TD.to(x_TD.dtype)

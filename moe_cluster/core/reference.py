@@ -16,10 +16,12 @@ __all__ = ["reference_forward"]
 
 
 @torch.no_grad()
-def reference_forward(model: MoEModel, x_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    """y_TD = sum_j w_j Expert_{idx_j}(x) (+ shared experts), computed expert by expert."""
+def reference_forward(model: MoEModel, x_TD: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """y_TD = sum_j w_j Expert_{idx_j}(x) (+ shared experts), computed expert by expert.
+
+    `layer` may be left out only when the model has one MoE layer, as in MoEModel.forward."""
     config = model.config
-    moe_layer = model.layer(layer)
+    moe_layer = model.layer(config.resolve_layer(layer))
     hidden = x_TD.to(config.torch_dtype)
     routing_weights, selected_experts = route(hidden, moe_layer.gate_and_shared.gate, config)
     routing_weights = routing_weights.to(hidden.dtype)

@@ -12,11 +12,12 @@ bytes of every input that declares `parameters.binary_data_size`, in the order o
 
     {"id": "42",                                                                     # optional, echoed
      "inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [T, D], "data": [...]},
-                {"name": "layer", "datatype": "INT64", "shape": [1], "data": [0]}],  # optional
+                {"name": "layer", "datatype": "INT64", "shape": [1], "data": [0]}],  # see below
      "outputs": [{"name": "output", "parameters": {"binary_data": true}}]}          # optional
 
-`hidden_states` is FP32, FP16 or BF16 (JSON data: numbers, flat row-major or nested [T][D]);
-`layer` is INT32 or INT64. The one output, `output` [T, D], has the datatype of
+`hidden_states` is FP32, FP16 or BF16 (JSON data: numbers, flat row-major or nested [T][D];
+FP64 is refused with a 400); `layer` is INT32 or INT64, required when the model has more
+than one MoE layer (the caller resolves a missing one: `ModelConfig.resolve_layer`). The one output, `output` [T, D], has the datatype of
 `hidden_states` and is JSON numbers, or binary data after the JSON header when the request
 asks for it (`binary_data` on the output, else `parameters.binary_data_output`).
 
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from .v1 import JSON, Limits, WireError, check_values, tensor_from_bytes, tensor_to_bytes
+from ..core.config import FLOAT64_NOT_SUPPORTED
 
 __all__ = ["HEADER_LENGTH", "MODEL_VERSION", "BINARY", "Route", "InferRequest", "parse_route", "check_model",
            "server_metadata", "model_metadata", "parse_infer_request", "encode_infer_response"]
@@ -66,7 +68,7 @@ class Route:
 @dataclass(frozen=True)
 class InferRequest:
     hidden_states: torch.Tensor  # [T, D] in the datatype sent (float32, float16 or bfloat16)
-    layer: int | None  # None when not sent: the caller picks the default layer
+    layer: int | None  # None when not sent: the caller resolves it (ModelConfig.resolve_layer)
     request_id: str | None  # echoed as the response's "id"
     binary_output: bool  # send `output` as binary data after the JSON header
 
@@ -271,6 +273,8 @@ def _parse_input(item: Any, index: int) -> _Input:
 
 def _check_hidden_states(inp: _Input, limits: Limits) -> str:
     """The torch dtype name of hidden_states, after checking its declared shape and size."""
+    if inp.datatype == "FP64":
+        raise WireError(400, f"input 'hidden_states': {FLOAT64_NOT_SUPPORTED} (datatype FP32, BF16 or FP16)")
     if inp.datatype not in _FLOATS:
         raise WireError(400, f"input 'hidden_states': datatype must be one of {sorted(_FLOATS)}, "
                              f"got {inp.datatype!r}")

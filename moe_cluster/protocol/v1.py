@@ -5,6 +5,10 @@ A msgpack tensor is a map `{"dtype": "float32"|"bfloat16"|"float16", "shape": [T
 
     {"hidden_states": <tensor | nested list of numbers>, "layer": 0, "return_expert_counts": false}
 
+`layer` is required when the model has more than one MoE layer; the decoder gives None when
+it is absent and the caller resolves it (`ModelConfig.resolve_layer`). JSON numbers are
+computed as float32; a msgpack tensor keeps its dtype (float64 is refused: 400).
+
 Decoders raise `WireError(status, message)`; the message says what is wrong and what to
 send instead. They check every size before allocating anything.
 """
@@ -19,7 +23,7 @@ import msgpack
 import numpy as np
 import torch
 
-from ..core.config import DTYPES
+from ..core.config import DTYPES, FLOAT64_NOT_SUPPORTED
 
 __all__ = ["WireError", "ForwardRequest", "Limits", "decode_forward_request", "encode_forward_response",
            "tensor_to_bytes", "tensor_from_bytes", "to_numpy", "from_numpy", "MSGPACK", "JSON",
@@ -57,7 +61,7 @@ class Limits:
 @dataclass(frozen=True)
 class ForwardRequest:
     hidden_states: torch.Tensor  # [T, D], dtype as sent
-    layer: int
+    layer: int | None  # None when not sent: the caller resolves it (ModelConfig.resolve_layer)
     return_expert_counts: bool
     wire_format: str  # MSGPACK or JSON: the response uses the same
 
@@ -120,7 +124,8 @@ def decode_forward_request(body: bytes, content_type: str | None, limits: Limits
     raw = fields["hidden_states"]
     x_TD = _tensor_from_map(raw, limits) if isinstance(raw, dict) else _tensor_from_lists(raw, limits)
     check_values(x_TD, limits)
-    return ForwardRequest(x_TD, _layer_field(fields.get("layer", 0)),
+    layer = _layer_field(fields["layer"]) if "layer" in fields else None
+    return ForwardRequest(x_TD, layer,
                           _bool_field(fields.get("return_expert_counts", False), "return_expert_counts"), wire)
 
 
@@ -159,6 +164,8 @@ def _tensor_from_map(raw: dict, limits: Limits) -> torch.Tensor:
     if extra:
         raise WireError(400, f"hidden_states: unknown tensor fields {extra}; expected dtype, shape, data")
     dtype, shape, data = raw.get("dtype"), raw.get("shape"), raw.get("data")
+    if dtype == "float64":
+        raise WireError(400, f"hidden_states.dtype: {FLOAT64_NOT_SUPPORTED}")
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # a list or map here is unhashable
         raise WireError(400, f"hidden_states.dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
     if not (isinstance(shape, list) and len(shape) == 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 import time
 from typing import Any
 
@@ -36,23 +37,30 @@ POLICY_PATH = "moe_cluster.serving.autoscaling:TokenLoadPolicy"
 
 
 class RowRate:
-    """Rows per second over a sliding window, from (time, rows) events."""
+    """Rows per second over a sliding window, from (time, rows) events.
+
+    Thread-safe: the replica's event loop calls add() while Serve calls
+    `record_autoscaling_stats` (hence per_second()) from a threadpool (Ray 2.60).
+    """
 
     def __init__(self, window_s: float = 2.0) -> None:
         self.window_s = window_s
         self._events: collections.deque[tuple[float, int]] = collections.deque()
         self._rows_in_window = 0
+        self._lock = threading.Lock()  # guards _events and _rows_in_window together
 
     def add(self, rows: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._events.append((now, rows))
-        self._rows_in_window += rows
-        self._expire(now)
+        with self._lock:  # the time too, so that events enter the deque in time order
+            now = time.monotonic() if now is None else now
+            self._events.append((now, rows))
+            self._rows_in_window += rows
+            self._expire(now)
 
     def per_second(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        self._expire(now)
-        return self._rows_in_window / self.window_s
+        with self._lock:
+            now = time.monotonic() if now is None else now
+            self._expire(now)
+            return self._rows_in_window / self.window_s
 
     def _expire(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window_s:

@@ -11,6 +11,10 @@ queued as were active last time (the last batch plus those that queued meanwhile
 most `wait_s` or 5% of the last batch's run time if that is longer: concurrent clients
 whose answers came back together send their next requests some ms apart, and should
 travel together again rather than split into alternating half batches.
+
+A merged batch is computed in the model's dtype and each request gets its answer in its
+own dtype, exactly as if it had run alone (the router casts a lone request to the model
+dtype too): an fp32 request merged behind an fp16 one is not computed in fp16.
 No Ray here: the router passes in its distributed forward as `run`.
 """
 
@@ -25,9 +29,13 @@ import torch
 
 from ..core.dispatch import DispatchPlan, expert_counts
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "MergedBatchError"]
 
 RunBatch = Callable[[torch.Tensor, int], Awaitable[tuple[torch.Tensor, DispatchPlan]]]
+
+
+class MergedBatchError(RuntimeError):
+    """`run` answered a merged batch with the wrong shape: every request of the batch fails (500)."""
 
 
 @dataclass
@@ -39,8 +47,14 @@ class _Pending:
 
 
 class Coalescer:
-    def __init__(self, run: RunBatch, max_batch_tokens: int, wait_s: float = 0.01) -> None:
+    """Merges concurrent requests of a layer; `run(x_BD, layer) -> (y_BD, plan)` computes a batch.
+
+    `dtype` is the model's dtype: every batch is sent to `run` in it (x_BD.dtype == dtype).
+    """
+
+    def __init__(self, run: RunBatch, dtype: torch.dtype, max_batch_tokens: int, wait_s: float = 0.01) -> None:
         self.run = run
+        self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self.wait_s = wait_s
         self._queues: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
@@ -120,15 +134,12 @@ class Coalescer:
         self.requests += len(batch)
         self.recent_sizes.append(len(batch))
         try:
-            if len(batch) == 1:
-                x_BD = batch[0].x_TD
-            else:
-                dtype = batch[0].x_TD.dtype
-                x_BD = torch.cat([p.x_TD.to(dtype) for p in batch])
+            x_BD = self._merge(batch)
             task = asyncio.ensure_future(self.run(x_BD, layer))
             for pending in batch:
                 pending.batch_task, pending.batch = task, batch
             y_BD, plan = await task
+            _check_batch_output(y_BD, x_BD, layer, len(batch))
         except asyncio.CancelledError:  # every request of the batch was cancelled (_abandon)
             for pending in batch:
                 pending.future.cancel()
@@ -145,3 +156,22 @@ class Coalescer:
                 result = y_BD[start:stop].to(pending.x_TD.dtype)
                 pending.future.set_result((result, expert_counts(plan, start, stop)))
             start = stop
+
+    def _merge(self, batch: list[_Pending]) -> torch.Tensor:
+        """x_BD: the requests' rows one after the other, in the model dtype (no copy for a lone
+        request already in it). Casting up to fp32 is exact; each request's own dtype comes back
+        when its answer is cut out."""
+        if len(batch) == 1:
+            return batch[0].x_TD.to(self.dtype)
+        return torch.cat([p.x_TD.to(self.dtype) for p in batch])
+
+
+def _check_batch_output(y_BD: torch.Tensor, x_BD: torch.Tensor, layer: int, requests: int) -> None:
+    """MergedBatchError unless y_BD is a tensor of x_BD's shape: cutting a short answer back into
+    requests would give the last ones too few rows, or none, with no error."""
+    if not isinstance(y_BD, torch.Tensor) or tuple(y_BD.shape) != tuple(x_BD.shape):
+        got = list(y_BD.shape) if isinstance(y_BD, torch.Tensor) else type(y_BD).__name__
+        raise MergedBatchError(f"the distributed forward answered a merged batch of {requests} request(s) for "
+                               f"layer {layer} with {got} for input {list(x_BD.shape)}: every request of the "
+                               "batch failed, none got a partial answer; this is a bug in the router, "
+                               "report it with the router's log")

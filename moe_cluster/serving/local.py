@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ import yaml
 
 from .args import AppArgs
 from .http.auth import BearerAuth
+from .runtime import PortBusyError, check_port_free, start_local_serve, stop_local_serve
 
 __all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
 
@@ -62,11 +64,17 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         return 2
     host = host or file_app.http_options.get("host", "127.0.0.1")
     port = port or int(file_app.http_options.get("port", 8000))
+    try:  # before Ray starts: one line now, not a traceback from the proxy 30 s later
+        check_port_free(host, port)
+    except PortBusyError as exc:
+        print(f"moe-cluster: {exc}; pass --port with a free port (or stop what listens there)",
+              file=sys.stderr, flush=True)
+        return 2
 
+    import ray
     from ray import serve
 
     from .app import build_app
-    from .runtime import start_local_serve, stop_local_serve
 
     started = time.perf_counter()
     source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
@@ -85,6 +93,8 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
               f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward)"
               f"{'; every request needs Authorization: Bearer <token>' if auth else ''}; Ctrl-C to stop", flush=True)
+        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init sets it when it turns auth on
+        print(handle_hint(ray.get_runtime_context().gcs_address, file_app.name, token_auth), flush=True)
         while not stop.wait(0.5):
             pass
         print("moe-cluster: stopping", flush=True)
@@ -92,3 +102,16 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         stop_local_serve()
     print("moe-cluster: stopped", flush=True)
     return 0
+
+
+def handle_hint(ray_address: str, app_name: str, token_auth: bool) -> str:
+    """The banner line that says how another Python process on this machine gets a handle.
+
+    A plain ray.init() there starts a second, empty Ray instance ("There is no Serve instance
+    running on this Ray cluster"). address="auto" finds this cluster (any one, if several run
+    here) and takes the token from ~/.ray/auth_token; an explicit address is exact, but Ray
+    turns token auth on for it only with RAY_AUTH_MODE=token (ray/_private/worker.py).
+    """
+    explicit = f'ray.init(address="{ray_address}")' + (" with RAY_AUTH_MODE=token" if token_auth else "")
+    return (f"moe-cluster: Ray cluster at {ray_address}; a handle from Python on this machine: "
+            f'ray.init(address="auto") (or {explicit}), then serve.get_app_handle("{app_name}")')

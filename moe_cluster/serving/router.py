@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -35,7 +35,8 @@ from .expert import pick_device, set_torch_threads
 from .http.endpoints import handle_http
 from .metrics import RouterMetrics
 
-__all__ = ["MoERouter", "ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE"]
+__all__ = ["MoERouter", "ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE",
+           "check_expert_answer"]
 
 
 
@@ -44,7 +45,8 @@ class ExpertCallError(RuntimeError):
 
 
 class ExpertComputeError(RuntimeError):
-    """An expert replica answered with an error (a bug or a bad deployment, not a dead replica): 500."""
+    """An expert replica raised, or answered with the wrong shape or dtype (a bug or a bad deployment,
+    not a dead replica): 500, not retried."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -76,7 +78,10 @@ class MoERouter:
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.app_name = serve.get_replica_context().app_name
-        self.coalescer = (Coalescer(self.moe_forward, self.args.max_batch_tokens, self.args.batch_wait_ms / 1e3)
+        # How an expert's answer travels: numpy of the model dtype, bf16 as its uint16 bit pattern.
+        self.wire_dtype = to_numpy(torch.empty(0, dtype=self.config.torch_dtype))[0].dtype
+        self.coalescer = (Coalescer(self.moe_forward, self.config.torch_dtype, self.args.max_batch_tokens,
+                                    self.args.batch_wait_ms / 1e3)
                           if self.args.max_batch_tokens else None)
 
     def _load_router_layers(self) -> list[GateAndShared]:
@@ -86,17 +91,19 @@ class MoERouter:
 
     # --- Python API (DeploymentHandle) ----------------------------------------------------------
 
-    async def forward(self, hidden_states: torch.Tensor | np.ndarray, layer: int = 0) -> torch.Tensor | np.ndarray:
+    async def forward(self, hidden_states: torch.Tensor | np.ndarray,
+                      layer: int | None = None) -> torch.Tensor | np.ndarray:
         """y [T, D] for x [T, D] through MoE layer `layer`; same type and dtype as the input.
 
-        Bad input raises ValueError (wrapped by Ray in a RayTaskError that is also a ValueError).
+        `layer` may be left out only when the model has one MoE layer. Bad input (float64
+        included) raises ValueError (wrapped by Ray in a RayTaskError that is also a ValueError).
         """
         as_numpy = isinstance(hidden_states, np.ndarray)
         x_TD = torch.from_numpy(np.asarray(hidden_states)) if as_numpy else hidden_states
         check_hidden_states(x_TD, self.config)
         if x_TD.shape[0] > self.limits.max_tokens:
             raise ValueError(f"{x_TD.shape[0]} tokens exceed the limit of {self.limits.max_tokens} per request")
-        self.config.layer_position(layer)
+        layer = self.config.resolve_layer(layer)
         check_values(x_TD, self.limits)
         y_TD, _ = await self.run(x_TD, layer)
         return y_TD.numpy() if as_numpy else y_TD
@@ -228,16 +235,36 @@ class MoERouter:
                 backoff_s = min(2 * backoff_s, 1.0)
             except Exception as exc:  # noqa: BLE001 - the expert itself failed: no retry
                 raise ExpertComputeError(str(self._call_error(group, layer, expert, started, attempts, exc))) from exc
+        check_expert_answer(array, (x_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
+                            f"expert deployment '{group}' answered (layer {layer}, expert {expert})")
         self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
         return from_numpy(array, self.config.dtype)
 
     @staticmethod
     def _call_error(group: str, layer: int, expert: int, started: float, attempts: int,
                     exc: BaseException) -> ExpertCallError:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        # An exception raised in the replica arrives wrapped in a RayTaskError whose first line is
+        # only Ray's task header: name the replica's own exception (its `cause`) instead.
+        error = exc.cause if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) else exc
+        first_line = str(error).splitlines()[0] if str(error) else ""
         return ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) after "
                                f"{attempts} attempt(s) in {time.perf_counter() - started:.1f}s: "
-                               f"{type(exc).__name__}: {first_line}")
+                               f"{type(error).__name__}: {first_line}")
+
+
+def check_expert_answer(array: object, expected_shape: tuple[int, int], wire_dtype: np.dtype, model_dtype: str,
+                        source: str) -> None:
+    """ExpertComputeError (500, not retried) unless `array` is a numpy array of `expected_shape`
+    ([rows sent, D]) and `wire_dtype` (the model dtype; bf16 as uint16): a short or wrong answer
+    must fail the request, never be combined in part. `source` names the deployment and call."""
+    if isinstance(array, np.ndarray) and array.shape == tuple(expected_shape) and array.dtype == wire_dtype:
+        return
+    got = (f"an array of shape {list(array.shape)} and dtype {array.dtype}" if isinstance(array, np.ndarray)
+           else f"a {type(array).__name__}")
+    raise ExpertComputeError(
+        f"{source} with {got}; expected a numpy array of shape {list(expected_shape)} (the rows sent, d_model) "
+        f"and dtype {wire_dtype} (model dtype {model_dtype}). The request failed and nothing was combined: "
+        "check that this deployment runs the same model (checkpoint, preset, dtype) and code as the router")
 
 
 def _cancel(calls: list[asyncio.Future]) -> None:

@@ -20,7 +20,7 @@ stays free for other requests and health checks.
     POST /v1/generate  {"input_ids": [[1, 2, 3]], "max_new_tokens": 8}
                        -> {"output_ids": [[1, 2, 3, ...8 new]], "timings": {...}}   (greedy only)
     GET  /v1/info      the model, its MoE layers, the limits
-    GET  /healthz      200 once the MoE app answers, else 503
+    GET  /healthz      200 once the MoE app's router and every expert deployment answer, else 503
 """
 
 from __future__ import annotations
@@ -157,10 +157,16 @@ class ModelRunner:
             return error_response(500, f"{type(exc).__name__}: {exc}")
 
     async def _healthz(self) -> Response:
+        """200 only when the MoE app really serves: its router answers and every expert deployment
+        answers a ping (MoERouter.check_experts); else 503 naming what does not answer."""
         try:
-            await asyncio.wait_for(_await(self.moe.info.remote()), 5.0)
+            # check_experts waits at most 5 s per ping (all in parallel); 10 s bounds a router that hangs.
+            failed = await asyncio.wait_for(_await(self.moe.check_experts.remote()), 10.0)
         except Exception as exc:  # noqa: BLE001
-            return error_response(503, f"the MoE app does not answer: {type(exc).__name__}: {exc}")
+            return error_response(503, f"the MoE app's router does not answer: {type(exc).__name__}: {exc}")
+        if failed:
+            return error_response(503, f"the MoE app's expert deployments {failed} do not answer a ping: "
+                                       "generation would fail; see the MoE app's GET /healthz and the Serve logs")
         return json_response({"status": "ok"})
 
 

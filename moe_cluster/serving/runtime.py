@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 from typing import Any, Iterator
 
-__all__ = ["start_local_serve", "stop_local_serve", "local_serve", "keep_usage_stats_local"]
+__all__ = ["start_local_serve", "stop_local_serve", "local_serve", "keep_usage_stats_local", "check_port_free",
+           "PortBusyError"]
+
+
+class PortBusyError(OSError):
+    """The HTTP port that Serve's proxy would listen on is taken (checked before Ray starts)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"port {port} on {host} is already in use ({reason})")
+        self.host = host
+        self.port = port
 
 
 def keep_usage_stats_local() -> None:
@@ -21,14 +33,32 @@ def keep_usage_stats_local() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortBusyError unless (host, port) can be bound now.
+
+    The bind is the one Serve's proxy makes (ray/serve/_private/http_util.py: no SO_REUSEADDR,
+    IPv6 for an IPv6 host). Without this check a busy port costs ~30 s and a long traceback:
+    Ray and the proxy start first, and the proxy's bind fails inside an actor.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortBusyError(host, port, exc.strerror or str(exc)) from None
+
+
 def start_local_serve(http: tuple[str, int] | None, num_cpus: int | None = None, num_gpus: int | None = None,
                       log_to_driver: bool = False, access_log: bool = True, **init_kwargs: Any) -> None:
     """ray.init (a new local cluster, no dashboard) + serve.start.
 
-    http: (host, port) of Serve's HTTP proxy, or None for handles only (no proxy).
+    http: (host, port) of Serve's HTTP proxy, or None for handles only (no proxy). A busy
+    port raises PortBusyError before Ray starts.
     access_log: False keeps Serve's per-request access log lines out (benchmarks).
     Stop with stop_local_serve().
     """
+    if http is not None:
+        check_port_free(*http)
     keep_usage_stats_local()
     import ray
     from ray import serve
@@ -48,14 +78,48 @@ def start_local_serve(http: tuple[str, int] | None, num_cpus: int | None = None,
 
 
 def stop_local_serve() -> None:
-    """serve.shutdown, then ray.shutdown (the latter even if the former fails)."""
+    """Shut Serve down (its replicas drain), then ray.shutdown (the latter even if the former fails)."""
     import ray
-    from ray import serve
 
     try:
-        serve.shutdown()
+        _shutdown_serve()
     finally:
         ray.shutdown()
+
+
+def _shutdown_serve(timeout_s: float = 30.0) -> None:
+    """What serve.shutdown() does (ray/serve/_private/client.py, Ray 2.60), minus a false warning.
+
+    Serve's controller answers `graceful_shutdown` by deleting every app and then killing
+    itself: the call never returns, it fails with the controller's death, which the client
+    expects. The controller actor has max_task_retries=-1, so with serve.shutdown() Ray
+    reports that failure as a retriable one and prints "(raylet) Task
+    ServeController.graceful_shutdown failed. There are infinite retries remaining" on the
+    driver's stdout at every clean stop. The same call with max_task_retries=0 ends with
+    the same ActorDiedError, quietly (tests/cluster/test_cli_serve.py checks the stop's
+    output). Uses Serve's client internals (ray.serve.context); should a Ray upgrade drop
+    them, this falls back to serve.shutdown() and only the warning comes back.
+    """
+    import ray
+    from ray import serve
+    from ray.serve import context
+
+    if not ray.is_initialized():  # nothing to stop (and looking Serve up would start a Ray instance)
+        return
+    client = context._get_global_client(raise_if_no_controller_running=False)
+    controller = getattr(client, "_controller", None)
+    if client is None or controller is None or not hasattr(client, "shutdown_cached_handles"):
+        serve.shutdown()
+        return
+    client.shutdown_cached_handles()
+    try:
+        ray.get(controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # the controller exited after deleting every app: Serve is down
+    except ray.exceptions.GetTimeoutError:
+        print(f"moe-cluster: Serve's controller did not shut down within {timeout_s:.0f}s; stopping Ray anyway",
+              file=sys.stderr, flush=True)
+    context._disconnect()
 
 
 @contextlib.contextmanager

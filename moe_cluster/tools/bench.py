@@ -15,6 +15,11 @@ machine's matmul peak and two Serve floors, timed in turns with the T=1 calls:
                       deployments at once: the fewest hops and calls one token can cost
                       with one deployment per expert (a token visits top_k experts)
 It also records, per T, the router's phases (route, experts, combine) of a batch of that T.
+
+Every mode's answers are held to the oracle (`reference_forward`, see bench_oracle.py): each
+mode for every T and every MoE layer, and every answer of every concurrent client. The
+largest |answer - oracle| per mode, T and layer (`max_abs_diff_vs_oracle`) and per concurrent
+mode (`concurrent_vs_oracle`) are in results.json; `wrong_answers` lists those over ORACLE_ATOL.
 Writes DIR/results.json and DIR/results.png.
 """
 
@@ -36,8 +41,10 @@ from ray import serve
 from ..core.config import preset_config
 from ..core.model import MoEModel
 from ..serving.args import AppArgs
+from .bench_oracle import ORACLE_ATOL, ClientRequest, check_against_oracle, compute_oracle, max_abs_diff, wrong_answers
+from ..serving.runtime import check_port_free
 
-__all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops"]
+__all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops", "ORACLE_ATOL"]
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,9 @@ def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
 
 
 def transformers_block(model: MoEModel) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """transformers' MixtralSparseMoeBlock holding layer 0's weights, for Mixtral-shaped presets
-    (SwiGLU, softmax, renormalised top-k, no biases); None when it does not apply or is not installed."""
+    """transformers' MixtralSparseMoeBlock holding the first MoE layer's weights, for Mixtral-shaped
+    presets (SwiGLU, softmax, renormalised top-k, no biases); None when it does not apply or is not
+    installed."""
     config = model.config
     mixtral_shaped = (config.expert_kind == "swiglu" and config.normalize_top_k and not config.gate_bias
                       and config.score_func == "softmax" and not config.num_shared_experts and config.n_group == 1)
@@ -167,37 +175,58 @@ def record(mode: str, tokens: int, clients: int, latencies: list[float], wall_s:
                   float(np.percentile(ms, 99)), len(latencies))
 
 
-def concurrent_calls(make_call: Callable[[], Callable[[], Any]], settings: BenchSettings) -> tuple[list[float], float]:
-    """`clients` threads, each with its own caller, each making client_requests calls back to back."""
+def concurrent_calls(make_call: Callable[[], Callable[[np.ndarray, int], Any]], requests: list[ClientRequest],
+                     settings: BenchSettings) -> tuple[list[float], float, list[float]]:
+    """One thread per request (client), each with its own caller `make_call()`, each making one
+    warm-up and client_requests timed calls back to back. Returns the timed latencies (s), the
+    wall time of the timed part, and |answer - oracle|.max() of every answer (warm-up included;
+    compared after each call's clock stopped)."""
     latencies: list[float] = []
+    diffs: list[float] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
+    barrier = threading.Barrier(len(requests) + 1)
 
-    def client() -> None:
-        call = make_call()
-        call()  # warm-up, not timed
-        barrier.wait()
+    def client(request: ClientRequest) -> None:
+        try:
+            call = make_call()
+            warm = max_abs_diff(call(request.x_TD, request.layer), request.expected_TD)  # not timed
+            with lock:
+                diffs.append(warm)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            barrier.abort()
+            return
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
         for _ in range(settings.client_requests):
             t0 = time.perf_counter()
             try:
-                call()
+                y_TD = call(request.x_TD, request.layer)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors.append(exc)
                 return
+            latency = time.perf_counter() - t0
+            diff = max_abs_diff(y_TD, request.expected_TD)
             with lock:
-                latencies.append(time.perf_counter() - t0)
+                latencies.append(latency)
+                diffs.append(diff)
 
-    barrier = threading.Barrier(settings.clients + 1)
-    threads = [threading.Thread(target=client) for _ in range(settings.clients)]
+    threads = [threading.Thread(target=client, args=(request,)) for request in requests]
     for thread in threads:
         thread.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client failed its warm-up: raised below
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return latencies, time.perf_counter() - started
+    return latencies, time.perf_counter() - started, diffs
 
 
 def cluster_args(settings: BenchSettings) -> AppArgs:
@@ -213,11 +242,13 @@ def cluster_args(settings: BenchSettings) -> AppArgs:
 
 
 def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every measurement, write results.json (+ results.png), return the results dict."""
-    from ..client import MoEClient
-    from ..serving.app import build_app
+    """Run every measurement, write results.json (+ results.png), return the results dict.
+
+    Raises PortBusyError (before any work) when settings.port is taken."""
+    from .bench_plot import plot
     from ..serving.runtime import start_local_serve, stop_local_serve
 
+    check_port_free("127.0.0.1", settings.port)
     out_dir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
@@ -226,65 +257,98 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
     log(f"matmul peak: {peak:.0f} GFLOP/s fp32 with {cores} threads")
     model = MoEModel.random(config, settings.seed)
     inputs = {t: torch.randn(t, config.d_model, generator=torch.Generator().manual_seed(t)) for t in settings.tokens}
-    records: list[Record] = []
+    oracle, requests = compute_oracle(model, inputs, settings.clients, settings.client_tokens, log)
 
     start_local_serve(("127.0.0.1", settings.port), access_log=False)
     try:
-        log(f"deploying the floors (no-op router -> 1 and -> {config.top_k} no-op experts), the monolithic "
-            "deployment and the cluster ...")
-        floor = serve.run(floor_app(1), name="floor", route_prefix=None)
-        fanout_floor = serve.run(floor_app(config.top_k), name="fanout-floor", route_prefix=None)
-        mono = serve.run(MonolithicMoE.bind(settings.preset, settings.seed, cores), name="monolithic",
-                         route_prefix=None)
-        cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/",
-                            logging_config={"enable_access_log": False})
-        one_token = np.zeros((1, config.d_model), np.float32)
-        floor_calls = {"serve_floor": lambda: floor.forward.remote(one_token).result(),
-                       "serve_fanout_floor": lambda: fanout_floor.forward.remote(one_token).result()}
-        client = MoEClient(f"http://127.0.0.1:{settings.port}")
-        callers = {
-            "inprocess": lambda x: model.forward(x, 0),
-            # numpy arrays through the handles: Ray pickles them zero-copy, while a torch tensor
-            # goes through torch.save (38 ms to pickle 16 MB on the 2-core machine)
-            "monolithic": lambda x: mono.forward.remote(x.numpy(), 0).result(),
-            "handle": lambda x: cluster.forward.remote(x.numpy(), 0).result(),
-            "http": lambda x: client.forward(x.numpy(), 0),
-        }
-        hf_block = transformers_block(model)
-        if hf_block is not None:
-            callers["transformers"] = hf_block  # the same layer as transformers' MixtralSparseMoeBlock
-        max_diff = check_outputs(callers, model, inputs[min(settings.tokens, key=lambda t: abs(t - 64))])
-        log("max |output - inprocess| per mode: " + ", ".join(f"{m}={d:.1e}" for m, d in max_diff.items()))
-        floors: dict[str, float] = {}
-        phases_ms: dict[str, dict[str, float]] = {}  # per T: the router's phases of its last batch
-        for tokens in settings.tokens:
-            x_TD = inputs[tokens]
-            calls = {mode: (lambda call=call: call(x_TD)) for mode, call in callers.items()}
-            latencies = time_interleaved({**calls, **(floor_calls if tokens == 1 else {})}, settings)
-            if tokens == 1:  # the floors in turns with the single-token calls they are compared with
-                floors = log_floors(latencies, config.top_k, log)
-            for mode in callers:
-                rec = record(mode, tokens, 1, latencies[mode])
-                records.append(rec)
-                log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
-                    f"p99 {rec.p99_ms:8.2f} ms")
-            phases_ms[str(tokens)] = cluster.stats.remote().result()["router_phases"]["last_ms"]
-            log(f"  router phases of a T={tokens} batch: "
-                + ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases_ms[str(tokens)].items()))
-        if not floors:
-            floors = log_floors(time_interleaved(floor_calls, settings), config.top_k, log)
-        records += concurrent_records(settings, config.d_model, mono, cluster, log)
+        floor_calls, mono, cluster = deploy(settings, config.d_model, config.top_k, cores, log)
+        callers, layers_of = make_callers(model, mono, cluster, settings.port)
+        max_diff = check_against_oracle(callers, layers_of, inputs, oracle)
+        log("max |output - oracle| per mode over every T and layer: "
+            + ", ".join(f"{mode}={max(d for per_t in per_mode.values() for d in per_t.values()):.1e}"
+                        for mode, per_mode in max_diff.items()))
+        records, floors, phases_ms = single_client_records(settings, callers, floor_calls, inputs, cluster,
+                                                           config.moe_layer_ids[0], config.top_k, log)
+        concurrent, concurrent_diff = concurrent_records(settings, requests, mono, cluster, log)
     finally:
         stop_local_serve()
     results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
                **floors, "fanout_width": config.top_k, "router_phases_ms": phases_ms,
-               "max_abs_diff_vs_inprocess": max_diff,
-               "model": config.to_dict(), "settings": asdict(settings), "records": [asdict(r) for r in records]}
+               "oracle_atol": ORACLE_ATOL, "max_abs_diff_vs_oracle": max_diff,
+               "concurrent_vs_oracle": concurrent_diff, "wrong_answers": wrong_answers(max_diff, concurrent_diff),
+               "model": config.to_dict(), "settings": asdict(settings),
+               "records": [asdict(r) for r in records + concurrent]}
     results["summary"] = summarize(results, config)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     log(f"wrote {out_dir / 'results.json'}")
+    for wrong in results["wrong_answers"]:
+        log(f"WRONG ANSWER (more than {ORACLE_ATOL:g} from the oracle): {wrong}")
     plot(results, out_dir / "results.png", log)
     return results
+
+
+def deploy(settings: BenchSettings, d_model: int, top_k: int, cores: int, log):
+    """The floors, the monolithic deployment and the cluster: (floor_calls, mono handle, cluster handle)."""
+    from ..serving.app import build_app
+
+    log(f"deploying the floors (no-op router -> 1 and -> {top_k} no-op experts), the monolithic "
+        "deployment and the cluster ...")
+    floor = serve.run(floor_app(1), name="floor", route_prefix=None)
+    fanout_floor = serve.run(floor_app(top_k), name="fanout-floor", route_prefix=None)
+    mono = serve.run(MonolithicMoE.bind(settings.preset, settings.seed, cores), name="monolithic",
+                     route_prefix=None)
+    cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/",
+                        logging_config={"enable_access_log": False})
+    one_token = np.zeros((1, d_model), np.float32)
+    floor_calls = {"serve_floor": lambda: floor.forward.remote(one_token).result(),
+                   "serve_fanout_floor": lambda: fanout_floor.forward.remote(one_token).result()}
+    return floor_calls, mono, cluster
+
+
+def make_callers(model: MoEModel, mono, cluster, port: int) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
+    """{mode: (x_TD, layer) -> y_TD} and the layers each mode can compute (transformers' block: one)."""
+    from ..client import MoEClient
+
+    client = MoEClient(f"http://127.0.0.1:{port}")
+    callers = {
+        "inprocess": lambda x, layer: model.forward(x, layer),
+        # numpy arrays through the handles: Ray pickles them zero-copy, while a torch tensor
+        # goes through torch.save (38 ms to pickle 16 MB on the 2-core machine)
+        "monolithic": lambda x, layer: mono.forward.remote(x.numpy(), layer).result(),
+        "handle": lambda x, layer: cluster.forward.remote(x.numpy(), layer).result(),
+        "http": lambda x, layer: client.forward(x.numpy(), layer),
+    }
+    layers_of = {mode: model.config.moe_layer_ids for mode in callers}
+    hf_block = transformers_block(model)
+    if hf_block is not None:  # the first MoE layer as transformers' MixtralSparseMoeBlock
+        callers["transformers"] = lambda x, layer: hf_block(x)
+        layers_of["transformers"] = model.config.moe_layer_ids[:1]
+    return callers, layers_of
+
+
+def single_client_records(settings: BenchSettings, callers: dict[str, Callable], floor_calls: dict[str, Callable],
+                          inputs: dict[int, torch.Tensor], cluster, layer: int, top_k: int, log):
+    """One client, every mode in turns, per T (at `layer`): (records, floors, router phases per T)."""
+    records: list[Record] = []
+    floors: dict[str, float] = {}
+    phases_ms: dict[str, dict[str, float]] = {}  # per T: the router's phases of its last batch
+    for tokens in settings.tokens:
+        x_TD = inputs[tokens]
+        calls = {mode: (lambda call=call: call(x_TD, layer)) for mode, call in callers.items()}
+        latencies = time_interleaved({**calls, **(floor_calls if tokens == 1 else {})}, settings)
+        if tokens == 1:  # the floors in turns with the single-token calls they are compared with
+            floors = log_floors(latencies, top_k, log)
+        for mode in callers:
+            rec = record(mode, tokens, 1, latencies[mode])
+            records.append(rec)
+            log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
+                f"p99 {rec.p99_ms:8.2f} ms")
+        phases_ms[str(tokens)] = cluster.stats.remote().result()["router_phases"]["last_ms"]
+        log(f"  router phases of a T={tokens} batch: "
+            + ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases_ms[str(tokens)].items()))
+    if not floors:
+        floors = log_floors(time_interleaved(floor_calls, settings), top_k, log)
+    return records, floors, phases_ms
 
 
 def log_floors(latencies: dict[str, list[float]], width: int, log) -> dict[str, float]:
@@ -296,32 +360,26 @@ def log_floors(latencies: dict[str, list[float]], width: int, log) -> dict[str, 
     return floors
 
 
-def check_outputs(callers: dict[str, Callable], model: MoEModel, x_TD: torch.Tensor) -> dict[str, float]:
-    expected = model.forward(x_TD, 0)
-    return {mode: float((_as_tensor(call(x_TD)) - expected).abs().max()) for mode, call in callers.items()}
-
-
-def _as_tensor(y: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return y if isinstance(y, torch.Tensor) else torch.from_numpy(np.array(y))  # a copy: Ray's arrays are read-only
-
-
-def concurrent_records(settings: BenchSettings, d_model: int, mono, cluster, log) -> list[Record]:
+def concurrent_records(settings: BenchSettings, requests: list[ClientRequest], mono, cluster,
+                       log) -> tuple[list[Record], dict[str, dict[str, float]]]:
+    """The concurrent-client records, and per mode {answers_checked, max_abs_diff} against the oracle."""
     from ..client import MoEClient
 
-    x = torch.randn(settings.client_tokens, d_model).numpy()
     makers = {
-        "monolithic": lambda: (lambda: mono.forward.remote(x, 0).result()),
-        "handle": lambda: (lambda: cluster.forward.remote(x, 0).result()),
-        "http": lambda: (lambda c=MoEClient(f"http://127.0.0.1:{settings.port}"): c.forward(x, 0)),
+        "monolithic": lambda: (lambda x, layer: mono.forward.remote(x, layer).result()),
+        "handle": lambda: (lambda x, layer: cluster.forward.remote(x, layer).result()),
+        "http": lambda: (lambda x, layer, c=MoEClient(f"http://127.0.0.1:{settings.port}"): c.forward(x, layer)),
     }
-    out = []
+    out, checks = [], {}
     for mode, make_call in makers.items():
-        latencies, wall = concurrent_calls(make_call, settings)
+        latencies, wall, diffs = concurrent_calls(make_call, requests, settings)
         rec = record(mode, settings.client_tokens, settings.clients, latencies, wall_s=wall)
         out.append(rec)
+        checks[mode] = {"answers_checked": len(diffs), "max_abs_diff": max(diffs)}
         log(f"  {mode:>10}  {settings.clients} clients x T={settings.client_tokens}: {rec.tokens_per_s:>10.0f} tok/s "
-            f"p50 {rec.p50_ms:8.2f} ms  p99 {rec.p99_ms:8.2f} ms")
-    return out
+            f"p50 {rec.p50_ms:8.2f} ms  p99 {rec.p99_ms:8.2f} ms; {len(diffs)} answers, max |output - oracle| "
+            f"{max(diffs):.1e}")
+    return out, checks
 
 
 def summarize(results: dict[str, Any], config) -> dict[str, float]:
@@ -346,33 +404,3 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
     if ("transformers", big) in single:
         out["inprocess_over_transformers"] = tps("inprocess") / tps("transformers")
     return out
-
-
-def plot(results: dict[str, Any], path: Path, log) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no plot (pip install 'moe-cluster[bench]')")
-        return
-    fig, (ax_tps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in ("inprocess", "transformers", "monolithic", "handle", "http"):
-        rows = sorted((r for r in results["records"] if r["mode"] == mode and r["clients"] == 1),
-                      key=lambda r: r["tokens"])
-        ax_tps.plot([r["tokens"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=mode)
-        ax_lat.plot([r["tokens"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=mode)
-    ax_lat.axhline(results["serve_floor_p50_ms"], color="grey", linestyle="--", label="Serve floor")
-    ax_lat.axhline(results["serve_fanout_floor_p50_ms"], color="grey", linestyle=":",
-                   label=f"Serve fan-out floor ({results['fanout_width']} experts)")
-    for ax, label in ((ax_tps, "tokens/s"), (ax_lat, "p50 latency (ms)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens per request")
-        ax.set_ylabel(label)
-        ax.legend()
-    fig.suptitle(f"moe-cluster bench: {results['preset']} ({results['cores']} cores, "
-                 f"peak {results['matmul_peak_gflops']:.0f} GFLOP/s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    log(f"wrote {path}")

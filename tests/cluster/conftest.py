@@ -1,16 +1,29 @@
-"""Shared helpers for cluster-tier tests: one real local Ray cluster + Serve per test module."""
+"""Shared helpers for cluster-tier tests: one real local Ray cluster + Serve per test module.
+
+Every test under tests/cluster gets the `cluster` marker (below), so `pytest -m "not cluster"`
+runs the unit and k8s tiers alone and `pytest -m cluster` this one.
+"""
 
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from moe_cluster.tools.ports import free_port  # noqa: F401 - the tests import it from here
 from moe_cluster.serving import runtime
 
-pytestmark = pytest.mark.cluster
+CLUSTER_TIER = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection sees the items
+def pytest_collection_modifyitems(config, items):
+    """Mark every test of this directory `cluster` (a `pytestmark` in a conftest is ignored)."""
+    for item in items:
+        if CLUSTER_TIER in item.path.resolve().parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:

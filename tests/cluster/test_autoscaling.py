@@ -3,8 +3,10 @@
 A small top-1 model (4 experts) so that skewed traffic really lands on one expert: heavy
 traffic aimed at the hot expert plus light uniform traffic for all. Only the hot expert's
 deployment may grow; the others must stay at min_replicas; the hot one shrinks back after.
+Every answer of that load, sent while replicas start, is compared with the oracle.
 """
 
+import itertools
 import json
 import threading
 import time
@@ -16,6 +18,7 @@ import torch
 
 from moe_cluster import ModelConfig, MoEModel
 from moe_cluster.client import MoEClient
+from moe_cluster.core.reference import reference_forward
 from moe_cluster.core.routing import route
 from moe_cluster.serving.autoscaling import POLICY_PATH
 
@@ -64,24 +67,34 @@ def _hot_tokens(model, tokens, rng):
     return x.numpy()
 
 
-def _load(url, make_batch, pause_s, stop, errors):
+def _with_oracle(model, batches):
+    """[(x [T, D] float32 numpy, reference_forward's y [T, D])] for layer 0."""
+    return [(x, reference_forward(model, torch.from_numpy(x), 0).numpy()) for x in batches]
+
+
+def _load(url, requests, pause_s, stop, outcomes):
+    """Send `requests` [(x, expected)] in a loop until `stop`; append "ok" or what went wrong."""
     client = MoEClient(url)
-    while not stop.is_set():
+    for x_TD, expected_TD in itertools.cycle(requests):
+        if stop.is_set():
+            return
         try:
-            client.forward(make_batch())
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+            torch.testing.assert_close(torch.from_numpy(client.forward(x_TD)), torch.from_numpy(expected_TD),
+                                       rtol=1e-5, atol=1e-5)
+            outcomes.append("ok")
+        except Exception as exc:  # noqa: BLE001 - a failed request or a wrong answer, reported by the test
+            outcomes.append(f"T={x_TD.shape[0]}: {type(exc).__name__}: {exc}"[:500])
         time.sleep(pause_s)
 
 
 def test_only_the_hot_expert_scales_up_then_down(cluster):
     rng = np.random.default_rng(0)
-    hot_batch = _hot_tokens(cluster["model"], 128, rng)
+    hot = _with_oracle(cluster["model"], [_hot_tokens(cluster["model"], 128, rng)])
+    cold = _with_oracle(cluster["model"], [rng.standard_normal((8, 32)).astype(np.float32) for _ in range(16)])
     url = cluster["local"].url()
-    stop, errors = threading.Event(), []
-    workers = [threading.Thread(target=_load, args=(url, lambda: hot_batch, 0.0, stop, errors)) for _ in range(3)]
-    workers.append(threading.Thread(target=_load, args=(
-        url, lambda: rng.standard_normal((8, 32)).astype(np.float32), 0.3, stop, errors)))
+    stop, hot_outcomes, cold_outcomes = threading.Event(), [], []
+    workers = [threading.Thread(target=_load, args=(url, hot, 0.0, stop, hot_outcomes)) for _ in range(3)]
+    workers.append(threading.Thread(target=_load, args=(url, cold, 0.3, stop, cold_outcomes)))
     cold_max = {f"expert-{e}": 1 for e in range(4) if e != HOT}
     started = time.monotonic()
     for worker in workers:
@@ -100,14 +113,17 @@ def test_only_the_hot_expert_scales_up_then_down(cluster):
         stop.set()
         for worker in workers:
             worker.join()
-    assert not errors, errors[:3]
+    failures = [o for o in hot_outcomes + cold_outcomes if o != "ok"]
+    assert not failures, f"{len(failures)} failed or wrong of {len(hot_outcomes + cold_outcomes)}: {failures[:3]}"
+    assert hot_outcomes and cold_outcomes, "no answer was checked"
     assert cold_max == {name: 1 for name in cold_max}, f"cold experts scaled: {cold_max}"
     rows = stats["layers"]["0"]["rows"]
     assert rows[HOT] > 10 * max(r for e, r in enumerate(rows) if e != HOT)
     assert stats["layers"]["0"]["imbalance"] > 2.5
     assert stats["replicas"][f"expert-{HOT}"] >= 2
     assert stats["experts"][HOT]["latency_ms"]["p50"] > 0
-    print(f"\nexpert-{HOT} scaled up after {scale_up_s:.1f}s of skewed load")
+    print(f"\nexpert-{HOT} scaled up after {scale_up_s:.1f}s of skewed load; "
+          f"{len(hot_outcomes)} hot and {len(cold_outcomes)} uniform answers equal to the oracle")
 
     stopped = time.monotonic()
     wait_until(lambda: _running_replicas()[f"expert-{HOT}"] == 1, timeout=90, what=f"expert-{HOT} scaling down")
@@ -121,7 +137,8 @@ def _get_json(url):
 
 
 def test_prometheus_export_has_per_expert_metrics(cluster):
-    MoEClient(cluster["local"].url()).forward(np.ones((4, 32), np.float32))
+    ((x_TD, expected_TD),) = _with_oracle(cluster["model"], [np.ones((4, 32), np.float32)])
+    np.testing.assert_allclose(MoEClient(cluster["local"].url()).forward(x_TD), expected_TD, rtol=1e-5, atol=1e-5)
 
     def scraped():
         with urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics") as response:

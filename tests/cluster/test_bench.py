@@ -1,38 +1,78 @@
-"""`moe-cluster bench` smoke test (tiny preset): the results file's shape and correct outputs.
+"""`moe-cluster bench` smoke test (tiny preset): the results file's shape, and every mode's
+answers held to the oracle (`reference_forward`) for every T and layer, the concurrent
+clients' answers too.
 
 Timings are never asserted here: they belong to benchmark runs, not to CI.
 """
 
 import json
 
-from moe_cluster.tools.bench import BenchSettings, run_bench
+import pytest
+
+from moe_cluster.core.config import preset_config
+from moe_cluster.tools.bench import ORACLE_ATOL, BenchSettings, run_bench
 
 from .conftest import free_port
 
 MODES = {"inprocess", "monolithic", "handle", "http"}
+CONCURRENT_MODES = {"monolithic", "handle", "http"}
+TOKENS = (1, 7, 64)
 
 
-def test_bench_tiny_writes_results(tmp_path):
-    settings = BenchSettings(preset="tiny", tokens=(1, 64), clients=4, client_tokens=16, min_reps=2,
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    settings = BenchSettings(preset="tiny", tokens=TOKENS, clients=4, client_tokens=16, min_reps=2,
                              min_seconds=0.1, client_requests=2, port=free_port())
     lines = []
-    run_bench(settings, tmp_path, log=lines.append)
-    results = json.loads((tmp_path / "results.json").read_text())
+    returned = run_bench(settings, out, log=lines.append)
+    return {"out": out, "settings": settings, "lines": lines, "returned": returned,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def test_every_mode_equals_the_oracle_for_every_T_and_layer(bench):
+    results = bench["results"]
+    layers = {str(layer) for layer in preset_config("tiny").moe_layer_ids}
+    assert len(layers) == 2  # tiny has two MoE layers: both are checked
+    max_diff = results["max_abs_diff_vs_oracle"]
+    assert set(max_diff) == MODES  # tiny is not Mixtral-shaped: no transformers mode
+    for mode, per_t in max_diff.items():
+        assert set(per_t) == {str(t) for t in TOKENS}, mode
+        for t, per_layer in per_t.items():
+            assert set(per_layer) == layers, (mode, t)
+            for layer, diff in per_layer.items():
+                assert 0 <= diff < ORACLE_ATOL, f"{mode} T={t} layer={layer}: {diff:.2e} from the oracle"
+    assert results["oracle_atol"] == ORACLE_ATOL == 1e-5
+    assert results["wrong_answers"] == []
+
+
+def test_concurrent_clients_answers_were_checked(bench):
+    settings = bench["settings"]
+    concurrent = bench["results"]["concurrent_vs_oracle"]
+    assert set(concurrent) == CONCURRENT_MODES
+    for mode, check in concurrent.items():
+        # every client's warm-up and timed answers, each against the oracle of its own input
+        assert check["answers_checked"] == settings.clients * (settings.client_requests + 1), mode
+        assert 0 <= check["max_abs_diff"] < ORACLE_ATOL, f"{mode}: {check['max_abs_diff']:.2e} from the oracle"
+
+
+def test_results_file_shape(bench):
+    results = bench["results"]
+    assert results == json.loads(json.dumps(bench["returned"]))  # the file holds what run_bench returned
     assert results["preset"] == "tiny"
     assert results["matmul_peak_gflops"] > 0 and results["serve_floor_p50_ms"] > 0
     assert results["serve_fanout_floor_p50_ms"] > 0 and results["fanout_width"] == 2  # tiny is top-2
-    for tokens in ("1", "64"):  # where the router's time went, per T
+    for tokens in map(str, TOKENS):  # where the router's time went, per T
         assert set(results["router_phases_ms"][tokens]) == {"route_ms", "experts_ms", "combine_ms"}
         assert results["router_phases_ms"][tokens]["experts_ms"] > 0
-    assert set(results["max_abs_diff_vs_inprocess"]) == MODES
-    assert max(results["max_abs_diff_vs_inprocess"].values()) < 1e-5  # every path computes the same MoE
     records = results["records"]
-    assert {(r["mode"], r["tokens"]) for r in records if r["clients"] == 1} == {(m, t) for m in MODES for t in (1, 64)}
-    assert {r["mode"] for r in records if r["clients"] == 4} == {"monolithic", "handle", "http"}
+    assert {(r["mode"], r["tokens"]) for r in records if r["clients"] == 1} == {(m, t) for m in MODES for t in TOKENS}
+    assert {r["mode"] for r in records if r["clients"] == 4} == CONCURRENT_MODES
     for r in records:
         assert set(r) >= {"mode", "tokens", "clients", "tokens_per_s", "p50_ms", "p99_ms"}
         assert r["tokens_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
     assert set(results["summary"]) >= {"handle_over_inprocess", "handle_T1_p50_over_floor",
-                                       "handle_T1_p50_over_fanout_floor"}
-    assert (tmp_path / "results.png").stat().st_size > 1000
-    assert any("serve floor" in line for line in lines)  # progress was reported
+                                       "handle_T1_p50_over_fanout_floor", "concurrent_handle_over_inprocess"}
+    assert (bench["out"] / "results.png").stat().st_size > 1000
+    assert any("serve floor" in line for line in bench["lines"])  # progress was reported
+    assert not any("WRONG ANSWER" in line for line in bench["lines"])

@@ -260,9 +260,13 @@ def test_random_mutations_of_valid_requests_never_get_a_5xx(server):
     rng = random.Random(0)
     x = np.random.default_rng(1).standard_normal((3, D)).astype(np.float32)
     infer, infer_headers = _infer_body(x)
-    valid = [("/v1/forward", _forward_body(x), MSGPACK), ("/v1/forward", json.dumps({"hidden_states": x.tolist()})
-                                                          .encode(), JSON), (INFER, infer, infer_headers), (INFER,
-             _infer_json({**HIDDEN, "shape": [3, D], "data": x.flatten().tolist()}), {})]
+    layer = {"name": "layer", "datatype": "INT64", "shape": [1], "data": [0]}  # the tiny model has two MoE layers
+    infer_json = json.dumps({"inputs": [{**HIDDEN, "shape": [3, D], "data": x.flatten().tolist()}, layer]}).encode()
+    valid = [("/v1/forward", _forward_body(x), MSGPACK),
+             ("/v1/forward", json.dumps({"hidden_states": x.tolist(), "layer": 0}).encode(), JSON),
+             (INFER, infer, infer_headers), (INFER, infer_json, {})]
+    for path, body, headers in valid:  # each is valid before it is mutated
+        assert _request(server["url"] + path, body, headers, "POST")[0] == 200, path
     statuses = {}
     for i in range(400):
         path, body, headers = valid[i % len(valid)]

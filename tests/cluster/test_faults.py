@@ -4,8 +4,9 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
   faults: router + experts-0-3 and experts-4-7, two replicas each, health-checked every
           second. Eight HTTP clients run while a replica of a random expert deployment is
           killed every few seconds: every answer must equal the oracle, >= 99% must
-          succeed, a failure may only be a clear 503/504, and requests succeed again soon
-          after each kill.
+          succeed, a failure may only be a clear 503/504 (a client exception of any kind
+          counts as a failure), the router must have retried calls to the dead replicas,
+          and requests succeed again soon after each kill.
   limits: a router that runs 1 request and queues 1 more (Serve answers the rest with
           503 at once), a 3 s request deadline, and expert calls of at most 4 rows, so a
           large request is slow enough to miss its deadline.
@@ -36,6 +37,7 @@ from moe_cluster.checkpoint import load_model, save_model
 KILL_EVERY_S = 5.0  # at most one kill per interval
 CHAOS_S = 60.0
 MIN_KILLS = 4  # a replica takes 12-30 s to start on a busy 2-core machine: that bounds the kill rate
+BUSY_WAIT_S = 2.0  # how long a kill waits for a replica with calls in flight
 REPLICAS = 2  # per expert deployment of the faults app: one replica may die, the other answers
 DEADLINE_S = 3.0  # the 64-token overload request takes ~0.8 s on a busy CI machine, twice that when queued
 FAULTS = {
@@ -79,6 +81,7 @@ class Kill:
     deployment: str
     replica: str  # the killed actor's name
     at: float  # time.monotonic()
+    busy: bool = False  # it had calls in flight when it was killed
     replaced_s: float | None = None  # until the deployment had REPLICAS running ones again
 
 
@@ -107,7 +110,9 @@ def _kill_one(app: str, rng: random.Random) -> Kill | None:
     """Kill a replica of a random expert deployment whose replicas are all up (None: none is).
 
     So a deployment always keeps one live replica: the test measures retries onto it, not how
-    long a new replica takes to start (that is `replaced_s`).
+    long a new replica takes to start (that is `replaced_s`). The victim is one with calls in
+    flight where one is seen within BUSY_WAIT_S (Serve's own queue-length probe), so that the
+    kill fails calls and the router must retry them; an idle replica dies without a retry.
     """
     import ray
 
@@ -116,9 +121,28 @@ def _kill_one(app: str, rng: random.Random) -> Kill | None:
     if not healthy:
         return None
     deployment = rng.choice(healthy)
-    name = rng.choice(replicas[deployment])
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    return Kill(deployment, name, time.monotonic())
+    actors = {name: ray.get_actor(name, namespace="serve") for name in replicas[deployment]}
+    name, busy = _busy_replica(actors, BUSY_WAIT_S), True
+    if name is None:
+        name, busy = rng.choice(sorted(actors)), False
+    ray.kill(actors[name], no_restart=True)
+    return Kill(deployment, name, time.monotonic(), busy=busy)
+
+
+def _busy_replica(actors: dict, wait_s: float) -> str | None:
+    """The name of one of `actors` (Serve replicas) with a call in flight, polled for up to wait_s."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for name, actor in actors.items():
+            try:
+                if ray.get(actor.get_num_ongoing_requests.remote(), timeout=5) > 0:
+                    return name
+            except ray.exceptions.RayError:  # it is going away (Serve replaces it): not a victim
+                continue
+        time.sleep(0.005)
+    return None
 
 
 def _note_replacements(app: str, kills: list[Kill]) -> None:
@@ -157,6 +181,7 @@ def _retries(url: str) -> int:
 def test_killing_expert_replicas_under_load_loses_nothing(cluster):
     url = cluster["local"].url("/faults")
     pool = request_pool(cluster["model"], seed=1)
+    retries_before = _retries(url)
     with Load(url, pool, clients=8) as load:
         kills = _chaos("faults", CHAOS_S, KILL_EVERY_S)
         # The load keeps running until every killed replica is replaced, so a kill near the end
@@ -165,14 +190,23 @@ def test_killing_expert_replicas_under_load_loses_nothing(cluster):
                    interval=0.2, what="a replacement for every killed replica")
     summary = summarize(load.outcomes)
     recovery = [first_success_after(load.outcomes, k.at) for k in kills]
+    retries = _retries(url) - retries_before
     print(f"\nkilled {len(kills)} expert replicas in {CHAOS_S:.0f}s under 8 clients: {summary['requests']} requests, "
           f"success {100 * summary['success_rate']:.2f}%, {summary['clear_errors']} clear 503/504, "
-          f"p50 {summary['p50_s']:.3f}s, max {summary['max_s']:.2f}s")
+          f"p50 {summary['p50_s']:.3f}s, max {summary['max_s']:.2f}s, outcomes {summary['by_kind']}")
     print("first success after each kill (s):", [None if r is None else round(r, 2) for r in recovery])
     print("replica replaced after (s):", [round(k.replaced_s, 1) for k in kills])
-    print("expert calls retried by the router:", _retries(url))
-    assert len(kills) >= MIN_KILLS, "too few kills: killed replicas were not replaced in time"
-    assert summary["wrong_answers"] == 0 and summary["unclear_count"] == 0, summary["unclear"]
+    print(f"expert calls retried by the router: {retries} ({sum(k.busy for k in kills)} kills hit a busy replica)")
+    # Each kill is real: its actor is gone and the deployment runs REPLICAS others (replaced_s).
+    assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills: killed replicas were not replaced in time"
+    alive = {name for names in _replicas("faults").values() for name in names}
+    assert not alive & {k.replica for k in kills}, f"killed replicas still alive: {alive & {k.replica for k in kills}}"
+    assert retries > 0, "replicas were killed under load but the router retried no expert call"
+    # Every request is counted (an exception in a client is a failure too): none may be wrong,
+    # and a failure may only be a clear 503/504.
+    assert summary["wrong_answers"] == 0 and summary["unclear_count"] == 0, \
+        f"{summary['wrong_answers']} wrong answers, {summary['unclear_count']} unclear failures " \
+        f"{summary['by_kind']}, e.g. {summary['unclear']}"
     assert summary["success_rate"] >= 0.99, summary
     assert all(r is not None and r <= 5.0 for r in recovery), recovery
 

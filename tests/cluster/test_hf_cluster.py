@@ -8,9 +8,13 @@ One local Ray cluster for the module, four apps:
 
 Every MoE block through the cluster (handle and HTTP) equals HF's block (fp32, 1e-5), and
 greedy generation through the runner equals `model.generate(..., do_sample=False)` token for token.
+The DeepSeek import has one MoE layer (decoder layer 1): a request without `layer` means it,
+while the Mixtral import (layers 0 and 1) answers 400. The last test scales hf-mixtral's expert
+deployment to zero replicas, checks the runner's /healthz says so, and restores it.
 """
 
 import json
+import re
 import urllib.request
 
 import pytest
@@ -21,7 +25,7 @@ from moe_cluster.client import MoEClient
 from moe_cluster.hf.importer import import_hf_checkpoint
 
 from ..support.hf_models import build_hf, moe_blocks
-from .conftest import start_local_serve, stop_local_serve
+from .conftest import start_local_serve, stop_local_serve, wait_until
 
 # DeepSeek's attention (MLA) needs as many key/value heads as query heads.
 FAMILIES = {"mixtral": {}, "deepseek_v3": {"num_key_value_heads": 4}}
@@ -53,7 +57,7 @@ def cluster(tmp_path_factory):
               name="hf-mixtral-runner", route_prefix="/hf-mixtral-runner")
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "deepseek_v3"), moe=moe_args["deepseek_v3"])),
               name="hf-deepseek-runner", route_prefix="/hf-deepseek-runner")
-    yield {"models": models, "local": local}
+    yield {"models": models, "local": local, "moe_args": moe_args}
     stop_local_serve()
 
 
@@ -96,9 +100,53 @@ def _post(url: str, payload: object, content_type: str = "application/json") -> 
         return exc.code, json.loads(exc.read())
 
 
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_a_dense_decoder_layer_is_http_400_unknown_layer(cluster):
     status, body = _post(cluster["local"].url("/hf-deepseek/v1/forward"), {"hidden_states": [[0.1] * 32], "layer": 0})
-    assert status == 400 and "unknown layer 0" in body["error"]
+    assert status == 400 and "unknown layer 0: this model has MoE layers [1]" in body["error"]
+
+
+def test_without_layer_the_only_moe_layer_answers_on_every_path(cluster):
+    """DeepSeek's import has one MoE layer, decoder layer 1: leaving `layer` out means it."""
+    from ray import serve
+
+    (block,) = moe_blocks(cluster["models"]["deepseek_v3"]).values()
+    x_TD = torch.randn(5, 32, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        expected = block(x_TD[None])[0]
+    answers = {"handle": serve.get_app_handle("hf-deepseek").forward.remote(x_TD).result()}
+    client = MoEClient(cluster["local"].url("/hf-deepseek"))
+    for wire in ("msgpack", "json"):
+        answers[wire] = torch.from_numpy(client.forward(x_TD.numpy(), wire=wire))
+    status, body = _post(cluster["local"].url("/hf-deepseek/v2/models/moe/infer"),
+                         {"inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [5, 32],
+                                      "data": x_TD.flatten().tolist()}]})
+    assert status == 200, body
+    answers["oip"] = torch.tensor(body["outputs"][0]["data"]).reshape(5, 32)
+    for path, y in answers.items():
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
+
+
+def test_without_layer_a_two_layer_model_is_400_listing_its_layers(cluster):
+    from ray import serve
+
+    x_TD = torch.randn(2, 32)
+    message = 'layer is required: this model has MoE layers [0, 1]; send "layer": <id>'
+    with pytest.raises(ValueError, match=re.escape(message)):
+        serve.get_app_handle("hf-mixtral").forward.remote(x_TD).result()
+    status, body = _post(cluster["local"].url("/hf-mixtral/v1/forward"), {"hidden_states": x_TD.tolist()})
+    assert status == 400 and message in body["error"]
+    status, body = _post(cluster["local"].url("/hf-mixtral/v2/models/moe/infer"),
+                         {"inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [2, 32],
+                                      "data": x_TD.flatten().tolist()}]})
+    assert status == 400 and message in body["error"]
 
 
 def _hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -191,3 +239,42 @@ def test_runner_args_are_checked_before_anything_is_deployed(tmp_path):
         build_runner_app({"hf_model": str(tmp_path / "mixtral"), "moe": {"preset": "tiny"}})
     with pytest.raises(ValueError, match="does not match"):
         build_runner_app({"hf_model": str(tmp_path / "mixtral"), "moe": {"checkpoint": str(tmp_path / "qwen3-moe")}})
+
+
+def _running_replicas(app: str) -> dict[str, int]:
+    from ray import serve
+
+    deployments = serve.status().applications[app].deployments
+    return {name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
+            for name, d in deployments.items()}
+
+
+def test_runner_healthz_is_503_naming_an_expert_deployment_that_does_not_answer(cluster):
+    """hf-mixtral's router up and its one expert deployment without a running replica: the runner
+    cannot generate, so its /healthz must not say ok. Restored afterwards (any test order works).
+
+    How: redeploy hf-mixtral with the expert deployment asking for a resource no node has. Serve
+    stops the old replica and the new one never starts, while the router (no such request) runs.
+    (Serve refuses num_replicas=0, and a replica killed or scaled to zero comes back by itself.)
+    """
+    from ray import serve
+
+    from moe_cluster.serving.app import build_app
+
+    url = cluster["local"].url("/hf-mixtral-runner/healthz")
+    assert _get(url) == (200, {"status": "ok"})
+    args = cluster["moe_args"]["mixtral"]
+    unschedulable = {"ray_actor_options": {"num_cpus": 0, "resources": {"no-such-node": 1}}}
+    no_experts = dict(args, placement=[dict(args["placement"][0], options=unschedulable)])
+    serve.run_many([serve.RunTarget(build_app(no_experts), name="hf-mixtral", route_prefix="/hf-mixtral")],
+                   wait_for_applications_running=False)  # it never runs: the experts cannot start
+    try:
+        wait_until(lambda: _running_replicas("hf-mixtral") == {"router": 1, "experts": 0}, timeout=60,
+                   what="hf-mixtral with its router running and no expert replica")
+        assert serve.get_app_handle("hf-mixtral").info.remote().result()["layers"] == [0, 1]  # the router answers
+        status, body = _get(url)
+        assert status == 503, body
+        assert "the MoE app's expert deployments ['experts'] do not answer a ping" in body["error"]
+    finally:
+        serve.run(build_app(args), name="hf-mixtral", route_prefix="/hf-mixtral")
+    assert _get(url) == (200, {"status": "ok"})

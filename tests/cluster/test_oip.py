@@ -102,12 +102,13 @@ def test_tritonclient_bf16(cluster, client, binary_out):
     torch.testing.assert_close(y, reference_forward(cluster["model"], x, 1), rtol=1.6e-2, atol=1e-2)
 
 
-def test_default_layer_versions_route_id_and_empty_batch(cluster, client):
+def test_versions_route_id_and_empty_batch(cluster, client):
     import tritonclient.http as httpclient
 
     x = _x(5, seed=6)
-    inputs = [httpclient.InferInput("hidden_states", [5, 64], "FP32").set_data_from_numpy(x.numpy())]
-    # No `outputs`: tritonclient asks for binary outputs; no `layer`: layer 0.
+    inputs = [httpclient.InferInput("hidden_states", [5, 64], "FP32").set_data_from_numpy(x.numpy()),
+              httpclient.InferInput("layer", [1], "INT32").set_data_from_numpy(np.array([0], np.int32))]
+    # No `outputs`: tritonclient asks for binary outputs.
     result = client.infer(MODEL, inputs, model_version="1", request_id="req-42")
     response = result.get_response()
     assert (response["id"], response["model_name"], response["model_version"]) == ("req-42", MODEL, "1")
@@ -115,6 +116,26 @@ def test_default_layer_versions_route_id_and_empty_batch(cluster, client):
                                reference_forward(cluster["model"], x, 0), rtol=1e-5, atol=1e-5)
     empty = _infer(client, np.zeros((0, 64), np.float32), layer=1).as_numpy("output")
     assert empty.shape == (0, 64) and empty.dtype == np.float32
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_without_layer_is_a_400_listing_the_layers(client, binary):
+    """The tiny model has two MoE layers: a missing `layer` never silently means the first one."""
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match=r'layer is required: this model has MoE layers \[0, 1\]; '
+                                                       r'send "layer": <id>') as info:
+        _infer(client, _x(2, seed=7).numpy(), binary_in=binary)
+    assert info.value.status() == "400"
+
+
+def test_tritonclient_fp64_is_a_400(client):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException,
+                       match="float64 is not supported: send float32, bfloat16 or float16") as info:
+        _infer(client, _x(2, seed=7).double().numpy(), layer=0, datatype="FP64")
+    assert info.value.status() == "400"
 
 
 def test_tritonclient_health_and_metadata(client):
@@ -188,6 +209,9 @@ BAD_REQUESTS = {
                                        400, "the body has only"),
     "binary_data_size mismatch": (None, *_binary_request(X2, size=500), 400, "needs 512 bytes"),
     "wrong datatype": (None, _json_request(X2).replace(b'"FP32"', b'"INT8"'), {}, 400, "datatype must be one of"),
+    "FP64": (None, _json_request(X2, layer=0).replace(b'"FP32"', b'"FP64"'), {}, 400,
+             "float64 is not supported: send float32, bfloat16 or float16"),
+    "missing layer": (None, _json_request(X2), {}, 400, "layer is required: this model has MoE layers [0, 1]"),
     "wrong D": (None, _json_request(np.zeros((2, 63), np.float32)), {}, 400, "[T, 64]"),
     "too many tokens": (None, *_binary_request(np.zeros((MAX_TOKENS + 1, 64), np.float32)), 413, "limit of 256"),
     "NaN": (None, _json_request(np.full((1, 64), np.nan, np.float32)), {}, 422, "NaN"),

@@ -169,6 +169,12 @@ BAD_REQUESTS = {
     "wrong D (json)": (json.dumps({"hidden_states": [[0.0] * 63]}).encode(), "application/json", 400, "[T, 64]"),
     "wrong D (msgpack)": (_tensor_body(shape=(2, 63), data=b"\0" * 504), "application/msgpack", 400, "[T, 64]"),
     "wrong dtype": (_tensor_body(dtype="int8"), "application/msgpack", 400, "dtype must be one of"),
+    "float64": (_tensor_body(dtype="float64", data=b"\0" * 2 * 64 * 8, layer=0), "application/msgpack", 400,
+                "float64 is not supported: send float32, bfloat16 or float16"),
+    "missing layer (json)": (json.dumps({"hidden_states": [[0.0] * 64]}).encode(), "application/json", 400,
+                             'layer is required: this model has MoE layers [0, 1]; send "layer": <id>'),
+    "missing layer (msgpack)": (_tensor_body(), "application/msgpack", 400,
+                                "layer is required: this model has MoE layers [0, 1]"),
     "strings in json": (json.dumps({"hidden_states": [["a"] * 64]}).encode(), "application/json", 400, "numbers"),
     "data length mismatch": (_tensor_body(data=b"\0" * 100), "application/msgpack", 400, "needs 512"),
     "huge declared shape": (_tensor_body(shape=(4000, 64), data=b"\0" * 8), "application/msgpack", 400, "bytes"),
@@ -214,5 +220,28 @@ def test_bad_handle_input_raises_value_error(cluster):
         cluster["handle"].forward.remote(torch.zeros(2, 64), 3).result()
     with pytest.raises(ValueError, match="exceed the limit"):
         cluster["handle"].forward.remote(torch.zeros(MAX_TOKENS + 1, 64), 0).result()
-    with pytest.raises(MoEHTTPError):
-        MoEClient(cluster["local"].url()).forward(np.zeros((1, 3), np.float32))
+    with pytest.raises(MoEHTTPError, match=r"\[T, 64\]"):
+        MoEClient(cluster["local"].url()).forward(np.zeros((1, 3), np.float32), layer=0)
+
+
+@pytest.mark.parametrize("x", [torch.zeros(2, 64, dtype=torch.float64), np.zeros((2, 64))],
+                         ids=["torch", "numpy"])
+def test_float64_is_refused_by_the_handle_and_the_client(cluster, x):
+    with pytest.raises(ValueError, match="float64 is not supported: send float32, bfloat16 or float16"):
+        cluster["handle"].forward.remote(x, 0).result()
+    with pytest.raises(ValueError, match="float64 is not supported"):  # before anything is sent
+        MoEClient(cluster["local"].url()).forward(np.asarray(x), layer=0)
+
+
+def test_layer_is_required_by_the_handle_and_the_client_of_a_two_layer_model(cluster):
+    x = _x(3, seed=13)
+    for handle in (cluster["handle"], cluster["packed"]):
+        with pytest.raises(ValueError, match=r'layer is required: this model has MoE layers \[0, 1\]; '
+                                             r'send "layer": <id>'):
+            handle.forward.remote(x).result()
+    for wire in ("msgpack", "json"):
+        with pytest.raises(MoEHTTPError, match=r"layer is required: this model has MoE layers \[0, 1\]") as info:
+            MoEClient(cluster["local"].url()).forward(x.numpy(), wire=wire)
+        assert info.value.status == 400
+    torch.testing.assert_close(cluster["handle"].forward.remote(x, layer=1).result(),
+                               reference_forward(cluster["model"], x, 1), rtol=1e-5, atol=1e-5)

@@ -111,8 +111,9 @@ async def _stats(router: "MoERouter", request: Request) -> Response:
 async def _forward(router: "MoERouter", request: Request) -> Response:
     body = await read_body(request, router.args.max_body_bytes)
     forward_request = decode_forward_request(body, request.headers.get("content-type"), router.limits)
-    router.config.layer_position(forward_request.layer)  # ValueError -> 400 for an unknown layer
-    y_TD, counts = await router.run(forward_request.hidden_states, forward_request.layer)
+    # ValueError -> 400 for an unknown layer, or a missing one when the model has several.
+    layer = router.config.resolve_layer(forward_request.layer)
+    y_TD, counts = await router.run(forward_request.hidden_states, layer)
     counts = counts if forward_request.return_expert_counts else None
     content = encode_forward_response(y_TD, forward_request.wire_format, counts)
     return Response(content, media_type=forward_request.wire_format)

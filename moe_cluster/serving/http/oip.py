@@ -67,9 +67,8 @@ async def _infer(router: "MoERouter", request: Request, route: Route) -> Respons
         raise WireError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
     body = await read_body(request, router.args.max_body_bytes)
     infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH), router.limits)
-    # Without `layer`, the first MoE layer (0 unless the model names its layers otherwise).
-    layer = router.config.moe_layer_ids[0] if infer.layer is None else infer.layer
-    router.config.layer_position(layer)  # ValueError -> 400 for an unknown layer
+    # ValueError -> 400 for an unknown layer, or a missing one when the model has several.
+    layer = router.config.resolve_layer(infer.layer)
     y_TD, _ = await router.run(infer.hidden_states, layer)
     content, headers = encode_infer_response(y_TD, router.args.oip_model_name, infer.request_id,
                                              infer.binary_output)

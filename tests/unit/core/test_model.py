@@ -75,6 +75,8 @@ def test_random_init_is_deterministic_per_seed():
     (torch.randn(3, 31), r"shape \[T, 32\], got \[3, 31\]"),
     (torch.randn(2, 3, 32), r"shape \[T, 32\], got \[2, 3, 32\]"),
     (torch.ones(3, 32, dtype=torch.int64), "float32, bfloat16 or float16"),
+    (torch.ones(3, 32, dtype=torch.float64), "float64 is not supported: send float32, bfloat16 or float16"),
+    (torch.ones(3, 32, dtype=torch.float8_e4m3fn), "float32, bfloat16 or float16"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(x, message):
     model = MoEModel.random(ModelConfig(**CONFIGS["mixtral"]), seed=0)
@@ -86,6 +88,45 @@ def test_unknown_layer_is_rejected():
     model = MoEModel.random(ModelConfig(**CONFIGS["mixtral"]), seed=0)
     with pytest.raises(ValueError, match="unknown layer 1"):
         model.forward(torch.randn(2, 32), layer=1)
+
+
+def test_layer_is_required_when_the_model_has_several_moe_layers():
+    model = MoEModel.random(ModelConfig(**CONFIGS["e64-k8-softmax"], layer_ids=(1, 4, 7)), seed=0)
+    x = torch.randn(3, 16)
+    message = r'layer is required: this model has MoE layers \[1, 4, 7\]; send "layer": <id>'
+    for forward in (model.forward, lambda x: reference_forward(model, x)):
+        with pytest.raises(ValueError, match=message):
+            forward(x)
+    with pytest.raises(ValueError, match=r"unknown layer 0: this model has MoE layers \[1, 4, 7\]"):
+        model.forward(x, 0)
+    torch.testing.assert_close(model.forward(x, 4), reference_forward(model, x, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_layer_is_the_only_moe_layer():
+    """One MoE layer (named 3, as decoder layer 3 of an import): leaving `layer` out means that one."""
+    model = MoEModel.random(ModelConfig(**CONFIGS["mixtral"], layer_ids=(3,)), seed=2)
+    x = torch.randn(6, 32)
+    assert torch.equal(model.forward(x), model.forward(x, 3))
+    assert torch.equal(reference_forward(model, x), reference_forward(model, x, 3))
+    with pytest.raises(ValueError, match=r"unknown layer 0: this model has MoE layers \[3\]"):
+        model.forward(x, 0)
+
+
+@pytest.mark.parametrize("layer_ids, layer, expected", [
+    (None, None, 0), ((3,), None, 3), ((1, 4), 4, 4), (None, 0, 0),
+    ((1, 4), None, 'layer is required: this model has MoE layers [1, 4]'),
+    ((1, 4), 2, "unknown layer 2: this model has MoE layers [1, 4]"),
+    (None, True, "unknown layer True"), (None, "0", "unknown layer '0'"),
+])
+def test_resolve_layer(layer_ids, layer, expected):
+    num_layers = 1 if layer_ids is None else len(layer_ids)
+    config = ModelConfig(d_model=8, d_ff=8, num_experts=2, top_k=1, num_layers=num_layers, layer_ids=layer_ids)
+    if isinstance(expected, int):
+        assert config.resolve_layer(layer) == expected
+    else:
+        with pytest.raises(ValueError) as info:
+            config.resolve_layer(layer)
+        assert expected in str(info.value)
 
 
 def test_import_leaves_ray_out():

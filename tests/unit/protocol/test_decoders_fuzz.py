@@ -38,7 +38,7 @@ def _forward(body: bytes, content_type: str | None):
         assert 400 <= exc.status < 500 and exc.message, exc
         return None
     _check_hidden_states(request.hidden_states)
-    assert isinstance(request.layer, int) and isinstance(request.return_expert_counts, bool)
+    assert (request.layer is None or isinstance(request.layer, int)) and isinstance(request.return_expert_counts, bool)
     assert request.wire_format in (JSON, MSGPACK)
     return request
 
@@ -225,7 +225,9 @@ FORWARD_BAD = {
     "a list, not an object": (b"[[0.0]]", JSON, 400, "object/map"),
     "hidden_states a string": (json.dumps({"hidden_states": "AAAA"}).encode(), JSON, 400, "list of rows"),
     "missing hidden_states": (b'{"layer": 0}', JSON, 400, "missing field 'hidden_states'"),
-    "dtype float64": (_tensor(dtype="float64", data=b"\0" * 2 * D * 8), MSGPACK, 400, "dtype must be one of"),
+    "dtype float64": (_tensor(dtype="float64", data=b"\0" * 2 * D * 8), MSGPACK, 400,
+                      "hidden_states.dtype: float64 is not supported: send float32, bfloat16 or float16"),
+    "dtype int8": (_tensor(dtype="int8", data=b"\0" * 2 * D), MSGPACK, 400, "dtype must be one of"),
     "dtype upper case": (_tensor(dtype="FLOAT32"), MSGPACK, 400, "dtype must be one of"),
     "dtype missing": (msgpack.packb({"hidden_states": {"shape": [1, D], "data": b"\0" * 4 * D}}), MSGPACK, 400,
                       "dtype must be one of"),
@@ -277,6 +279,17 @@ def test_forward_malformed(case):
     assert info.value.status == status and message in info.value.message, info.value.message
 
 
+@pytest.mark.parametrize("body, content_type", [(_rows(), JSON), (_tensor(), MSGPACK)])
+def test_forward_layer_is_none_when_absent_and_kept_when_sent(body, content_type):
+    """The decoder does not pick a layer: the router resolves a missing one (ModelConfig.resolve_layer)."""
+    assert decode_forward_request(body, content_type, LIMITS).layer is None
+    fields = json.loads(body) if content_type == JSON else msgpack.unpackb(body)
+    for layer in (0, 3):
+        sent = json.dumps({**fields, "layer": layer}).encode() if content_type == JSON \
+            else msgpack.packb({**fields, "layer": layer})
+        assert decode_forward_request(sent, content_type, LIMITS).layer == layer
+
+
 def _infer_json(hidden=None, **fields):
     hidden = hidden or {"name": "hidden_states", "datatype": "FP32", "shape": [1, D], "data": [0.0] * D}
     return json.dumps({"inputs": [hidden], **fields}).encode()
@@ -304,6 +317,8 @@ INFER_BAD = {
     "name not a string": (_infer_json({**HIDDEN, "name": 1}), None, 400, "must be strings"),
     "datatype lower case": (_infer_json({**HIDDEN, "datatype": "fp32"}), None, 400, "datatype must be one of"),
     "datatype BYTES": (_infer_json({**HIDDEN, "datatype": "BYTES"}), None, 400, "datatype must be one of"),
+    "datatype FP64": (_infer_json({**HIDDEN, "datatype": "FP64"}), None, 400,
+                      "input 'hidden_states': float64 is not supported: send float32, bfloat16 or float16"),
     "shape with a bool": (_infer_json({**HIDDEN, "shape": [True, D]}), None, 400, "non-negative integers"),
     "shape a string": (_infer_json({**HIDDEN, "shape": "1x8"}), None, 400, "non-negative integers"),
     "huge declared shape, little data": (_infer_json({**HIDDEN, "shape": [2**40, D]}), None, 413, "limit of 16"),

@@ -104,7 +104,11 @@ BAD_REQUESTS = {
     "trailing bytes": ([BINARY_HIDDEN], BINARY_RAW + b"\0\0", "auto", {}, 400, "add up to 64"),
     "data and binary": ([{**BINARY_HIDDEN, "data": [0.0] * 16}], BINARY_RAW, "auto", {}, 400, "exactly one"),
     "no data": ([{k: v for k, v in JSON_HIDDEN.items() if k != "data"}], None, None, {}, 400, "exactly one"),
-    "wrong datatype": ([{**JSON_HIDDEN, "datatype": "FP64"}], None, None, {}, 400, "datatype must be one of"),
+    "wrong datatype": ([{**JSON_HIDDEN, "datatype": "INT8"}], None, None, {}, 400, "datatype must be one of"),
+    "FP64 in JSON": ([{**JSON_HIDDEN, "datatype": "FP64"}], None, None, {}, 400,
+                     "float64 is not supported: send float32, bfloat16 or float16"),
+    "FP64 binary": ([{**BINARY_HIDDEN, "datatype": "FP64", "parameters": {"binary_data_size": 128}}],
+                    _x(2).double().numpy().tobytes(), "auto", {}, 400, "float64 is not supported"),
     "wrong D": ([{**JSON_HIDDEN, "shape": [4, 4]}], None, None, {}, 400, f"[T, {D}]"),
     "three dims": ([{**JSON_HIDDEN, "shape": [1, 2, D]}], None, None, {}, 400, f"[T, {D}]"),
     "negative dim": ([{**JSON_HIDDEN, "shape": [-1, D]}], None, None, {}, 400, "non-negative"),
@@ -207,22 +211,28 @@ def test_check_model_and_metadata():
 # --- the /v2 routes with an in-process fake router -------------------------------------------
 
 class FakeRouter:
-    """What oip_http needs of MoERouter, computing with the in-process model."""
+    """What oip_http and http need of MoERouter, computing with the in-process model (tiny preset:
+    MoE layers 0 and 1; `layer_ids` renames them, e.g. (5,) for a model with one MoE layer)."""
 
-    def __init__(self, failed=()):
+    def __init__(self, failed=(), layer_ids=None):
         from moe_cluster.serving.args import AppArgs
 
         self.args = AppArgs(preset="tiny", seed=1, oip_model_name="tiny-moe", max_tokens_per_request=16)
         self.config = preset_config("tiny")
+        if layer_ids is not None:
+            self.config = self.config.replace(num_layers=len(layer_ids), layer_ids=tuple(layer_ids))
         self.limits = Limits(self.config.d_model, 16)
         self.model = MoEModel.random(self.config, seed=1)
         self.failed = list(failed)
+        self.auth = None
+        self.layers_run = []  # the layer of every run, as the router's moe_forward gets it
 
     async def check_experts(self):
         return self.failed
 
     async def run(self, x_TD, layer):
-        return self.model.forward(x_TD, layer), []
+        self.layers_run.append(layer)
+        return self.model.forward(x_TD, layer), [0] * self.config.num_experts
 
 
 def _call(router, method, path, body=b"", headers=()):
@@ -268,3 +278,62 @@ def test_not_ready_and_compressed_body():
         assert status == 400 and "expert-3" in json.loads(body)["error"]
     status, _, body = _call(router, "POST", "/v2/models/tiny-moe/infer", b"\x1f\x8b", [("Content-Encoding", "gzip")])
     assert status == 415 and "uncompressed" in json.loads(body)["error"]
+
+
+# --- `layer`: required with several MoE layers, the only one by default -----------------------
+
+def _infer_body(x, layer=None, datatype="FP32"):
+    hidden = {"name": "hidden_states", "datatype": datatype, "shape": list(x.shape), "data": x.flatten().tolist()}
+    inputs = [hidden] + ([] if layer is None else [{"name": "layer", "datatype": "INT64", "shape": [1],
+                                                     "data": [layer]}])
+    return _body(inputs)[0]
+
+
+def _forward_body(x, layer=None):
+    return json.dumps({"hidden_states": x.tolist(), **({} if layer is None else {"layer": layer})}).encode()
+
+
+def _answer(path, content):
+    """The output [T, 64] of a 200 answer of /v2/.../infer (JSON) or /v1/forward (JSON)."""
+    reply = json.loads(content)
+    return torch.tensor(reply["outputs"][0]["data"] if path.startswith("/v2") else reply["output"]).reshape(-1, 64)
+
+
+PATHS = ["/v2/models/tiny-moe/infer", "/v1/forward"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_missing_layer_is_a_400_listing_the_layers_when_the_model_has_several(path):
+    router = FakeRouter()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    body = _infer_body(x) if path.startswith("/v2") else _forward_body(x)
+    status, _, content = _call(router, "POST", path, body)
+    assert status == 400 and router.layers_run == []
+    assert 'layer is required: this model has MoE layers [0, 1]; send "layer": <id>' in json.loads(content)["error"]
+    for layer in (0, 1):  # given, every layer answers
+        body = _infer_body(x, layer) if path.startswith("/v2") else _forward_body(x, layer)
+        status, _, content = _call(router, "POST", path, body)
+        assert status == 200
+        torch.testing.assert_close(_answer(path, content), router.model.forward(x, layer), rtol=1e-6, atol=1e-6)
+    assert router.layers_run == [0, 1]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_missing_layer_is_the_only_moe_layer(path):
+    router = FakeRouter(layer_ids=(5,))  # one MoE layer, named 5 (e.g. decoder layer 5 of an import)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    body = _infer_body(x) if path.startswith("/v2") else _forward_body(x)
+    status, _, content = _call(router, "POST", path, body)
+    assert status == 200 and router.layers_run == [5]
+    torch.testing.assert_close(_answer(path, content), router.model.forward(x, 5), rtol=1e-6, atol=1e-6)
+    body = _infer_body(x, 0) if path.startswith("/v2") else _forward_body(x, 0)
+    status, _, content = _call(router, "POST", path, body)
+    assert status == 400 and "unknown layer 0: this model has MoE layers [5]" in json.loads(content)["error"]
+
+
+def test_fp64_over_http_is_a_400_and_nothing_runs():
+    router = FakeRouter()
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
+    status, _, content = _call(router, "POST", "/v2/models/tiny-moe/infer", _infer_body(x, 0, datatype="FP64"))
+    assert status == 400 and router.layers_run == []
+    assert "float64 is not supported: send float32, bfloat16 or float16" in json.loads(content)["error"]

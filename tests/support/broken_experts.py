@@ -1,0 +1,114 @@
+"""Test-only expert deployments that answer wrongly, raise or die, and an app that binds one.
+
+Each class is the real ExpertServer (same weights, same bind arguments) with `forward`
+changed: it computes the right answer, then breaks it. `expert_app` binds the router to one
+such deployment hosting every (layer, expert), the way `serving/app.py:build_app` binds the
+real app.
+
+Replicas unpickle these classes without importing `tests` (which they can import only when
+the driver's working directory is the repo root: Ray puts it on the workers' sys.path). A
+@serve.deployment class already travels by value (its module attribute is the Deployment,
+not the class, so cloudpickle cannot pickle it by reference); the module also registers
+itself to be pickled by value, so that nothing else of it travels by reference either.
+Checked: the test passes when pytest runs from another directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from ray import cloudpickle, serve
+from ray.serve import Application
+
+from moe_cluster.serving.app import ROUTER_NAME
+from moe_cluster.serving.args import AppArgs
+from moe_cluster.serving.expert import ExpertServer
+from moe_cluster.serving.router import MoERouter
+
+__all__ = ["ShortRows", "WrongD", "WrongDtype", "Raises", "DiesOnce", "expert_app", "DIED_MARKER"]
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+_ExpertClass = ExpertServer.func_or_class  # the class under the @serve.deployment
+_OPTIONS = {"ray_actor_options": {"num_cpus": 0}}
+DIED_MARKER = "died"  # file in the marker dir of DiesOnce; holds the pid of the replica that died
+
+
+@serve.deployment(**_OPTIONS)
+class ShortRows(_ExpertClass):
+    """Answers one row fewer than it was sent."""
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        return (await super().forward(layer, expert, x_ND))[:-1]
+
+
+@serve.deployment(**_OPTIONS)
+class WrongD(_ExpertClass):
+    """Answers [N, D - 1]."""
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        return (await super().forward(layer, expert, x_ND))[:, :-1]
+
+
+@serve.deployment(**_OPTIONS)
+class WrongDtype(_ExpertClass):
+    """Answers float16 to a float32 model (the right numbers, rounded)."""
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        return (await super().forward(layer, expert, x_ND)).astype(np.float16)
+
+
+@serve.deployment(**_OPTIONS)
+class Raises(_ExpertClass):
+    """Raises on every call, and counts the calls (`stats()["raised"]`)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.raised = 0
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        self.raised += 1
+        raise RuntimeError(f"deliberate failure of test expert (layer {layer}, expert {expert})")
+
+    async def stats(self) -> dict:
+        return {**await super().stats(), "raised": self.raised}
+
+
+@serve.deployment(**_OPTIONS)
+class DiesOnce(_ExpertClass):
+    """The first forward call of the whole deployment kills its replica (os._exit) mid-call; every
+    other call, on any replica, answers right. The marker file in `marker_dir` decides who dies
+    (created atomically) and records the pid."""
+
+    def __init__(self, args: dict, group_name: str, hosted: list, marker_dir: str) -> None:
+        super().__init__(args, group_name, hosted)
+        self.marker = os.path.join(marker_dir, DIED_MARKER)
+
+    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # a replica already died: answer
+            return await super().forward(layer, expert, x_ND)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+def expert_app(args: dict, name: str, expert_class: serve.Deployment, *extra_bind_args,
+               options: dict | None = None) -> Application:
+    """The router bound to ONE deployment `name` of `expert_class` that hosts every (layer, expert).
+
+    `options` (e.g. num_replicas) go to that deployment; `extra_bind_args` follow the usual
+    (args, group_name, hosted).
+    """
+    experts = list(range(AppArgs.model_validate(args).load_model_config().num_experts))
+    entry = {"name": name, "experts": experts, **({"options": options} if options else {})}
+    app_args = AppArgs.model_validate({**args, "placement": [entry]})
+    (group,) = app_args.resolve_placement(app_args.load_model_config()).groups
+    args_dict = app_args.model_dump(mode="json")
+    deployment = (expert_class.options(name=name, **app_args.group_options(name))
+                  .bind(args_dict, name, [list(pair) for pair in group.hosted], *extra_bind_args))
+    return MoERouter.options(name=ROUTER_NAME, **app_args.router.model_dump(exclude_none=True)).bind(
+        args_dict, {name: deployment})
