@@ -14,22 +14,16 @@ from typing import Any, Literal
 
 import torch
 
+from ..dtypes import DTYPE_NAMES, FLOAT64_NOT_SUPPORTED
+
 __all__ = ["ModelConfig", "PRESETS", "preset_config", "DTYPES", "FLOAT64_NOT_SUPPORTED"]
 
 ExpertKind = Literal["mlp", "swiglu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 
-# Names accepted in configs and on the wire, mapped to torch dtypes.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+# Names accepted in configs and on the wire (the one table: moe_cluster/dtypes.py), mapped to torch dtypes.
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
-# Hidden states in float64 are refused on every path (handle, MoEModel, both wire formats, the
-# client): no wire format here carries float64, and computing it in float32 would silently
-# change the caller's precision. One message, so every path says the same.
-FLOAT64_NOT_SUPPORTED = "float64 is not supported: send float32, bfloat16 or float16"
 
 
 @dataclass(frozen=True)

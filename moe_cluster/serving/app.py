@@ -1,7 +1,8 @@
 """`build_app(args) -> Application`: the router bound to one deployment per expert group.
 
 Serve config files point here: `import_path: moe_cluster.serving.app:build_app` with the
-`args:` block of `AppArgs`.
+`args:` block of `AppArgs`. The args are resolved once, here (model config, placement,
+deployment options), and every deployment gets the resolved objects.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from .args import AppArgs
+from .args import AppArgs, ResolvedApp, resolve_app
 from .expert import ExpertServer
 from .router import MoERouter
 
@@ -19,16 +20,11 @@ __all__ = ["build_app", "ROUTER_NAME"]
 ROUTER_NAME = "router"
 
 
-def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+def build_app(args: dict[str, Any] | AppArgs | ResolvedApp | None = None) -> Application:
     """The application: `router` (ingress) plus one deployment per expert group of the placement."""
-    app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    config = app_args.load_model_config()
-    placement = app_args.resolve_placement(config)
-    args_dict = app_args.model_dump(mode="json")
+    app = args if isinstance(args, ResolvedApp) else resolve_app(args)
     experts = {
-        group.name: ExpertServer.options(name=group.name, **app_args.group_options(group.name))
-        .bind(args_dict, group.name, [list(pair) for pair in group.hosted])
-        for group in placement.groups
+        group.name: ExpertServer.options(name=group.name, **app.args.group_options(group.name)).bind(app, group)
+        for group in app.placement.groups
     }
-    router_options = app_args.router.model_dump(exclude_none=True)
-    return MoERouter.options(name=ROUTER_NAME, **router_options).bind(args_dict, experts)
+    return MoERouter.options(name=ROUTER_NAME, **app.args.router_options()).bind(app, experts)

@@ -15,6 +15,7 @@ Unknown fields are errors, with the field's path in the message (never its value
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,7 +24,21 @@ from ..checkpoint import load_config
 from ..core.config import ModelConfig, preset_config
 from ..core.placement import GroupSpec, Placement, resolve_placement
 
-__all__ = ["AppArgs", "DeploymentOptions", "PlacementEntry", "merge_options"]
+__all__ = ["AppArgs", "DeploymentOptions", "PlacementEntry", "ResolvedApp", "resolve_app", "merge_options",
+           "DEPLOYMENT_DEFAULTS"]
+
+# Serve options of each kind of deployment unless the config says otherwise, in one place. Replicas
+# ask for no CPU (`num_cpus: 0`): torch threads are set explicitly (torch_threads), and on a GPU
+# cluster the deployments ask for GPUs instead.
+# The router and the runner log one access line per request themselves (serving/http/common.py,
+# with the real path): Serve's own access log names only the route prefix of a `__call__` deployment.
+DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "router": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 64,
+               "logging_config": {"enable_access_log": False}},
+    "experts": {"ray_actor_options": {"num_cpus": 0}},
+    "runner": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 8,
+               "logging_config": {"enable_access_log": False}},
+}
 
 
 class DeploymentOptions(BaseModel):
@@ -116,19 +131,42 @@ class AppArgs(BaseModel):
         return resolve_placement(config, specs)
 
     def group_options(self, name: str) -> dict[str, Any]:
-        """Options of the expert deployment `name`: the expert defaults, overridden by its entry."""
+        """Options of the expert deployment `name`: DEPLOYMENT_DEFAULTS, the `experts` block, its entry."""
         entry = next((p for p in self.placement if p.name == name), None)
-        return merge_options(self.experts, entry.options if entry else None)
+        return merge_options(merge_options(DEPLOYMENT_DEFAULTS["experts"], self.experts),
+                             entry.options if entry else None)
+
+    def router_options(self) -> dict[str, Any]:
+        """Options of the router deployment: DEPLOYMENT_DEFAULTS overridden by the `router` block."""
+        return merge_options(DEPLOYMENT_DEFAULTS["router"], self.router)
 
 
-def merge_options(defaults: DeploymentOptions, override: DeploymentOptions | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResolvedApp:
+    """The app's arguments resolved once, in build_app, and handed to every deployment as they are:
+    no replica reads the config again, so router and experts cannot disagree."""
+
+    args: AppArgs
+    config: ModelConfig  # the model: the checkpoint's config.json, or the preset
+    placement: Placement  # which deployment hosts each (layer, expert)
+
+
+def resolve_app(args: AppArgs | dict[str, Any] | None) -> ResolvedApp:
+    """Validate the args (dict from a config file) and resolve the model config and the placement."""
+    app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    config = app_args.load_model_config()
+    return ResolvedApp(app_args, config, app_args.resolve_placement(config))
+
+
+def merge_options(defaults: DeploymentOptions | dict[str, Any],
+                  override: DeploymentOptions | dict[str, Any] | None) -> dict[str, Any]:
     """Defaults overridden field by field; dict fields (autoscaling_config, ray_actor_options) merge
     key by key, so an override may change just `max_replicas`. A fixed num_replicas in the
     override drops the default autoscaling_config and vice versa."""
-    merged = defaults.model_dump(exclude_none=True)
+    merged = _as_dict(defaults)
     if override is None:
         return merged
-    specific = override.model_dump(exclude_none=True)
+    specific = _as_dict(override)
     if isinstance(specific.get("num_replicas"), int):
         merged.pop("autoscaling_config", None)
     if "autoscaling_config" in specific:
@@ -139,3 +177,9 @@ def merge_options(defaults: DeploymentOptions, override: DeploymentOptions | Non
         else:
             merged[key] = value
     return merged
+
+
+def _as_dict(options: DeploymentOptions | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(options, DeploymentOptions):
+        return options.model_dump(exclude_none=True)
+    return {key: dict(value) if isinstance(value, dict) else value for key, value in options.items()}

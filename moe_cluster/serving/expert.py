@@ -19,39 +19,28 @@ import torch
 from ray import serve
 
 from ..checkpoint import load_experts
-from ..protocol.v1 import from_numpy, to_numpy
+from ..core.config import ModelConfig
 from ..core.init import random_expert
-from .args import AppArgs
+from ..core.placement import ExpertGroup
+from ..protocol.v1 import from_numpy, to_numpy
+from .args import AppArgs, ResolvedApp
 from .autoscaling import ROWS_PER_S, RowRate
+from .runtime import pick_device, set_torch_threads
 
-__all__ = ["ExpertServer", "pick_device"]
-
-
-def pick_device() -> torch.device:
-    """CUDA if this actor was given a GPU and CUDA works here; else CPU (fake GPUs included)."""
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+__all__ = ["ExpertServer"]
 
 
-def set_torch_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment  # options: DEPLOYMENT_DEFAULTS["experts"] and the config (serving/args.py)
 class ExpertServer:
-    """Computes Expert_{layer, expert}(x_ND) for the pairs in `hosted`."""
+    """Computes Expert_{layer, expert}(x_ND) for the pairs `group.hosted`."""
 
-    def __init__(self, args: dict, group_name: str, hosted: list[tuple[int, int]]) -> None:
-        app_args = AppArgs.model_validate(args)
-        set_torch_threads(app_args.torch_threads)
-        config = app_args.load_model_config()
-        self.group_name = group_name
+    def __init__(self, app: ResolvedApp, group: ExpertGroup) -> None:
+        set_torch_threads(app.args.torch_threads)
+        self.group_name = group.name
         self.device = pick_device()
-        self.dtype = config.dtype
-        pairs = [tuple(p) for p in hosted]
-        self.experts = {pair: module.to(self.device) for pair, module in _build_experts(app_args, config, pairs).items()}
+        self.dtype = app.config.dtype
+        self.experts = {pair: module.to(self.device)
+                        for pair, module in _build_experts(app.args, app.config, list(group.hosted)).items()}
         self.calls: collections.Counter[tuple[int, int]] = collections.Counter()
         self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
         self.row_rate = RowRate(window_s=2.0)
@@ -62,7 +51,7 @@ class ExpertServer:
         module = self.experts.get((layer, expert))
         if module is None:
             raise ValueError(f"deployment {self.group_name} does not host (layer {layer}, expert {expert}); "
-                             "the router's placement and this deployment disagree")
+                             f"it hosts {sorted(self.experts)}")
         started = time.perf_counter()
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
@@ -98,7 +87,7 @@ class ExpertServer:
         }
 
 
-def _build_experts(args: AppArgs, config, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], torch.nn.Module]:
+def _build_experts(args: AppArgs, config: ModelConfig, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], torch.nn.Module]:
     if args.checkpoint:
         out = {}
         by_expert: dict[int, list[int]] = collections.defaultdict(list)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,20 +36,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..protocol.v1 import WireError
 from ..core.config import ModelConfig
 from ..hf.runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
 from .app import ROUTER_NAME, build_app
-from .args import AppArgs, DeploymentOptions
+from .args import DEPLOYMENT_DEFAULTS, AppArgs, DeploymentOptions, merge_options
 from .http.auth import BearerAuth
-from .expert import set_torch_threads
-from .http.endpoints import check_auth, error_response, json_response, read_body, relative_path
+from .runtime import set_torch_threads
+from .http.common import dispatch, error_response, json_response, read_body
 
 __all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
 
 RUNNER_NAME = "runner"
 
-logger = logging.getLogger("ray.serve")
 
 
 class RunnerArgs(BaseModel):
@@ -96,8 +93,7 @@ def build_runner_app(args: dict[str, Any] | RunnerArgs) -> Application:
         moe_args = AppArgs.model_validate(runner_args.moe)
         check_compatible(runner_args.hf_model, moe_args.load_model_config())  # fail before anything is deployed
         moe = build_app(moe_args)
-    options = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 8,
-               **runner_args.runner.model_dump(exclude_none=True)}
+    options = merge_options(DEPLOYMENT_DEFAULTS["runner"], runner_args.runner)
     return ModelRunner.options(name=RUNNER_NAME, **options).bind(runner_args.model_dump(mode="json"), moe)
 
 
@@ -133,30 +129,12 @@ class ModelRunner:
         return {**self.runner.info(), "moe": self.args.moe_app or "bound"}
 
     async def __call__(self, request: Request) -> Response:
-        denied = check_auth(self, request)  # before the path or body is looked at
-        if denied is not None:
-            return denied
-        path, method = relative_path(request), request.method
-        endpoints = {"/v1/generate": "POST", "/v1/info": "GET", "/healthz": "GET"}
-        if path not in endpoints:
-            return error_response(404, f"no endpoint {path}; try POST /v1/generate, GET /v1/info or GET /healthz")
-        if method != endpoints[path]:
-            return error_response(405, f"{path} takes {endpoints[path]}, not {method}")
-        try:
-            if path == "/v1/info":
-                return json_response(await self.info())
-            if path == "/healthz":
-                return await self._healthz()
-            input_ids, max_new_tokens = parse_generate_body(await read_body(request, self.args.max_body_bytes),
-                                                            request.headers.get("content-type"))
-            return json_response(await self.generate(input_ids, max_new_tokens))
-        except (GenerateError, WireError) as exc:  # the client's fault: 4xx
-            return error_response(exc.status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a failure inside the cluster, e.g. a MoE call that failed
-            logger.exception("request to %s failed", path)
-            return error_response(500, f"{type(exc).__name__}: {exc}")
+        # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
+        # the request checks raise the client's errors (GenerateError / WireError with a 4xx status).
+        return await dispatch(self, request, _ROUTES, {}, "try POST /v1/generate, GET /v1/info or GET /healthz",
+                              value_errors_are_4xx=False)
 
-    async def _healthz(self) -> Response:
+    async def healthz(self) -> Response:
         """200 only when the MoE app really serves: its router answers and every expert deployment
         answers a ping (MoERouter.check_experts); else 503 naming what does not answer."""
         try:
@@ -168,6 +146,23 @@ class ModelRunner:
             return error_response(503, f"the MoE app's expert deployments {failed} do not answer a ping: "
                                        "generation would fail; see the MoE app's GET /healthz and the Serve logs")
         return json_response({"status": "ok"})
+
+
+async def _generate(runner: ModelRunner, request: Request) -> Response:
+    input_ids, max_new_tokens = parse_generate_body(await read_body(request, runner.args.max_body_bytes),
+                                                    request.headers.get("content-type"))
+    return json_response(await runner.generate(input_ids, max_new_tokens))
+
+
+async def _info(runner: ModelRunner, request: Request) -> Response:
+    return json_response(await runner.info())
+
+
+async def _healthz(runner: ModelRunner, request: Request) -> Response:
+    return await runner.healthz()
+
+
+_ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/healthz": ("GET", _healthz)}
 
 
 def parse_generate_body(body: bytes, content_type: str | None) -> tuple[object, object]:

@@ -1,5 +1,6 @@
-"""Starting and stopping a local Ray cluster with Serve: the one copy used by `moe-cluster serve`,
-`generate`, `bench`, the tests and the scripts.
+"""Where replicas run and how a local cluster starts: the device and torch threads of a replica,
+and the one copy of starting/stopping a local Ray cluster with Serve (used by `moe-cluster serve`,
+`generate`, `bench`, the tests and the scripts).
 
 Ray posts usage statistics to the internet a minute after a cluster starts unless
 `RAY_USAGE_STATS_ENABLED=0`; a cluster started here keeps them off unless the user set the
@@ -13,10 +14,31 @@ import contextlib
 import os
 import socket
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-__all__ = ["start_local_serve", "stop_local_serve", "local_serve", "keep_usage_stats_local", "check_port_free",
-           "PortBusyError"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["pick_device", "set_torch_threads", "start_local_serve", "stop_local_serve", "local_serve",
+           "keep_usage_stats_local", "check_port_free", "PortBusyError"]
+
+
+def pick_device() -> "torch.device":
+    """CUDA if this actor was given a GPU and CUDA works here; else CPU (fake GPUs included)."""
+    import ray
+    import torch
+
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads of this process; None keeps Ray's default (1 per replica)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 class PortBusyError(OSError):

@@ -25,7 +25,6 @@ Writes DIR/results.json and DIR/results.png.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import threading
@@ -41,8 +40,10 @@ from ray import serve
 from ..core.config import preset_config
 from ..core.model import MoEModel
 from ..serving.args import AppArgs
-from .bench_oracle import ORACLE_ATOL, ClientRequest, check_against_oracle, compute_oracle, max_abs_diff, wrong_answers
 from ..serving.runtime import check_port_free
+from .bench_apps import MonolithicMoE, floor_app
+from .bench_oracle import (ORACLE_ATOL, ClientRequest, check_against_oracle, compute_oracle, max_abs_diff,
+                           wrong_answers)
 
 __all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops", "ORACLE_ATOL"]
 
@@ -72,43 +73,6 @@ class Record:
 
 
 # --- deployments that exist only to be compared with --------------------------------------
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class MonolithicMoE:
-    """The whole MoE (every layer, every expert) in one replica."""
-
-    def __init__(self, preset: str, seed: int, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.model = MoEModel.random(preset_config(preset), seed)
-
-    async def forward(self, x_TD: np.ndarray, layer: int = 0) -> np.ndarray:
-        """numpy in, numpy out, like the router's fast path (see `callers` in run_bench)."""
-        with torch.no_grad():
-            return self.model.forward(torch.from_numpy(np.asarray(x_TD)), layer).numpy()
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class NoopExpert:
-    async def forward(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class NoopRouter:
-    """Calls every one of its no-op experts at once (as the router fans a token out to top_k)."""
-
-    def __init__(self, *experts) -> None:
-        self.experts = experts
-
-    async def forward(self, x: np.ndarray) -> np.ndarray:
-        outputs = await asyncio.gather(*(expert.forward.remote(x) for expert in self.experts))
-        return outputs[0]
-
-
-def floor_app(width: int):
-    """A no-op router over `width` no-op expert deployments."""
-    return NoopRouter.bind(*(NoopExpert.options(name=f"NoopExpert{i}").bind() for i in range(width)))
-
 
 # --- measurement -----------------------------------------------------------------------------
 

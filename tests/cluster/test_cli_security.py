@@ -23,7 +23,6 @@ import pytest
 import torch
 import yaml
 
-from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient
 
 from .conftest import free_port, stop_process

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from moe_cluster import MoEModel
 from moe_cluster.client import MoEClient, MoEHTTPError
 
 from .conftest import free_port, stop_process, wait_until

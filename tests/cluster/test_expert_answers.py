@@ -99,7 +99,7 @@ def test_a_wrong_answer_fails_the_request_over_http(cluster, name):
 def test_a_wrong_answer_fails_the_request_through_the_handle(cluster, name):
     from ray import serve
 
-    from moe_cluster.serving.router import ExpertComputeError
+    from moe_cluster.serving.errors import ExpertComputeError
 
     with pytest.raises(ExpertComputeError, match=rf"expert deployment '{name}' answered \(layer 1, expert \d\)"):
         serve.get_app_handle(name).forward.remote(_x(5, seed=2), 1).result()
@@ -122,7 +122,7 @@ def test_a_replica_that_dies_mid_call_is_retried_and_the_answer_is_right(cluster
 def test_an_expert_that_raises_gets_a_500_at_once_without_retries(cluster):
     from ray import serve
 
-    from moe_cluster.serving.router import ExpertComputeError
+    from moe_cluster.serving.errors import ExpertComputeError
 
     expert = serve.get_deployment_handle("raises", app_name="raises")
     x = _x(6, seed=5)

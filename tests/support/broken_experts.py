@@ -23,7 +23,8 @@ from ray import cloudpickle, serve
 from ray.serve import Application
 
 from moe_cluster.serving.app import ROUTER_NAME
-from moe_cluster.serving.args import AppArgs
+from moe_cluster.core.placement import ExpertGroup
+from moe_cluster.serving.args import AppArgs, ResolvedApp, resolve_app
 from moe_cluster.serving.expert import ExpertServer
 from moe_cluster.serving.router import MoERouter
 
@@ -82,8 +83,8 @@ class DiesOnce(_ExpertClass):
     other call, on any replica, answers right. The marker file in `marker_dir` decides who dies
     (created atomically) and records the pid."""
 
-    def __init__(self, args: dict, group_name: str, hosted: list, marker_dir: str) -> None:
-        super().__init__(args, group_name, hosted)
+    def __init__(self, app: ResolvedApp, group: ExpertGroup, marker_dir: str) -> None:
+        super().__init__(app, group)
         self.marker = os.path.join(marker_dir, DIED_MARKER)
 
     async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
@@ -101,14 +102,11 @@ def expert_app(args: dict, name: str, expert_class: serve.Deployment, *extra_bin
     """The router bound to ONE deployment `name` of `expert_class` that hosts every (layer, expert).
 
     `options` (e.g. num_replicas) go to that deployment; `extra_bind_args` follow the usual
-    (args, group_name, hosted).
+    (app, group).
     """
     experts = list(range(AppArgs.model_validate(args).load_model_config().num_experts))
     entry = {"name": name, "experts": experts, **({"options": options} if options else {})}
-    app_args = AppArgs.model_validate({**args, "placement": [entry]})
-    (group,) = app_args.resolve_placement(app_args.load_model_config()).groups
-    args_dict = app_args.model_dump(mode="json")
-    deployment = (expert_class.options(name=name, **app_args.group_options(name))
-                  .bind(args_dict, name, [list(pair) for pair in group.hosted], *extra_bind_args))
-    return MoERouter.options(name=ROUTER_NAME, **app_args.router.model_dump(exclude_none=True)).bind(
-        args_dict, {name: deployment})
+    app = resolve_app({**args, "placement": [entry]})
+    (group,) = app.placement.groups
+    deployment = expert_class.options(name=name, **app.args.group_options(name)).bind(app, group, *extra_bind_args)
+    return MoERouter.options(name=ROUTER_NAME, **app.args.router_options()).bind(app, {name: deployment})

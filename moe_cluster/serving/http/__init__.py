@@ -1,1 +1,1 @@
-"""serving/http"""
+"""HTTP faces of the deployments: shared dispatch (common.py), the router's endpoints, OIP v2, bearer auth."""

@@ -1,6 +1,6 @@
-"""Open Inference Protocol v2 endpoints of the router (the /v2 paths; protocol code in oip.py).
+"""Open Inference Protocol v2 endpoints of the router (the /v2 paths; protocol code in protocol/oip.py).
 
-`handle_http` (http.py) sends every path under /v2 here and maps the WireError/ValueError
+`handle_http` (endpoints.py) sends every path under /v2 here; `dispatch` (common.py) maps the WireError/ValueError
 raised below to 4xx JSON errors, an expert failure to 503, anything else to 500. Health
 answers follow the protocol: 200 with an empty body for true, 400 for false.
 """
@@ -15,7 +15,7 @@ from starlette.responses import Response
 from ... import __version__
 from ...protocol.v1 import WireError
 from ...protocol.oip import HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request, parse_route, server_metadata
-from .endpoints import error_response, json_response, read_body, relative_path
+from .common import error_response, json_response, read_body, relative_path
 
 if TYPE_CHECKING:
     from ..router import MoERouter
@@ -69,7 +69,7 @@ async def _infer(router: "MoERouter", request: Request, route: Route) -> Respons
     infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH), router.limits)
     # ValueError -> 400 for an unknown layer, or a missing one when the model has several.
     layer = router.config.resolve_layer(infer.layer)
-    y_TD, _ = await router.run(infer.hidden_states, layer)
+    y_TD, _ = await router.serve_request(infer.hidden_states, layer)
     content, headers = encode_infer_response(y_TD, router.args.oip_model_name, infer.request_id,
                                              infer.binary_output)
     return Response(content, headers=headers)

@@ -13,7 +13,6 @@ import torch
 from moe_cluster.cli import main
 from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.hf.safetensors_reader import HFCheckpoint
-from moe_cluster.core.model import MoEModel
 from moe_cluster.hf.runner import GenerateError, GenerateLimits, HFMoERunner, MoEBlockProxy
 
 from ...support.hf_models import FAMILIES, build_hf, moe_blocks

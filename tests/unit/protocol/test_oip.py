@@ -225,12 +225,12 @@ class FakeRouter:
         self.model = MoEModel.random(self.config, seed=1)
         self.failed = list(failed)
         self.auth = None
-        self.layers_run = []  # the layer of every run, as the router's moe_forward gets it
+        self.layers_run = []  # the layer of every run, as the router's serve_request gets it
 
     async def check_experts(self):
         return self.failed
 
-    async def run(self, x_TD, layer):
+    async def serve_request(self, x_TD, layer):
         self.layers_run.append(layer)
         return self.model.forward(x_TD, layer), [0] * self.config.num_experts
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from moe_cluster.protocol.v1 import to_numpy
-from moe_cluster.serving.router import ExpertComputeError, check_expert_answer
+from moe_cluster.serving.errors import ExpertComputeError
+from moe_cluster.serving.remote_experts import check_expert_answer
 
 SOURCE = "expert deployment 'expert-3' answered (layer 1, expert 3)"
 WIRE = {name: to_numpy(torch.zeros(0, dtype=dtype))[0].dtype
