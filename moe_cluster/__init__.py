@@ -3,10 +3,26 @@
 The top-level package is pure torch (it never imports Ray): the model config, routing,
 dispatch/combine, experts, the in-process model and its oracle, and checkpoints.
 Everything that imports Ray Serve lives in `moe_cluster.serving`.
-"""
 
-from .core.config import PRESETS, ModelConfig, preset_config
-from .core.model import MoEModel
+`ModelConfig`, `MoEModel`, `PRESETS` and `preset_config` are imported on first use, so that
+the client and the wire formats (`moe_cluster.client`, `moe_cluster.protocol`) load without torch.
+"""
 
 __all__ = ["ModelConfig", "MoEModel", "PRESETS", "preset_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "MoEModel":
+        from .core.model import MoEModel
+
+        return MoEModel
+    if name in ("ModelConfig", "PRESETS", "preset_config"):
+        from .core import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -24,13 +24,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .core.config import FLOAT64_NOT_SUPPORTED
+from .dtypes import BY_NAME, FLOAT64_NOT_SUPPORTED
+from .protocol.tensors import array_from_bytes, array_to_bytes, array_to_numbers
 
 __all__ = ["MoEClient", "MoEHTTPError"]
-
-# Wire dtypes by numpy dtype name: little-endian bytes. bfloat16 (ml_dtypes) travels as its own
-# 16-bit pattern, which is what the server's "bfloat16" expects on a little-endian machine.
-_NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": None}
 
 
 class MoEHTTPError(RuntimeError):
@@ -63,23 +60,21 @@ class MoEClient:
         x = np.ascontiguousarray(hidden_states)
         if x.dtype.name == "float64":
             raise ValueError(f"hidden_states: {FLOAT64_NOT_SUPPORTED} (x.astype(np.float32))")
-        if x.dtype.name not in _NUMPY_DTYPES:
+        if x.dtype.name not in BY_NAME:
             raise ValueError(f"hidden_states must be float32, float16 or bfloat16 (ml_dtypes), got {x.dtype}")
         fields: dict[str, Any] = {"return_expert_counts": return_expert_counts}
         if layer is not None:  # left out: the server resolves it (the only MoE layer, else 400)
             fields["layer"] = layer
-        if wire == "msgpack":
-            wire_dtype = _NUMPY_DTYPES[x.dtype.name] or x.dtype
-            fields["hidden_states"] = {"dtype": x.dtype.name, "shape": list(x.shape),
-                                       "data": x.astype(wire_dtype, copy=False).tobytes()}
+        if wire == "msgpack":  # the msgpack tensor of protocol/v1.py: raw little-endian bytes
+            fields["hidden_states"] = {"dtype": x.dtype.name, "shape": list(x.shape), "data": array_to_bytes(x)}
             body = msgpack.packb(fields, use_bin_type=True)
             reply = msgpack.unpackb(self._request("POST", "/v1/forward", body, "application/msgpack"), raw=False)
             out = reply["output"]
             if out["dtype"] != x.dtype.name:  # the server answers in the request's dtype
                 raise RuntimeError(f"the server answered {out['dtype']} to a {x.dtype.name} request")
-            y = np.frombuffer(out["data"], dtype=wire_dtype).reshape(out["shape"]).astype(x.dtype)
+            y = array_from_bytes(out["data"], out["dtype"], tuple(out["shape"])).astype(x.dtype, copy=False)
         elif wire == "json":
-            fields["hidden_states"] = x.astype(np.float32).tolist()
+            fields["hidden_states"] = array_to_numbers(x)
             body = json.dumps(fields).encode()
             reply = json.loads(self._request("POST", "/v1/forward", body, "application/json"))
             y = np.asarray(reply["output"], dtype=np.float32).reshape(x.shape).astype(x.dtype)

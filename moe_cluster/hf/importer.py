@@ -40,14 +40,16 @@ import torch
 from ..checkpoint import CheckpointWriter
 from ..checkpoint.format import layer_key
 from ..core.config import ModelConfig
+from ..dtypes import BY_SAFETENSORS
 from .families import HFFamily, family_for, model_config, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 
 __all__ = ["import_hf_checkpoint", "IMPORT_DTYPES"]
 
 IMPORT_DTYPES = ("keep", "float32", "bfloat16")
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16",
-              "F8_E4M3": "bfloat16", "F8_E5M2": "bfloat16"}  # FP8 is dequantised to bfloat16 by default
+# Our dtype for each stored safetensors dtype "keep" accepts: the table's, and FP8 (an import
+# policy) dequantised to bfloat16.
+_ST_DTYPES = {**{st: row.name for st, row in BY_SAFETENSORS.items()}, "F8_E4M3": "bfloat16", "F8_E5M2": "bfloat16"}
 
 
 def import_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str = "keep",

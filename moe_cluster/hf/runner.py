@@ -35,26 +35,16 @@ import torch
 from torch import nn
 
 from ..core.config import ModelConfig
+from ..dtypes import DTYPE_NAMES
+from ..protocol.errors import WireError
 from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_model
 
-__all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "GenerateError", "load_dense_model", "check_compatible"]
+__all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "check_compatible"]
 
 MoECall = Callable[[torch.Tensor, int], torch.Tensor]  # (x_TD, decoder layer) -> y_TD, x's dtype
-RUNNER_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class GenerateError(ValueError):
-    """A bad generate request: the client's fault. `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def __reduce__(self):  # picklable, so that a handle caller gets it back through Ray
-        return (type(self), (self.status, self.message))
+RUNNER_DTYPES = ("auto", *DTYPE_NAMES)  # auto: the dtype of the model's config.json
 
 
 # --- per-token accounting ----------------------------------------------------------------
@@ -253,7 +243,7 @@ class HFMoERunner:
         `input_ids` is a batch [B][S] of token ids (no padding: every row the same length).
         output_ids are what transformers' `model.generate(..., do_sample=False)` returns:
         the prompt followed by up to max_new_tokens tokens (fewer where every row hit EOS).
-        Bad input raises GenerateError (a ValueError) with the HTTP status to use.
+        Bad input raises WireError (a ValueError) with the HTTP status to use.
         """
         ids_BS, new_tokens = self.check_request(input_ids, max_new_tokens)
         recorder = _Recorder()
@@ -268,30 +258,30 @@ class HFMoERunner:
         return {"output_ids": out_BL.tolist(), "timings": _timings(recorder.steps, total_ms, ids_BS.shape)}
 
     def check_request(self, input_ids: object, max_new_tokens: object) -> tuple[torch.Tensor, int]:
-        """(ids [B, S] int64, max_new_tokens), or GenerateError saying what is wrong."""
+        """(ids [B, S] int64, max_new_tokens), or WireError saying what is wrong."""
         if not isinstance(input_ids, list) or not input_ids or not all(isinstance(r, list) and r for r in input_ids):
-            raise GenerateError(400, "input_ids must be a non-empty list of non-empty lists of token ids, "
-                                     "e.g. [[1, 2, 3]] for one sequence")
+            raise WireError(400, "input_ids must be a non-empty list of non-empty lists of token ids, "
+                                 "e.g. [[1, 2, 3]] for one sequence")
         if len({len(row) for row in input_ids}) != 1:
-            raise GenerateError(400, "every sequence of input_ids must have the same length (no padding support); "
-                                     "send sequences of different lengths in separate requests")
+            raise WireError(400, "every sequence of input_ids must have the same length (no padding support); "
+                                 "send sequences of different lengths in separate requests")
         if not all(type(t) is int for row in input_ids for t in row):  # bool and float are not token ids
-            raise GenerateError(400, "input_ids must hold integers only")
+            raise WireError(400, "input_ids must hold integers only")
         bad = [t for row in input_ids for t in row if not 0 <= t < self.vocab_size]
         if bad:
-            raise GenerateError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise WireError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if type(max_new_tokens) is not int or max_new_tokens < 1:
-            raise GenerateError(400, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise WireError(400, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         B, S = len(input_ids), len(input_ids[0])
         if B * S > self.limits.max_input_tokens:
-            raise GenerateError(413, f"{B}x{S} = {B * S} input tokens exceed the limit of "
-                                     f"{self.limits.max_input_tokens}; send fewer or shorter sequences")
+            raise WireError(413, f"{B}x{S} = {B * S} input tokens exceed the limit of "
+                                 f"{self.limits.max_input_tokens}; send fewer or shorter sequences")
         if max_new_tokens > self.limits.max_new_tokens:
-            raise GenerateError(413, f"max_new_tokens {max_new_tokens} exceeds the limit of "
-                                     f"{self.limits.max_new_tokens}")
+            raise WireError(413, f"max_new_tokens {max_new_tokens} exceeds the limit of "
+                                 f"{self.limits.max_new_tokens}")
         if self.max_positions and S + max_new_tokens > self.max_positions:
-            raise GenerateError(400, f"{S} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                                     f"max_position_embeddings ({self.max_positions})")
+            raise WireError(400, f"{S} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                                 f"max_position_embeddings ({self.max_positions})")
         return torch.tensor(input_ids, dtype=torch.long), max_new_tokens
 
 

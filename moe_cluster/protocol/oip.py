@@ -1,14 +1,10 @@
-"""Open Inference Protocol v2 (KServe / Triton REST) for the router: pure protocol code, no Ray.
+"""Open Inference Protocol v2 (KServe / Triton REST): the inference codec. Pure protocol code, no Ray.
 
-    GET  /v2                                       server metadata
-    GET  /v2/health/live, /v2/health/ready         200 (empty body) when live / ready
-    GET  /v2/models/{name}[/versions/{v}]          model metadata
-    GET  /v2/models/{name}[/versions/{v}]/ready    200 (empty body) when ready
-    POST /v2/models/{name}[/versions/{v}]/infer    inference
-
-An inference request is a JSON object. With the binary tensor data extension, the body's first
-`Inference-Header-Content-Length` bytes are that JSON and the rest are the raw little-endian
-bytes of every input that declares `parameters.binary_data_size`, in the order of `inputs`:
+The paths (/v2, health, metadata, infer) and the metadata are in oip_routes.py. An inference
+request (POST /v2/models/{name}[/versions/{v}]/infer) is a JSON object. With the binary tensor
+data extension, the body's first `Inference-Header-Content-Length` bytes are that JSON and the
+rest are the raw little-endian bytes of every input that declares `parameters.binary_data_size`,
+in the order of `inputs`:
 
     {"id": "42",                                                                     # optional, echoed
      "inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [T, D], "data": [...]},
@@ -17,12 +13,15 @@ bytes of every input that declares `parameters.binary_data_size`, in the order o
 
 `hidden_states` is FP32, FP16 or BF16 (JSON data: numbers, flat row-major or nested [T][D];
 FP64 is refused with a 400); `layer` is INT32 or INT64, required when the model has more
-than one MoE layer (the caller resolves a missing one: `ModelConfig.resolve_layer`). The one output, `output` [T, D], has the datatype of
-`hidden_states` and is JSON numbers, or binary data after the JSON header when the request
-asks for it (`binary_data` on the output, else `parameters.binary_data_output`).
+than one MoE layer (the caller resolves a missing one: `ModelConfig.resolve_layer`). The one
+output, `output` [T, D], has the datatype of `hidden_states` and is JSON numbers, or binary
+data after the JSON header when the request asks for it (`binary_data` on the output, else
+`parameters.binary_data_output`).
 
-Parsing raises `WireError(status, message)` (codec.py), checking every declared shape and
-byte size against the limits and the body before any tensor is built. Nothing is unpickled.
+Parsing gives hidden_states as a numpy array [T, D] of the datatype sent (BF16 as
+`ml_dtypes.bfloat16`; numpy only) and raises `WireError(status, message)` (protocol/errors.py),
+checking every declared shape and byte size against the limits and the body before any array
+is built. Nothing is unpickled.
 
 Shape legend: T tokens, D model dim.
 """
@@ -32,42 +31,30 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import torch
+import numpy as np
 
-from .v1 import JSON, Limits, WireError, check_values, tensor_from_bytes, tensor_to_bytes
-from ..core.config import FLOAT64_NOT_SUPPORTED
+from ..dtypes import BY_OIP, FLOAT64_NOT_SUPPORTED, dtype_of_array
+from .bodies import JSON, parse_json
+from .errors import WireError
+from .limits import Limits
+from .oip_routes import MODEL_VERSION
+from .tensors import array_from_bytes, array_from_numbers, array_to_bytes, array_to_numbers
 
-__all__ = ["HEADER_LENGTH", "MODEL_VERSION", "BINARY", "Route", "InferRequest", "parse_route", "check_model",
-           "server_metadata", "model_metadata", "parse_infer_request", "encode_infer_response"]
+__all__ = ["HEADER_LENGTH", "BINARY", "InferRequest", "parse_infer_request", "encode_infer_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-MODEL_VERSION = "1"  # the one version of the served model: /versions/1/... or no /versions at all
 BINARY = "application/octet-stream"
-EXTENSIONS = ["binary_tensor_data"]
-_FLOATS = {"FP32": ("float32", 4), "FP16": ("float16", 2), "BF16": ("bfloat16", 2)}  # name: (dtype, itemsize)
 _INTS = {"INT32": 4, "INT64": 8}
-_DATATYPE = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
 _REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
 _INPUT_FIELDS = {"name", "datatype", "shape", "parameters", "data"}
 _INPUT_NAMES = ("hidden_states", "layer")
 
-Endpoint = Literal["server", "live", "ready", "model", "model_ready", "infer"]
-
-
-@dataclass(frozen=True)
-class Route:
-    """A /v2 path: which endpoint, and for model endpoints the model name and version (None: any)."""
-
-    endpoint: Endpoint
-    model: str | None = None
-    version: str | None = None
-
 
 @dataclass(frozen=True)
 class InferRequest:
-    hidden_states: torch.Tensor  # [T, D] in the datatype sent (float32, float16 or bfloat16)
+    hidden_states: np.ndarray  # [T, D] in the datatype sent (float32, float16, ml_dtypes.bfloat16); writable
     layer: int | None  # None when not sent: the caller resolves it (ModelConfig.resolve_layer)
     request_id: str | None  # echoed as the response's "id"
     binary_output: bool  # send `output` as binary data after the JSON header
@@ -82,51 +69,6 @@ class _Input:
     binary_size: int | None  # parameters.binary_data_size; None for JSON data
 
 
-# --- routes and metadata -----------------------------------------------------------------------
-
-_FIXED_ROUTES: dict[tuple[str, ...], Endpoint] = {
-    ("v2",): "server", ("v2", "health", "live"): "live", ("v2", "health", "ready"): "ready"}
-_MODEL_ROUTES: dict[tuple[str, ...], Endpoint] = {(): "model", ("ready",): "model_ready", ("infer",): "infer"}
-
-
-def parse_route(path: str) -> Route | None:
-    """The endpoint of a path below the app's prefix (e.g. "/v2/models/moe/versions/1/infer"), or None."""
-    parts = tuple(path.strip("/").split("/"))
-    if parts in _FIXED_ROUTES:
-        return Route(_FIXED_ROUTES[parts])
-    if len(parts) < 3 or parts[:2] != ("v2", "models") or not parts[2]:
-        return None
-    model, rest, version = parts[2], parts[3:], None
-    if len(rest) >= 2 and rest[0] == "versions":
-        version, rest = rest[1], rest[2:]
-    endpoint = _MODEL_ROUTES.get(rest)
-    return None if endpoint is None else Route(endpoint, model, version)
-
-
-def check_model(route: Route, model_name: str) -> None:
-    """WireError 404 unless the route names the served model (and its version, if any)."""
-    if route.model != model_name:
-        raise WireError(404, f"unknown model {route.model!r}; this server serves {model_name!r} "
-                             f"(see GET /v2/models/{model_name})")
-    if route.version is not None and route.version != MODEL_VERSION:
-        raise WireError(404, f"model {model_name!r} has no version {route.version!r}; its only version is "
-                             f"{MODEL_VERSION!r} (or leave /versions/... out of the path)")
-
-
-def server_metadata(version: str) -> dict:
-    return {"name": "moe-cluster", "version": version, "extensions": list(EXTENSIONS)}
-
-
-def model_metadata(model_name: str, d_model: int) -> dict:
-    """Inputs and outputs of the served model. hidden_states may also be FP16 or BF16; layer INT32."""
-    return {
-        "name": model_name, "versions": [MODEL_VERSION], "platform": "moe-cluster",
-        "inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [-1, d_model]},
-                   {"name": "layer", "datatype": "INT64", "shape": [1]}],
-        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, d_model]}],
-    }
-
-
 # --- inference requests ------------------------------------------------------------------------
 
 def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
@@ -136,7 +78,8 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
     WireError: 400 for a bad request, 413 for too many tokens, 422 for NaN/Inf (unless allowed).
     """
     header, binary = _split_body(body, header_length)
-    fields = _parse_json(header, header_length is not None)
+    hint = "" if header_length is not None else f" (binary tensor data needs the {HEADER_LENGTH} header)"
+    fields = parse_json(header, "inference header", hint)
     if not isinstance(fields, dict):
         raise WireError(400, "the inference request must be a JSON object with an 'inputs' list")
     unknown = sorted(str(k) for k in set(fields) - _REQUEST_FIELDS)
@@ -156,8 +99,8 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
         raise WireError(400, f"inputs declare binary_data_size but the request has no {HEADER_LENGTH} "
                              "header; send it with the size of the JSON part of the body")
     chunks = _binary_chunks(list(inputs.values()), binary)
-    x_TD = _float_tensor(hidden, dtype, chunks.get(hidden.name))
-    check_values(x_TD, limits)
+    x_TD = _float_array(hidden, dtype, chunks.get(hidden.name))
+    limits.check_values(x_TD)
     layer = _layer_value(inputs["layer"], chunks.get("layer")) if "layer" in inputs else None
     return InferRequest(x_TD, layer, request_id, binary_output)
 
@@ -174,18 +117,6 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
         raise WireError(400, f"{HEADER_LENGTH} is {size} but the body has only {len(body)} bytes; "
                              "it must be the size of the JSON part of the body")
     return body[:size], memoryview(body)[size:]
-
-
-def _parse_json(header: bytes, has_header_length: bool) -> Any:
-    try:
-        # JSON has no NaN/Infinity; Python accepts them. Keep them as floats so the
-        # non-finite policy (422 unless allowed) decides, as on the native endpoint.
-        return json.loads(header, parse_constant=float)
-    except RecursionError:
-        raise WireError(400, "malformed JSON inference header: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        hint = "" if has_header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
-        raise WireError(400, f"malformed JSON inference header: {exc}{hint}") from None
 
 
 def _request_parameters(raw: Any) -> dict:
@@ -272,21 +203,19 @@ def _parse_input(item: Any, index: int) -> _Input:
 
 
 def _check_hidden_states(inp: _Input, limits: Limits) -> str:
-    """The torch dtype name of hidden_states, after checking its declared shape and size."""
+    """The dtype name of hidden_states, after checking its declared shape and size."""
     if inp.datatype == "FP64":
         raise WireError(400, f"input 'hidden_states': {FLOAT64_NOT_SUPPORTED} (datatype FP32, BF16 or FP16)")
-    if inp.datatype not in _FLOATS:
-        raise WireError(400, f"input 'hidden_states': datatype must be one of {sorted(_FLOATS)}, "
+    if inp.datatype not in BY_OIP:
+        raise WireError(400, f"input 'hidden_states': datatype must be one of {sorted(BY_OIP)}, "
                              f"got {inp.datatype!r}")
     if len(inp.shape) != 2 or inp.shape[1] != limits.d_model:
         raise WireError(400, f"input 'hidden_states': shape must be [T, {limits.d_model}] "
                              f"(d_model={limits.d_model}), got {list(inp.shape)}")
-    if inp.shape[0] > limits.max_tokens:
-        raise WireError(413, f"{inp.shape[0]} tokens exceed the limit of {limits.max_tokens} per request; "
-                             "split the batch")
-    dtype, itemsize = _FLOATS[inp.datatype]
-    _check_binary_size(inp, math.prod(inp.shape) * itemsize)
-    return dtype
+    limits.check_tokens(inp.shape[0])
+    dtype = BY_OIP[inp.datatype]
+    _check_binary_size(inp, math.prod(inp.shape) * dtype.itemsize)
+    return dtype.name
 
 
 def _check_layer(inp: _Input) -> None:
@@ -316,20 +245,12 @@ def _binary_chunks(inputs: list[_Input], binary: memoryview) -> dict[str, memory
     return chunks
 
 
-def _float_tensor(inp: _Input, dtype: str, chunk: memoryview | None) -> torch.Tensor:
+def _float_array(inp: _Input, dtype: str, chunk: memoryview | None) -> np.ndarray:
     """hidden_states [T, D] from its binary bytes or its JSON numbers."""
     shape = (inp.shape[0], inp.shape[1])
     if chunk is not None:
-        return tensor_from_bytes(chunk, dtype, shape)
-    values = _json_values(inp)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WireError(400, f"input 'hidden_states': data must hold only numbers, "
-                                 f"found {type(value).__name__}")
-    try:
-        return torch.tensor(values, dtype=getattr(torch, dtype)).reshape(shape)
-    except (OverflowError, RuntimeError) as exc:
-        raise WireError(400, f"input 'hidden_states': {exc}") from None
+        return array_from_bytes(chunk, dtype, shape)
+    return array_from_numbers(_json_values(inp), dtype, shape, "input 'hidden_states': data")
 
 
 def _json_values(inp: _Input) -> list:
@@ -360,16 +281,16 @@ def _layer_value(inp: _Input, chunk: memoryview | None) -> int:
 
 # --- responses ---------------------------------------------------------------------------------
 
-def encode_infer_response(y_TD: torch.Tensor, model_name: str, request_id: str | None,
+def encode_infer_response(y_TD: np.ndarray, model_name: str, request_id: str | None,
                           binary_output: bool) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of the response for output y [T, D]: JSON, or JSON header + raw bytes."""
-    output: dict[str, Any] = {"name": "output", "datatype": _DATATYPE[y_TD.dtype], "shape": list(y_TD.shape)}
+    """(body, headers) of the response for output y [T, D] (a numpy array): JSON, or JSON header + raw bytes."""
+    output: dict[str, Any] = {"name": "output", "datatype": dtype_of_array(y_TD).oip, "shape": list(y_TD.shape)}
     raw = b""
     if binary_output:
-        raw = tensor_to_bytes(y_TD)
+        raw = array_to_bytes(y_TD)
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
-        output["data"] = y_TD.float().flatten().tolist()  # exact: every fp16/bf16 value is a float32
+        output["data"] = array_to_numbers(y_TD.reshape(-1))
     response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
     if request_id is not None:
         response["id"] = request_id

@@ -38,14 +38,16 @@ def array_from_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...
     return array.view(_BF16) if dtype == "bfloat16" else array
 
 
-def array_from_numbers(values: list, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """An array from JSON numbers (nested rows or flat row-major), the values `torch.tensor(values,
-    dtype=...)` gives: each number to a double, rounded to float32, then (fp16, bf16) from float32.
+def array_from_numbers(values: list, dtype: str, shape: tuple[int, ...], what: str,
+                       nested: bool = False) -> np.ndarray:
+    """An array from JSON numbers, flat row-major or (`nested`) a list of equal-length rows: the values
+    `torch.tensor(values, dtype=...)` gives, each number to a double, rounded to float32, then to
+    fp16 or bf16 from that float32 (rounding to nearest even at each step).
 
     `what` names the field in errors: WireError 400 for anything but numbers, or an integer
     too large for a double. Out-of-range values become +-Inf (the caller's NaN/Inf check decides).
     """
-    rows = values if values and isinstance(values[0], list) else [values]
+    rows = values if nested else [values]
     for row in rows:
         for value in row:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -59,8 +61,10 @@ def array_from_numbers(values: list, dtype: str, shape: tuple[int, ...], what: s
         if dtype == "float32":
             return array
         array = array.astype(BY_NAME[dtype].numpy)
-    if dtype == "bfloat16":  # torch's NaN in bf16 is the positive quiet NaN, whatever the sign
-        array[np.isnan(array)] = np.nan
+    nan = np.isnan(array)
+    if nan.any():  # torch's NaNs: bf16 0x7fc0 whatever the sign, fp16 0x7e00 with the sign (JSON's NaN: +)
+        signed = np.where(np.signbit(array[nan]), -np.nan, np.nan)
+        array[nan] = np.nan if dtype == "bfloat16" else signed
     return array
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from ..protocol.v1 import WireError
+from ..protocol.errors import WireError
 
 __all__ = ["ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE", "http_status"]
 

@@ -22,10 +22,10 @@ from ..checkpoint import load_experts
 from ..core.config import ModelConfig
 from ..core.init import random_expert
 from ..core.placement import ExpertGroup
-from ..protocol.v1 import from_numpy, to_numpy
 from .args import AppArgs, ResolvedApp
 from .autoscaling import ROWS_PER_S, RowRate
 from .runtime import pick_device, set_torch_threads
+from .tensors import from_wire, to_wire
 
 __all__ = ["ExpertServer"]
 
@@ -56,13 +56,13 @@ class ExpertServer:
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
-            x = from_numpy(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
+            x = from_wire(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
             y = module(x).cpu()
         self.compute_s += time.perf_counter() - started
         self.calls[(layer, expert)] += 1
         self.rows[(layer, expert)] += int(x_ND.shape[0])
         self.row_rate.add(int(x_ND.shape[0]))
-        return to_numpy(y)[0]
+        return to_wire(y)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric: token rows computed per second (see autoscaling.py)."""

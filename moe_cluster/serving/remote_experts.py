@@ -27,9 +27,9 @@ from ray.serve.handle import DeploymentHandle
 from ..core.config import ModelConfig
 from ..core.dispatch import ExpertChunk
 from ..core.placement import Placement
-from ..protocol.v1 import from_numpy, to_numpy
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError
 from .metrics import RouterMetrics
+from .tensors import from_wire, to_wire, wire_dtype
 
 __all__ = ["RemoteExperts", "check_expert_answer"]
 
@@ -53,13 +53,13 @@ class RemoteExperts:
     @property
     def wire_dtype(self) -> np.dtype:
         """How an answer travels: numpy of the model dtype, bf16 as its uint16 bit pattern."""
-        return to_numpy(torch.empty(0, dtype=self.config.torch_dtype))[0].dtype
+        return wire_dtype(self.config.dtype)
 
     def for_deadline(self, deadline: float) -> "RemoteExperts":
         return dataclasses.replace(self, deadline=deadline)
 
     def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> asyncio.Task:
-        return asyncio.ensure_future(self._call(layer, chunk.expert, to_numpy(x_ND.cpu())[0]))
+        return asyncio.ensure_future(self._call(layer, chunk.expert, to_wire(x_ND)))
 
     def cancel(self, calls: list[asyncio.Future]) -> None:
         """Cancel the calls still running; mark the failures of finished ones as seen (no asyncio log noise)."""
@@ -93,7 +93,7 @@ class RemoteExperts:
         check_expert_answer(array, (x_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
                             f"expert deployment '{group}' answered (layer {layer}, expert {expert})")
         self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
-        return from_numpy(array, self.config.dtype).to(self.device)
+        return from_wire(array, self.config.dtype).to(self.device)
 
 
 def _call_error(group: str, layer: int, expert: int, started: float, attempts: int,

@@ -26,7 +26,7 @@ from ..core.dispatch import DispatchPlan, expert_counts
 from ..core.forward import ForwardTimings, moe_forward
 from ..core.init import random_gate_and_shared
 from ..core.layers import GateAndShared, check_hidden_states
-from ..protocol.v1 import Limits, check_values
+from ..protocol.limits import Limits
 from .args import ResolvedApp
 from .coalesce import Coalescer
 from .errors import DeadlineExceeded
@@ -35,6 +35,7 @@ from .http.endpoints import handle_http
 from .metrics import RouterMetrics
 from .remote_experts import RemoteExperts
 from .runtime import pick_device, set_torch_threads
+from .tensors import from_numpy, to_numpy
 
 __all__ = ["MoERouter"]
 
@@ -72,14 +73,13 @@ class MoERouter:
         included) raises ValueError (wrapped by Ray in a RayTaskError that is also a ValueError).
         """
         as_numpy = isinstance(hidden_states, np.ndarray)
-        x_TD = torch.from_numpy(np.asarray(hidden_states)) if as_numpy else hidden_states
+        x_TD = from_numpy(np.asarray(hidden_states)) if as_numpy else hidden_states  # bf16: ml_dtypes.bfloat16
         check_hidden_states(x_TD, self.config)
-        if x_TD.shape[0] > self.limits.max_tokens:
-            raise ValueError(f"{x_TD.shape[0]} tokens exceed the limit of {self.limits.max_tokens} per request")
+        self.limits.check_tokens(x_TD.shape[0])  # WireError 413, a ValueError
         layer = self.config.resolve_layer(layer)
-        check_values(x_TD, self.limits)
+        self.limits.check_values(to_numpy(x_TD))
         y_TD, _ = await self.serve_request(x_TD, layer)
-        return y_TD.numpy() if as_numpy else y_TD
+        return to_numpy(y_TD) if as_numpy else y_TD
 
     async def serve_request(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
         """(y_TD, rows per expert) for a validated request, merged with concurrent ones if enabled.

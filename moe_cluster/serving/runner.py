@@ -26,7 +26,6 @@ stays free for other requests and health checks.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..core.config import ModelConfig
-from ..hf.runner import GenerateError, GenerateLimits, HFMoERunner, check_compatible
+from ..hf.runner import RUNNER_DTYPES, GenerateLimits, HFMoERunner, check_compatible
+from ..protocol.bodies import decode_generate_request
 from .app import ROUTER_NAME, build_app
 from .args import DEPLOYMENT_DEFAULTS, AppArgs, DeploymentOptions, merge_options
 from .http.auth import BearerAuth
@@ -60,7 +60,7 @@ class RunnerArgs(BaseModel):
     moe: dict[str, Any] | None = Field(default=None, description="args of the MoE app (build_app) to deploy with "
                                                                  "the runner; its checkpoint is hf_model imported")
     moe_app: str | None = Field(default=None, description="or: name of a running MoE app to call")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal[RUNNER_DTYPES] = Field(
         default="auto", description="dtype of the dense model (auto: config.json's)")
     max_input_tokens: int = Field(default=4096, ge=1, description="batch x prompt length; more gets 413")
     max_new_tokens: int = Field(default=256, ge=1, description="larger max_new_tokens gets 413")
@@ -122,7 +122,7 @@ class ModelRunner:
         return self.moe.forward.remote(x_TD, layer).result(timeout_s=self.args.moe_timeout_s)
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
-        """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises GenerateError (a ValueError)."""
+        """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError)."""
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
 
     async def info(self) -> dict:
@@ -130,7 +130,7 @@ class ModelRunner:
 
     async def __call__(self, request: Request) -> Response:
         # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
-        # the request checks raise the client's errors (GenerateError / WireError with a 4xx status).
+        # the request checks raise the client's errors (WireError with a 4xx status).
         return await dispatch(self, request, _ROUTES, {}, "try POST /v1/generate, GET /v1/info or GET /healthz",
                               value_errors_are_4xx=False)
 
@@ -149,8 +149,8 @@ class ModelRunner:
 
 
 async def _generate(runner: ModelRunner, request: Request) -> Response:
-    input_ids, max_new_tokens = parse_generate_body(await read_body(request, runner.args.max_body_bytes),
-                                                    request.headers.get("content-type"))
+    input_ids, max_new_tokens = decode_generate_request(await read_body(request, runner.args.max_body_bytes),
+                                                        request.headers.get("content-type"))
     return json_response(await runner.generate(input_ids, max_new_tokens))
 
 
@@ -163,24 +163,6 @@ async def _healthz(runner: ModelRunner, request: Request) -> Response:
 
 
 _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/healthz": ("GET", _healthz)}
-
-
-def parse_generate_body(body: bytes, content_type: str | None) -> tuple[object, object]:
-    """(input_ids, max_new_tokens) of a JSON body; their values are checked by the runner."""
-    if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
-        raise GenerateError(415, f"Content-Type must be application/json, got {content_type!r}")
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise GenerateError(400, "malformed JSON body; send {\"input_ids\": [[1, 2, 3]], \"max_new_tokens\": 8}") \
-            from None
-    if not isinstance(payload, dict) or "input_ids" not in payload:
-        raise GenerateError(400, "the body must be a JSON object with input_ids, e.g. "
-                                 "{\"input_ids\": [[1, 2, 3]], \"max_new_tokens\": 8}")
-    unknown = sorted(set(payload) - {"input_ids", "max_new_tokens"})
-    if unknown:
-        raise GenerateError(400, f"unknown fields {unknown}: only input_ids and max_new_tokens (greedy decoding)")
-    return payload["input_ids"], payload.get("max_new_tokens", 16)
 
 
 async def _await(response):

@@ -26,13 +26,14 @@ import torch
 
 from moe_cluster import ModelConfig, MoEModel
 from moe_cluster.client import MoEClient
-from moe_cluster.core.dispatch import add_rows, expert_chunks, gather_rows
-from moe_cluster.core.layers import GateAndShared, MoELayer, add_shared_experts, route_and_plan
+from moe_cluster.core.forward import moe_forward, run_sync
+from moe_cluster.core.layers import GateAndShared, MoELayer
 from moe_cluster.core.reference import reference_forward
 from moe_cluster.core.routing import GateWeights
 
+from moe_cluster.checkpoint import load_model, save_model
+
 from .conftest import start_local_serve, stop_local_serve
-from moe_cluster.checkpoint import load_model
 
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="needs the `test` extra (tritonclient brings ml_dtypes)")
 
@@ -51,7 +52,7 @@ def cluster(tmp_path_factory):
     from moe_cluster.serving.app import build_app
 
     checkpoint = tmp_path_factory.mktemp("bf16")
-    MoEModel.random(CONFIG, seed=11).save(checkpoint)
+    save_model(MoEModel.random(CONFIG, seed=11), checkpoint)
     model = load_model(checkpoint)
     assert model.layers[0].experts[0].w1.dtype == torch.bfloat16  # what the servers load: bf16 weights
     local = start_local_serve()
@@ -141,14 +142,11 @@ def test_the_bf16_in_process_path_is_deterministic():
 
 
 def _chunked_forward(model: MoEModel, x_TD: torch.Tensor, layer: int, max_rows: int) -> torch.Tensor:
-    """MoEModel.forward with the router's chunking: one expert call per chunk of at most max_rows rows."""
-    moe_layer = model.layer(layer)
-    x_model_TD, plan = route_and_plan(x_TD, moe_layer.router, model.config)
-    routed_TD = torch.zeros_like(x_model_TD)
-    for chunk in expert_chunks(plan, max_rows):
-        out_ND = moe_layer.experts[chunk.expert](gather_rows(x_model_TD, plan, chunk.start, chunk.stop))
-        add_rows(routed_TD, plan, chunk.start, out_ND)
-    return add_shared_experts(x_model_TD, routed_TD, moe_layer.router).to(x_TD.dtype)
+    """MoEModel.forward with the router's chunking: the one forward loop, one expert call per chunk
+    of at most max_rows rows."""
+    parts = model.layer(layer).gate_and_shared
+    y_TD, _ = run_sync(moe_forward(x_TD, layer, parts, model.config, model.experts, max_rows))
+    return y_TD.to(x_TD.dtype)
 
 
 @pytest.mark.parametrize("layer", LAYERS)

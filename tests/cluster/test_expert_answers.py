@@ -25,7 +25,7 @@ from moe_cluster.core.routing import route
 
 from ..support.broken_experts import DIED_MARKER, DiesOnce, Raises, ShortRows, WrongD, WrongDtype, expert_app
 from .conftest import start_local_serve, stop_local_serve
-from moe_cluster.checkpoint import load_model
+from moe_cluster.checkpoint import load_model, save_model
 
 # name: (deployment class, (rows, D, dtype) it answers to `rows` rows sent)
 BROKEN = {"short-rows": (ShortRows, lambda rows: (rows - 1, 64, "float32")),
@@ -43,7 +43,7 @@ def cluster(tmp_path_factory):
     from moe_cluster.serving.app import build_app
 
     checkpoint = tmp_path_factory.mktemp("ckpt")
-    MoEModel.random(preset_config("tiny"), seed=11).save(checkpoint)
+    save_model(MoEModel.random(preset_config("tiny"), seed=11), checkpoint)
     markers = tmp_path_factory.mktemp("markers")
     common = {"checkpoint": str(checkpoint), "torch_threads": 1, "request_timeout_s": REQUEST_TIMEOUT_S}
     local = start_local_serve()

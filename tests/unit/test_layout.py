@@ -23,7 +23,7 @@ ALLOWED = {
     "dtypes": set(),
     "core": {"dtypes"},
     "checkpoint": {"core", "dtypes"},
-    "hf": {"core", "checkpoint", "dtypes"},
+    "hf": {"core", "checkpoint", "protocol", "dtypes"},
     "protocol": {"dtypes"},
     "client": {"protocol", "dtypes"},
     "serving": {"core", "checkpoint", "hf", "protocol", "dtypes", "__init__"},

@@ -20,7 +20,8 @@ from typing import Any, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ...protocol.v1 import JSON, WireError, encode_error
+from ...protocol.bodies import JSON
+from ...protocol.errors import WireError, encode_error
 from ..errors import http_status
 
 __all__ = ["dispatch", "Handler", "relative_path", "read_body", "error_response", "json_response", "check_auth"]

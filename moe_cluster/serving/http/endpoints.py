@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...protocol.v1 import decode_forward_request, encode_forward_response
+from ..tensors import from_numpy, to_numpy
 from .common import dispatch, error_response, json_response, read_body
 from .oip import handle_oip
 
@@ -55,9 +56,9 @@ async def _forward(router: "MoERouter", request: Request) -> Response:
     forward_request = decode_forward_request(body, request.headers.get("content-type"), router.limits)
     # ValueError -> 400 for an unknown layer, or a missing one when the model has several.
     layer = router.config.resolve_layer(forward_request.layer)
-    y_TD, counts = await router.serve_request(forward_request.hidden_states, layer)
+    y_TD, counts = await router.serve_request(from_numpy(forward_request.hidden_states), layer)
     counts = counts if forward_request.return_expert_counts else None
-    content = encode_forward_response(y_TD, forward_request.wire_format, counts)
+    content = encode_forward_response(to_numpy(y_TD), forward_request.wire_format, counts)
     return Response(content, media_type=forward_request.wire_format)
 
 

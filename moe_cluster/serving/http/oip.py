@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ... import __version__
-from ...protocol.v1 import WireError
-from ...protocol.oip import HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request, parse_route, server_metadata
+from ...protocol.errors import WireError
+from ...protocol.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from ...protocol.oip_routes import Route, check_model, model_metadata, parse_route, server_metadata
+from ..tensors import from_numpy, to_numpy
 from .common import error_response, json_response, read_body, relative_path
 
 if TYPE_CHECKING:
@@ -69,8 +71,8 @@ async def _infer(router: "MoERouter", request: Request, route: Route) -> Respons
     infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH), router.limits)
     # ValueError -> 400 for an unknown layer, or a missing one when the model has several.
     layer = router.config.resolve_layer(infer.layer)
-    y_TD, _ = await router.serve_request(infer.hidden_states, layer)
-    content, headers = encode_infer_response(y_TD, router.args.oip_model_name, infer.request_id,
+    y_TD, _ = await router.serve_request(from_numpy(infer.hidden_states), layer)
+    content, headers = encode_infer_response(to_numpy(y_TD), router.args.oip_model_name, infer.request_id,
                                              infer.binary_output)
     return Response(content, headers=headers)
 

@@ -13,7 +13,8 @@ import torch
 from moe_cluster.cli import main
 from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.hf.safetensors_reader import HFCheckpoint
-from moe_cluster.hf.runner import GenerateError, GenerateLimits, HFMoERunner, MoEBlockProxy
+from moe_cluster.hf.runner import GenerateLimits, HFMoERunner, MoEBlockProxy
+from moe_cluster.protocol.errors import WireError
 
 from ...support.hf_models import FAMILIES, build_hf, moe_blocks
 from moe_cluster.checkpoint import load_model
@@ -161,7 +162,7 @@ def small_runner(imported):
 @pytest.mark.parametrize("case", BAD)
 def test_bad_requests_say_what_is_wrong(small_runner, case):
     input_ids, new_tokens, status, message = BAD[case]
-    with pytest.raises(GenerateError, match=re.escape(message)) as error:
+    with pytest.raises(WireError, match=re.escape(message)) as error:
         small_runner.generate(input_ids, new_tokens)
     assert error.value.status == status
 

@@ -1,9 +1,9 @@
 """The two request decoders against arbitrary and malformed input (no Ray).
 
-`codec.decode_forward_request` (POST /v1/forward) and `oip.parse_infer_request` (POST
-/v2/models/<name>/infer) read bytes straight from the network. For any input they must
-either return a valid request (hidden_states [T, D] with T <= max_tokens, finite values)
-or raise WireError with a 4xx status: never another exception, which would be a 500.
+`protocol.v1.decode_forward_request` (POST /v1/forward) and `protocol.oip.parse_infer_request`
+(POST /v2/models/<name>/infer) read bytes straight from the network. For any input they must
+either return a valid request (hidden_states a numpy array [T, D] with T <= max_tokens, finite
+values) or raise WireError with a 4xx status: never another exception, which would be a 500.
 Property-based tests (hypothesis) throw arbitrary bytes and arbitrary msgpack/JSON
 structures at them, plus structures close to valid requests (where the bugs hide); a
 battery of named malformed inputs pins the status and the message of each case.
@@ -11,6 +11,7 @@ battery of named malformed inputs pins the status and the message of each case.
 
 import json
 
+import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
@@ -18,14 +19,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_cluster.protocol.v1 import JSON, MSGPACK, Limits, WireError, decode_forward_request, tensor_to_bytes
+from moe_cluster.protocol.bodies import JSON
+from moe_cluster.protocol.errors import WireError
+from moe_cluster.protocol.limits import Limits
 from moe_cluster.protocol.oip import HEADER_LENGTH, parse_infer_request
+from moe_cluster.protocol.tensors import array_from_numbers, array_to_bytes
+from moe_cluster.protocol.v1 import MSGPACK, decode_forward_request
 
 D = 8
 MAX_TOKENS = 16
 LIMITS = Limits(d_model=D, max_tokens=MAX_TOKENS)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
 # --- the property -------------------------------------------------------------------------------
@@ -55,9 +60,10 @@ def _infer(body: bytes, header_length: str | None):
     return request
 
 
-def _check_hidden_states(x_TD: torch.Tensor) -> None:
+def _check_hidden_states(x_TD: np.ndarray) -> None:
+    assert isinstance(x_TD, np.ndarray) and x_TD.flags.writeable
     assert x_TD.ndim == 2 and x_TD.shape[1] == D and 0 <= x_TD.shape[0] <= MAX_TOKENS
-    assert x_TD.dtype in DTYPES and bool(torch.isfinite(x_TD).all())
+    assert x_TD.dtype in DTYPES and bool(np.isfinite(x_TD).all())
 
 
 # --- strategies ---------------------------------------------------------------------------------
@@ -140,16 +146,41 @@ def test_forward_arbitrary_json(value):
 def test_forward_near_valid_msgpack(fields):
     request = _forward(msgpack.packb(fields, use_bin_type=True), MSGPACK)
     if request is not None and isinstance(fields["hidden_states"], dict):  # its bytes arrive unchanged
-        assert tensor_to_bytes(request.hidden_states) == fields["hidden_states"]["data"]
+        assert array_to_bytes(request.hidden_states) == fields["hidden_states"]["data"]
+        assert request.hidden_states.dtype.name == fields["hidden_states"]["dtype"]
 
 
 @FUZZ
 @given(fields=forward_fields(nested_rows(), JSON_VALUES))
 def test_forward_near_valid_json(fields):
     request = _forward(json.dumps(fields).encode(), JSON)
-    if request is not None and request.hidden_states.numel():
+    if request is not None and request.hidden_states.size:  # the values torch.tensor(..., float32) gives
         expected = torch.tensor(fields["hidden_states"], dtype=torch.float32).reshape(-1, D)
-        assert torch.equal(request.hidden_states, expected)
+        assert request.hidden_states.dtype == np.float32
+        assert request.hidden_states.tobytes() == expected.numpy().tobytes()
+
+
+TORCH = {"float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
+         "bfloat16": (torch.bfloat16, torch.int16)}
+
+
+@FUZZ
+@given(dtype=st.sampled_from(sorted(TORCH)),
+       values=st.lists(st.floats() | st.integers(-2**70, 2**70) | st.integers().map(lambda n: n * 10**300),
+                       max_size=2 * D))
+def test_json_numbers_are_torch_tensor_values(dtype, values):
+    """JSON numbers become the bits torch.tensor(values, dtype) gave before the protocol went numpy-only:
+    rounding of doubles and ints, out-of-range values (Inf), NaN, and the same OverflowError (as a 400)."""
+    torch_dtype, bits = TORCH[dtype]
+    try:
+        expected = torch.tensor(values, dtype=torch_dtype).view(bits).numpy().tobytes()
+    except OverflowError as exc:
+        with pytest.raises(WireError) as info:
+            array_from_numbers(values, dtype, (len(values),), "data")
+        assert info.value.status == 400 and info.value.message == f"data: {exc}"
+        return
+    got = array_from_numbers(values, dtype, (len(values),), "data")
+    assert got.dtype.name == dtype and got.tobytes() == expected
 
 
 # --- /v2/models/<name>/infer ------------------------------------------------------------------------

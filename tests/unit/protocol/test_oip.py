@@ -1,31 +1,44 @@
-"""Open Inference Protocol v2 codec (moe_cluster/protocol/oip.py) and its HTTP routes with a fake router (no Ray)."""
+"""Open Inference Protocol v2 codec (moe_cluster/protocol/oip.py, oip_routes.py) and its HTTP routes
+with a fake router (no Ray). The codec is numpy only: hidden_states are numpy arrays (bf16 as
+ml_dtypes.bfloat16), compared here bit for bit."""
 
 import asyncio
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from moe_cluster import MoEModel, preset_config
-from moe_cluster.protocol.v1 import Limits, WireError
-from moe_cluster.protocol.oip import HEADER_LENGTH, Route, check_model, encode_infer_response, model_metadata, parse_infer_request, parse_route
+from moe_cluster.protocol.errors import WireError
+from moe_cluster.protocol.limits import Limits
+from moe_cluster.protocol.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from moe_cluster.protocol.oip_routes import Route, check_model, model_metadata, parse_route
 
 D = 8
 LIMITS = Limits(d_model=D, max_tokens=16)
+NUMPY = {"FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def _x(tokens, seed=0):
-    return torch.randn(tokens, D, generator=torch.Generator().manual_seed(seed))
+    return np.random.default_rng(seed).standard_normal((tokens, D)).astype(np.float32)
+
+
+def _same(array, expected):
+    """The same numpy dtype, shape and bits."""
+    assert isinstance(array, np.ndarray) and array.dtype == expected.dtype and array.shape == expected.shape
+    assert array.tobytes() == expected.tobytes()
 
 
 def _hidden(x, datatype="FP32", binary=False, nested=False):
     """The hidden_states input for x [T, D] and the bytes that follow the JSON header (if binary)."""
     spec = {"name": "hidden_states", "datatype": datatype, "shape": list(x.shape)}
     if binary:
-        raw = x.numpy().tobytes() if x.dtype != torch.bfloat16 else x.view(torch.int16).numpy().tobytes()
+        raw = x.tobytes()  # little-endian; a bf16 (ml_dtypes) array's bytes are its 16-bit patterns
         return {**spec, "parameters": {"binary_data_size": len(raw)}}, raw
-    return {**spec, "data": x.tolist() if nested else x.flatten().tolist()}, b""
+    values = x.astype(np.float32)
+    return {**spec, "data": values.tolist() if nested else values.reshape(-1).tolist()}, b""
 
 
 def _body(inputs, raw=None, **fields):
@@ -51,31 +64,55 @@ def _error(inputs, raw=None, header_length="auto", limits=LIMITS, **fields) -> W
 def test_json_flat_and_nested(nested):
     x = _x(3)
     request = _parse([_hidden(x, nested=nested)[0]], id="req-1")
-    torch.testing.assert_close(request.hidden_states, x, rtol=0, atol=0)
+    _same(request.hidden_states, x)
+    assert request.hidden_states.flags.writeable
     assert (request.layer, request.request_id, request.binary_output) == (None, "req-1", False)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+def test_binary_inputs_keep_their_dtype(datatype):
+    x = _x(5).astype(NUMPY[datatype])
+    hidden, raw = _hidden(x, datatype, binary=True)
+    layer = {"name": "layer", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}
+    request = _parse([hidden, layer], raw + np.array([1], "<i8").tobytes())
+    assert request.layer == 1
+    _same(request.hidden_states, x)
+    assert request.hidden_states.flags.writeable  # a copy, not a view of the request body
+
+
+@pytest.mark.parametrize("datatype", ["BF16", "FP16"])
+def test_16_bit_json_is_numbers_and_layer_int32_in_json(datatype):
+    x = _x(2).astype(NUMPY[datatype])
+    request = _parse([_hidden(x, datatype)[0],  # the float32 values of x: exact
+                      {"name": "layer", "datatype": "INT32", "shape": [1], "data": [1]}])
+    assert request.layer == 1
+    _same(request.hidden_states, x)
 
 
 @pytest.mark.parametrize("datatype, dtype", [("FP32", torch.float32), ("FP16", torch.float16),
                                              ("BF16", torch.bfloat16)])
-def test_binary_inputs_keep_their_dtype(datatype, dtype):
-    x = _x(5).to(dtype)
-    hidden, raw = _hidden(x, datatype, binary=True)
-    layer = {"name": "layer", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}
-    request = _parse([hidden, layer], raw + np.array([1], "<i8").tobytes())
-    assert request.hidden_states.dtype == dtype and request.layer == 1
-    torch.testing.assert_close(request.hidden_states, x, rtol=0, atol=0)
-
-
-def test_bf16_in_json_is_numbers_and_layer_int32_in_json():
-    x = _x(2).bfloat16()
-    request = _parse([_hidden(x.float(), "BF16")[0],
-                      {"name": "layer", "datatype": "INT32", "shape": [1], "data": [1]}])
-    assert request.hidden_states.dtype == torch.bfloat16 and request.layer == 1
-    torch.testing.assert_close(request.hidden_states, x, rtol=0, atol=0)
+def test_json_numbers_round_as_torch_tensor_does(datatype, dtype):
+    """Doubles between two values of the datatype, ints, out of range: what torch.tensor(values, dtype) gives
+    (for fp16/bf16 a double is rounded to float32 first: numpy's direct double -> fp16 differs)."""
+    values = [-34704.00054943591, 29719.999932282753, 55504.00143894224, 1.0000000596046448, 65519.99,
+              65520.0, 1e6, -1e39, 3.5e38, 2 ** 64 + 1, -(2 ** 70) - 1, 16777217, 2 ** 128, 5e-324]
+    values = (values * 2)[:2 * D]
+    hidden = {"name": "hidden_states", "datatype": datatype, "shape": [2, D], "data": values}
+    got = _parse([hidden], limits=Limits(d_model=D, max_tokens=16, allow_non_finite=True)).hidden_states
+    expected = torch.tensor(values, dtype=dtype).reshape(2, D)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert got.tobytes() == expected.view(bits).numpy().tobytes()
+    if datatype == "FP16":  # the first three are where a direct double -> fp16 rounding would differ
+        assert np.asarray(values[:3], np.float16).tobytes() != got.reshape(-1)[:3].tobytes()
+    huge = {**hidden, "data": [10 ** 400] + values[1:]}
+    with pytest.raises(OverflowError):
+        torch.tensor(huge["data"], dtype=dtype)
+    error = _error([huge], limits=Limits(d_model=D, max_tokens=16, allow_non_finite=True))
+    assert error.status == 400 and "int too large to convert to float" in error.message
 
 
 def test_mixed_json_and_binary_inputs_and_empty_batch():
-    hidden, raw = _hidden(torch.zeros(0, D), binary=True)
+    hidden, raw = _hidden(np.zeros((0, D), np.float32), binary=True)
     request = _parse([{"name": "layer", "datatype": "INT64", "shape": [1], "data": [0]}, hidden], raw,
                      parameters={"binary_data_output": True, "priority": 3})
     assert request.hidden_states.shape == (0, D) and request.layer == 0 and request.binary_output
@@ -108,7 +145,7 @@ BAD_REQUESTS = {
     "FP64 in JSON": ([{**JSON_HIDDEN, "datatype": "FP64"}], None, None, {}, 400,
                      "float64 is not supported: send float32, bfloat16 or float16"),
     "FP64 binary": ([{**BINARY_HIDDEN, "datatype": "FP64", "parameters": {"binary_data_size": 128}}],
-                    _x(2).double().numpy().tobytes(), "auto", {}, 400, "float64 is not supported"),
+                    _x(2).astype(np.float64).tobytes(), "auto", {}, 400, "float64 is not supported"),
     "wrong D": ([{**JSON_HIDDEN, "shape": [4, 4]}], None, None, {}, 400, f"[T, {D}]"),
     "three dims": ([{**JSON_HIDDEN, "shape": [1, 2, D]}], None, None, {}, 400, f"[T, {D}]"),
     "negative dim": ([{**JSON_HIDDEN, "shape": [-1, D]}], None, None, {}, 400, "non-negative"),
@@ -157,31 +194,32 @@ def test_malformed_json_and_non_finite_allowed():
         parse_infer_request(b"[1, 2]", None, LIMITS)
     allow = Limits(d_model=D, max_tokens=16, allow_non_finite=True)
     x = _parse([{**JSON_HIDDEN, "data": [float("nan")] * 16}], limits=allow).hidden_states
-    assert torch.isnan(x).all()
+    assert x.dtype == np.float32 and np.isnan(x).all()
 
 
 # --- responses, routes, metadata ----------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype, datatype", [(torch.float32, "FP32"), (torch.float16, "FP16"),
-                                             (torch.bfloat16, "BF16")])
-def test_encode_json_and_binary(dtype, datatype):
-    y = _x(3).to(dtype)
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+def test_encode_json_and_binary(datatype):
+    y = _x(3).astype(NUMPY[datatype])
     body, headers = encode_infer_response(y, "moe", "7", binary_output=False)
     response = json.loads(body)
     assert HEADER_LENGTH not in headers and response["id"] == "7" and response["model_name"] == "moe"
     (output,) = response["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("output", datatype, [3, D])
-    torch.testing.assert_close(torch.tensor(output["data"]).reshape(3, D).to(dtype), y, rtol=0, atol=0)
+    assert output["data"] == y.astype(np.float32).reshape(-1).tolist()  # exact: fp16/bf16 values are float32s
+    _same(np.asarray(output["data"], np.float32).reshape(3, D).astype(y.dtype), y)
 
     body, headers = encode_infer_response(y, "moe", None, binary_output=True)
     size = int(headers[HEADER_LENGTH])
     header = json.loads(body[:size])
     assert "id" not in header and headers["content-type"] == "application/octet-stream"
-    assert header["outputs"][0]["parameters"]["binary_data_size"] == len(body) - size == 3 * D * y.element_size()
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == len(body) - size == 3 * D * y.itemsize
+    assert body[size:] == y.tobytes()  # raw little-endian bytes
     request = parse_infer_request(*_body([{"name": "hidden_states", "datatype": datatype, "shape": [3, D],
                                            "parameters": {"binary_data_size": len(body) - size}}], body[size:]),
                                   LIMITS)
-    torch.testing.assert_close(request.hidden_states, y, rtol=0, atol=0)  # the bytes round-trip
+    _same(request.hidden_states, y)  # the bytes round-trip
 
 
 @pytest.mark.parametrize("path, route", [

@@ -4,17 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from moe_cluster.protocol.v1 import to_numpy
 from moe_cluster.serving.errors import ExpertComputeError
 from moe_cluster.serving.remote_experts import check_expert_answer
+from moe_cluster.serving.tensors import to_wire, wire_dtype
 
 SOURCE = "expert deployment 'expert-3' answered (layer 1, expert 3)"
-WIRE = {name: to_numpy(torch.zeros(0, dtype=dtype))[0].dtype
-        for name, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]}
+WIRE = {name: wire_dtype(name) for name in ("float32", "float16", "bfloat16")}
 
 
 def _answer(rows, d, dtype):
-    return to_numpy(torch.randn(rows, d).to(dtype))[0]
+    return to_wire(torch.randn(rows, d).to(dtype))
 
 
 @pytest.mark.parametrize("model_dtype, dtype", [("float32", torch.float32), ("float16", torch.float16),
