@@ -26,11 +26,12 @@ def media_type(content_type: str | None) -> str:
 
 
 def parse_json(body: bytes, what: str = "body", hint: str = "") -> Any:
-    """The JSON value of `body`; WireError(400, "malformed JSON {what}: ...{hint}") if it is not JSON."""
+    """The JSON value of `body`; WireError(400, "malformed JSON {what}: ...{hint}") if it is not JSON
+    (no hint when it is JSON, nested too deeply)."""
     try:
         return json.loads(body, parse_constant=float)
     except RecursionError:
-        raise WireError(400, f"malformed JSON {what}: nested too deeply{hint}") from None
+        raise WireError(400, f"malformed JSON {what}: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise WireError(400, f"malformed JSON {what}: {exc}{hint}") from None
 

@@ -26,12 +26,11 @@ import numpy as np
 
 from ..dtypes import BY_NAME, FLOAT64_NOT_SUPPORTED, dtype_of_array
 from .bodies import JSON, media_type, parse_json
-from .errors import WireError, encode_error
+from .errors import WireError
 from .limits import Limits
 from .tensors import array_from_bytes, array_from_numbers, array_to_bytes, array_to_numbers
 
-__all__ = ["ForwardRequest", "decode_forward_request", "encode_forward_response", "MSGPACK", "JSON",
-           "WireError", "Limits", "encode_error"]
+__all__ = ["ForwardRequest", "decode_forward_request", "encode_forward_response", "MSGPACK", "JSON"]
 
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")

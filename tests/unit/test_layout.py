@@ -2,9 +2,9 @@
 
 - no import cycles between modules of moe_cluster, imports inside functions included;
 - each package imports only the packages below it:
-      core  <-  checkpoint  <-  hf            protocol (numpy only)  <-  client
-        ^            ^           ^                 ^
-        └────────────┴─ serving (the only Ray code, with tools/ and the CLI) ─┘
+      core  <-  checkpoint  <-  hf  ->  protocol (numpy only)  <-  client      (all: dtypes)
+        ^            ^           ^          ^
+        └────────────┴───────────┴─ serving (the only Ray code, with tools/ and the CLI)
 - Ray only in serving/, tools/ and the CLI; no torch in protocol/ or the client;
 - modules of at most 400 lines, functions of at most 60.
 """

@@ -8,6 +8,7 @@ import http.server
 import json
 import threading
 
+import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
@@ -71,7 +72,6 @@ def test_layer_is_sent_only_when_given(client, wire):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_msgpack_keeps_the_dtype_and_the_bytes(client, dtype):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np_dtype)
     y = client.forward(x, layer=0)
@@ -81,8 +81,16 @@ def test_msgpack_keeps_the_dtype_and_the_bytes(client, dtype):
 
 
 def test_json_sends_numbers_and_answers_in_the_input_dtype(client):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     x = np.random.default_rng(1).standard_normal((3, 8)).astype(ml_dtypes.bfloat16)
     y = client.forward(x, layer=1, wire="json")
     assert _Echo.bodies[0]["hidden_states"] == x.astype(np.float32).tolist()  # exact: bf16 values are float32s
     assert y.dtype == x.dtype and y.tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f2"])
+def test_big_endian_arrays_go_as_little_endian_bytes_and_come_back_in_their_dtype(client, dtype):
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(dtype)
+    y = client.forward(x, layer=0)
+    sent = _Echo.bodies[0]["hidden_states"]
+    assert (sent["dtype"], sent["data"]) == (x.dtype.name, x.astype(x.dtype.newbyteorder("<")).tobytes())
+    assert y.dtype == x.dtype and np.array_equal(y, x)
