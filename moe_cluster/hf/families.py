@@ -16,7 +16,7 @@ Tensor names on disk (what `save_pretrained` writes and what published checkpoin
 `model.layers.{i}.{block}.gate.weight` [E, D] and per expert
 `model.layers.{i}.{block}.experts.{e}.{gate|up|down}.weight`, or the fused form of
 transformers 5 modules, `experts.gate_up_proj` [E, 2F, D] (gate rows first) and
-`experts.down_proj` [E, D, F]. `hf_import.py` reads both.
+`experts.down_proj` [E, D, F]. `importer.py` reads both.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 Only the MoE blocks are imported (gate, routed experts, shared experts), not attention or
 embeddings. Our layer ids are the decoder layer indices of the source model, so a dense
 layer (DeepSeek-V3's first `first_k_dense_replace` layers, Qwen's `mlp_only_layers`) is an
-"unknown layer". Families and their routing rules: `hf_families.py`.
+"unknown layer". Families and their routing rules: `families.py`.
 
 Memory: tensors are read one at a time through `safe_open` (memory-mapped), and one expert
 file (that expert, every MoE layer) is built and written at a time; the whole model is
@@ -18,7 +18,7 @@ dequantised to bfloat16, as DeepSeek's own fp8_cast_bf16 does); "float32"/"bfloa
 convert experts and shared experts. The gate is never made less precise than stored: it
 runs in float32 anyway, and DeepSeek-V3 keeps it in float32. The selection bias is float32.
 
-Where HF's arithmetic differs from ours (none matters in float32; tests/unit/test_hf_import.py):
+Where HF's arithmetic differs from ours (none matters in float32; tests/unit/hf/test_hf_import.py):
 - Mixtral/Qwen/OLMoE compute the router logits in the model dtype, then softmax in float32;
   we compute the logits in float32. With bfloat16 weights a near tie may pick another expert.
 - Qwen/OLMoE round the top-k weights to the model dtype before weighting; Mixtral and

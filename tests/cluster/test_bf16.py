@@ -1,7 +1,7 @@
 """A bfloat16 model served end to end: the handle, HTTP msgpack (MoEClient) and OIP v2 binary (tritonclient).
 
 One local Ray cluster for the module, one app serving a bf16 checkpoint written by the project's
-own writer (`MoEModel.save`, which `import-hf --dtype keep` uses for a bf16 model): SwiGLU experts
+own writer (`checkpoint.save_model`; `import-hf --dtype keep` writes through the same CheckpointWriter): SwiGLU experts
 packed into two deployments, a gated shared expert, MoE layers named 1 and 3, expert calls cut into
 chunks of at most 16 rows. Every answer, for several T and every layer, must be
 

@@ -1,5 +1,5 @@
 """Tiny randomly initialised Hugging Face MoE models, shared by the tests that hold our code
-to transformers' own (tests/unit/test_hf_import.py, test_runner.py, tests/cluster/test_hf_cluster.py).
+to transformers' own (tests/unit/hf/test_hf_import.py, tests/unit/hf/test_runner.py, tests/cluster/test_hf_cluster.py).
 
 Importing this module skips the importing test module when transformers is not installed.
 """

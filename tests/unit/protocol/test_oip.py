@@ -249,7 +249,7 @@ def test_check_model_and_metadata():
 # --- the /v2 routes with an in-process fake router -------------------------------------------
 
 class FakeRouter:
-    """What oip_http and http need of MoERouter, computing with the in-process model (tiny preset:
+    """What serving/http (endpoints, oip) needs of MoERouter, computing with the in-process model (tiny preset:
     MoE layers 0 and 1; `layer_ids` renames them, e.g. (5,) for a model with one MoE layer)."""
 
     def __init__(self, failed=(), layer_ids=None):
