@@ -11,10 +11,12 @@ rows with one `index_add_` in plan order, so all paths sum in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "gather_rows", "combine", "expert_counts"]
+__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "pack_calls", "gather_rows", "combine",
+           "expert_counts"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,28 @@ def expert_chunks(plan: DispatchPlan, max_rows: int | None = None) -> list[Exper
         for i in range(pieces):
             chunks.append(ExpertChunk(expert, start + count * i // pieces, start + count * (i + 1) // pieces))
     return chunks
+
+
+def pack_calls(chunks: list[ExpertChunk], owner_of: Callable[[int], str],
+               max_rows: int | None = None) -> list[tuple[str, list[int]]]:
+    """Group chunks into calls: one call per owner (deployment) of at most `max_rows` rows.
+
+    owner_of(expert) names where the expert runs. Returns [(owner, chunk indices)], the indices
+    in plan order inside a call and the calls in the order of their first chunk. A chunk is
+    never split (expert_chunks already cut an expert's rows to at most max_rows), so every
+    expert still computes exactly the rows it would compute alone.
+    """
+    calls: list[tuple[str, list[int]]] = []
+    open_call: dict[str, tuple[int, int]] = {}  # owner -> (index in calls, rows so far)
+    for index, chunk in enumerate(chunks):
+        owner = owner_of(chunk.expert)
+        current = open_call.get(owner)
+        if current is None or (max_rows is not None and current[1] + chunk.size > max_rows):
+            calls.append((owner, []))
+            current = (len(calls) - 1, 0)
+        calls[current[0]][1].append(index)
+        open_call[owner] = (current[0], current[1] + chunk.size)
+    return calls
 
 
 def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Coroutine, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -28,17 +28,21 @@ from .config import ModelConfig
 from .dispatch import DispatchPlan, ExpertChunk, add_rows, expert_chunks, gather_rows
 from .layers import GateAndShared, add_shared_experts, route_and_plan
 
-__all__ = ["ExpertBackend", "LocalExperts", "ForwardTimings", "moe_forward", "run_sync"]
+__all__ = ["ExpertBackend", "GatherRows", "LocalExperts", "ForwardTimings", "moe_forward", "run_sync", "gather_chunks"]
 
 T = TypeVar("T")
+
+
+GatherRows = Callable[[list[ExpertChunk]], torch.Tensor]  # chunks -> their rows x_ND, one after the other
 
 
 class ExpertBackend(Protocol):
     """Where the routed experts of a model run."""
 
-    def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> Awaitable[torch.Tensor]:
-        """Start Expert_{layer, chunk.expert}(x_ND); the awaitable gives out_ND [N, D] in the model dtype,
-        on x_ND's device, or raises."""
+    def start(self, layer: int, chunks: list[ExpertChunk], gather: GatherRows) -> list[Awaitable[torch.Tensor]]:
+        """Start Expert_{layer, c.expert}(rows of c) for every chunk c; one awaitable per chunk, in order,
+        giving out_ND [c.size, D] in the model dtype on the rows' device, or raising. The backend
+        decides how chunks travel (several chunks of one deployment may share one call)."""
 
     def cancel(self, calls: list[Awaitable[torch.Tensor]]) -> None:
         """Stop the calls that are still running (a failure elsewhere made their answers useless)."""
@@ -62,8 +66,7 @@ async def moe_forward(x_TD: torch.Tensor, layer: int, parts: GateAndShared, conf
     with torch.no_grad():
         x_model_TD, plan = route_and_plan(x_TD, parts, config)
         chunks = expert_chunks(plan, max_rows_per_call)
-        calls = [experts.start(layer, chunk, gather_rows(x_model_TD, plan, chunk.start, chunk.stop))
-                 for chunk in chunks]
+        calls = experts.start(layer, chunks, lambda some: gather_chunks(x_model_TD, plan, some))
         routed_TD = torch.zeros_like(x_model_TD)
     timings.route_s += time.perf_counter() - started
     try:
@@ -85,24 +88,32 @@ async def moe_forward(x_TD: torch.Tensor, layer: int, parts: GateAndShared, conf
     return y_TD, plan
 
 
+def gather_chunks(x_TD: torch.Tensor, plan: DispatchPlan, chunks: list[ExpertChunk]) -> torch.Tensor:
+    """x_ND: the rows of `chunks`, one chunk after the other (one index_select, no intermediate copies)."""
+    if len(chunks) == 1:
+        return gather_rows(x_TD, plan, chunks[0].start, chunks[0].stop)
+    return x_TD.index_select(0, torch.cat([plan.token_ids_N[c.start:c.stop] for c in chunks]))
+
+
 class LocalExperts:
     """The experts are modules of this process: `modules[layer][expert]`."""
 
     def __init__(self, modules: dict[int, list[nn.Module]]) -> None:
         self.modules = modules
 
-    def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> Coroutine[Any, Any, torch.Tensor]:
+    def start(self, layer: int, chunks: list[ExpertChunk], gather: GatherRows
+              ) -> list[Coroutine[Any, Any, torch.Tensor]]:
         # Computed when awaited, one chunk at a time (as a plain loop would): no answer waits in memory.
-        return _compute(self.modules[layer][chunk.expert], x_ND)
+        return [_compute(self.modules[layer][chunk.expert], gather, chunk) for chunk in chunks]
 
     def cancel(self, calls: list[Coroutine[Any, Any, torch.Tensor]]) -> None:
         for call in calls:
             call.close()  # never awaited: close it, so Python does not warn
 
 
-async def _compute(module: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
+async def _compute(module: nn.Module, gather: GatherRows, chunk: ExpertChunk) -> torch.Tensor:
     with torch.no_grad():
-        return module(x_ND)
+        return module(gather([chunk]))
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -45,24 +45,34 @@ class ExpertServer:
         self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
         self.row_rate = RowRate(window_s=2.0)
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
+        self.requests = 0  # calls received (each may carry several experts' rows)
 
-    async def forward(self, layer: int, expert: int, x_ND: np.ndarray) -> np.ndarray:
-        """Expert_{layer, expert}(x_ND) for rows x_ND [N, D] in the model dtype (bf16 as uint16)."""
-        module = self.experts.get((layer, expert))
-        if module is None:
-            raise ValueError(f"deployment {self.group_name} does not host (layer {layer}, expert {expert}); "
-                             f"it hosts {sorted(self.experts)}")
+    async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray) -> np.ndarray:
+        """out_ND for rows x_ND [N, D] in the model dtype (bf16 as uint16): the rows of each (expert, rows)
+        span of `spans`, one after the other (N = the sum of rows), through that expert of `layer`."""
+        modules = [self._module(layer, expert) for expert, _ in spans]
+        if sum(rows for _, rows in spans) != x_ND.shape[0]:
+            raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {x_ND.shape[0]} were sent")
         started = time.perf_counter()
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
             x = from_wire(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
-            y = module(x).cpu()
+            y = torch.cat([module(rows) for module, rows in zip(modules, _split(x, spans))]).cpu()
         self.compute_s += time.perf_counter() - started
-        self.calls[(layer, expert)] += 1
-        self.rows[(layer, expert)] += int(x_ND.shape[0])
+        self.requests += 1
+        for expert, rows in spans:
+            self.calls[(layer, expert)] += 1
+            self.rows[(layer, expert)] += rows
         self.row_rate.add(int(x_ND.shape[0]))
         return to_wire(y)
+
+    def _module(self, layer: int, expert: int) -> torch.nn.Module:
+        module = self.experts.get((layer, expert))
+        if module is None:
+            raise ValueError(f"deployment {self.group_name} does not host (layer {layer}, expert {expert}); "
+                             f"it hosts {sorted(self.experts)}")
+        return module
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric: token rows computed per second (see autoscaling.py)."""
@@ -83,6 +93,7 @@ class ExpertServer:
             "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
             ROWS_PER_S: self.row_rate.per_second(),
             "compute_s": self.compute_s,
+            "requests": self.requests,
             "time": time.time(),
         }
 
@@ -97,3 +108,14 @@ def _build_experts(args: AppArgs, config: ModelConfig, pairs: list[tuple[int, in
             out.update(load_experts(args.checkpoint, config, [expert], layers))
         return out
     return {(layer, expert): random_expert(config, args.seed, layer, expert) for layer, expert in pairs}
+
+
+def _split(x_ND: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The rows of each span. A slice whose start is not 64-byte aligned is copied: GEMM kernels may
+    block differently on unaligned data, and every expert must compute exactly what it would alone."""
+    pieces, start = [], 0
+    for _, rows in spans:
+        piece = x_ND[start:start + rows]
+        pieces.append(piece if piece.data_ptr() % 64 == 0 else piece.clone())
+        start += rows
+    return pieces

@@ -2,9 +2,11 @@
 
 Shape legend: N rows of one expert call, D model dim.
 
-`start` sends one call per chunk to the deployment that hosts (layer, expert) (placement),
-as an asyncio task, so the forward loop has every call in flight before it awaits the
-first answer. A dead or unavailable replica is retried (Serve picks another replica, or the
+`start` sends ONE call per expert deployment and layer (placement), carrying the rows of
+every chosen expert it hosts one after the other with their (expert, rows) spans, split
+into calls of at most max_tokens_per_call rows so that a hot deployment's rows spread over
+its replicas. Each call is an asyncio task, so the forward loop has every call in flight
+before it awaits the first answer; each chunk's answer is its slice of its call's answer. A dead or unavailable replica is retried (Serve picks another replica, or the
 one that replaced it) until the request's deadline; an expert that raised is not retried.
 Every answer is checked ([rows sent, D], model dtype) before the loop may add it.
 
@@ -25,7 +27,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from ..core.config import ModelConfig
-from ..core.dispatch import ExpertChunk
+from ..core.dispatch import ExpertChunk, pack_calls
+from ..core.forward import GatherRows
 from ..core.placement import Placement
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError
 from .metrics import RouterMetrics
@@ -43,6 +46,7 @@ class RemoteExperts:
     config: ModelConfig
     metrics: RouterMetrics
     device: torch.device  # where the router computes: answers are moved there
+    max_rows_per_call: int | None = None  # a call carries at most this many rows (max_tokens_per_call)
     deadline: float = float("inf")  # time.monotonic() after which failed calls are not retried
 
     def __post_init__(self) -> None:
@@ -58,51 +62,75 @@ class RemoteExperts:
     def for_deadline(self, deadline: float) -> "RemoteExperts":
         return dataclasses.replace(self, deadline=deadline)
 
-    def start(self, layer: int, chunk: ExpertChunk, x_ND: torch.Tensor) -> asyncio.Task:
-        return asyncio.ensure_future(self._call(layer, chunk.expert, to_wire(x_ND)))
+    def start(self, layer: int, chunks: list[ExpertChunk], gather: GatherRows) -> list["_Piece"]:
+        """One call per deployment (split at max_rows_per_call rows): it carries the rows of every
+        chunk of the experts that deployment hosts, and each chunk's answer is its slice of the call's."""
+        pieces: list[_Piece | None] = [None] * len(chunks)
+        owner_of = lambda expert: self.placement.owner[(layer, expert)]  # noqa: E731
+        for group, indices in pack_calls(chunks, owner_of, self.max_rows_per_call):
+            call_chunks = [chunks[i] for i in indices]
+            spans = [(chunk.expert, chunk.size) for chunk in call_chunks]
+            task = asyncio.ensure_future(self._call(layer, group, spans, to_wire(gather(call_chunks))))
+            offset = 0
+            for i, chunk in zip(indices, call_chunks):
+                pieces[i] = _Piece(task, offset, offset + chunk.size)
+                offset += chunk.size
+        return pieces
 
-    def cancel(self, calls: list[asyncio.Future]) -> None:
+    def cancel(self, pieces: list["_Piece"]) -> None:
         """Cancel the calls still running; mark the failures of finished ones as seen (no asyncio log noise)."""
-        for call in calls:
-            if not call.done():
-                call.cancel()
-            elif not call.cancelled():
-                call.exception()
+        for task in {id(piece.task): piece.task for piece in pieces}.values():
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()
 
-    def where(self, layer: int, expert: int) -> str:
-        return f"expert deployment '{self.placement.owner[(layer, expert)]}'"
-
-    async def _call(self, layer: int, expert: int, x_ND: np.ndarray) -> torch.Tensor:
-        """One expert call; a dead or unavailable replica is retried until the deadline."""
-        group = self.placement.owner[(layer, expert)]
+    async def _call(self, layer: int, group: str, spans: list[tuple[int, int]], x_ND: np.ndarray) -> torch.Tensor:
+        """One call to deployment `group`: rows x_ND of (expert, rows) `spans`, one after the other.
+        A dead or unavailable replica is retried until the deadline; an expert that raised is not."""
+        experts = [expert for expert, _ in spans]
         started = time.perf_counter()
         backoff_s, attempts = 0.05, 0
         while True:
             attempts += 1
             try:
-                array = await self.handles[group].forward.remote(layer, expert, x_ND)
+                array = await self.handles[group].forward.remote(layer, spans, x_ND)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + backoff_s >= self.deadline:
-                    raise _call_error(group, layer, expert, started, attempts, exc) from exc
-                self.metrics.record_retry(expert, group)
+                    raise _call_error(group, layer, experts, started, attempts, exc) from exc
+                for expert in experts:
+                    self.metrics.record_retry(expert, group)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, 1.0)
             except Exception as exc:  # noqa: BLE001 - the expert itself failed: no retry
-                raise ExpertComputeError(str(_call_error(group, layer, expert, started, attempts, exc))) from exc
+                raise ExpertComputeError(str(_call_error(group, layer, experts, started, attempts, exc))) from exc
         check_expert_answer(array, (x_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
-                            f"expert deployment '{group}' answered (layer {layer}, expert {expert})")
-        self.metrics.record_call(expert, group, (time.perf_counter() - started) * 1e3)
+                            f"expert deployment '{group}' answered (layer {layer}, experts {experts})")
+        latency_ms = (time.perf_counter() - started) * 1e3
+        for expert in experts:
+            self.metrics.record_call(expert, group, latency_ms)
         return from_wire(array, self.config.dtype).to(self.device)
 
 
-def _call_error(group: str, layer: int, expert: int, started: float, attempts: int,
+class _Piece:
+    """One chunk's answer: rows [start, stop) of the answer of a call that several chunks may share."""
+
+    def __init__(self, task: asyncio.Task, start: int, stop: int) -> None:
+        self.task, self.start, self.stop = task, start, stop
+
+    def __await__(self):
+        out_ND = yield from self.task.__await__()
+        return out_ND[self.start:self.stop]
+
+
+def _call_error(group: str, layer: int, experts: list[int], started: float, attempts: int,
                 exc: BaseException) -> ExpertCallError:
     # An exception raised in the replica arrives wrapped in a RayTaskError whose first line is
     # only Ray's task header: name the replica's own exception (its `cause`) instead.
     error = exc.cause if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) else exc
     first_line = str(error).splitlines()[0] if str(error) else ""
-    return ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, expert {expert}) after "
+    return ExpertCallError(f"expert deployment '{group}' failed on (layer {layer}, experts {experts}) after "
                            f"{attempts} attempt(s) in {time.perf_counter() - started:.1f}s: "
                            f"{type(error).__name__}: {first_line}")
 

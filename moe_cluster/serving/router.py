@@ -52,7 +52,8 @@ class MoERouter:
         # The bearer token of the HTTP endpoints (None: no auth); fails here if configured but missing.
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
-        self.experts = RemoteExperts(handles, self.placement, self.config, self.metrics, self.device)
+        self.experts = RemoteExperts(handles, self.placement, self.config, self.metrics, self.device,
+                                     self.args.max_tokens_per_call)
         self.app_name = serve.get_replica_context().app_name
         self.coalescer = (Coalescer(self.forward_batch, self.config.torch_dtype, self.args.max_batch_tokens,
                                     self.args.batch_wait_ms / 1e3)

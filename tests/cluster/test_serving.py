@@ -141,6 +141,39 @@ def test_experts_without_tokens_get_no_call(cluster):
     assert all(after[e] - before[e] == 1 for e in chosen)
 
 
+def test_one_call_per_deployment_carries_every_chosen_expert(cluster):
+    """The packed app hosts experts 0-3 and 4-7 in two deployments: a few tokens (rows well under its
+    16-row calls) cost one call per deployment that got rows, however many of its experts were chosen,
+    and the answer equals the oracle."""
+    from ray import serve
+
+    handles = {name: serve.get_deployment_handle(name, app_name="packed") for name in ("experts-0-3", "experts-4-7")}
+
+    def requests():  # calls received, summed over the replicas that answer stats
+        return {name: _replica_requests(handle) for name, handle in handles.items()}
+
+    x = _x(3, seed=21)  # 3 tokens, top-2: 6 rows
+    _, counts = MoEClient(cluster["local"].url("/packed")).forward(x.numpy(), layer=0, return_expert_counts=True)
+    chosen = {"experts-0-3": [e for e in range(4) if counts[e]], "experts-4-7": [e for e in range(4, 8) if counts[e]]}
+    assert max(len(experts) for experts in chosen.values()) >= 2, "the seed must put two experts in one group"
+    before = requests()
+    y = MoEClient(cluster["local"].url("/packed")).forward(x.numpy(), layer=0)
+    after = requests()
+    torch.testing.assert_close(torch.from_numpy(y), reference_forward(cluster["model"], x, 0), rtol=1e-5, atol=1e-5)
+    assert {name: after[name] - before[name] for name in handles} == {
+        name: (1 if experts else 0) for name, experts in chosen.items()}
+
+
+def _replica_requests(handle) -> int:
+    """`requests` of every replica of a deployment (stats calls land on random replicas: ask until each
+    pid was seen a few times)."""
+    seen = {}
+    for _ in range(20):
+        stats = handle.stats.remote().result()
+        seen[stats["pid"]] = stats["requests"]
+    return sum(seen.values())
+
+
 def test_healthz_and_info(cluster):
     url = cluster["local"].url()
     with urllib.request.urlopen(f"{url}/healthz") as response:

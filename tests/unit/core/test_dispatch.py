@@ -67,3 +67,22 @@ def test_chunk_by_chunk_equals_all_at_once_bit_for_bit(max_rows):
         assert torch.equal(gather_rows(x, plan, chunk.start, chunk.stop), gather_rows(x, plan)[chunk.start:chunk.stop])
         add_rows(y, plan, chunk.start, out_ND[chunk.start:chunk.stop])
     assert torch.equal(y, combine(plan, out_ND))
+
+
+def test_pack_calls_one_call_per_owner_within_max_rows():
+    """Chunks of experts 0-3 owned by "a" and 4-7 by "b": one call per owner, split at max_rows rows,
+    chunks never split and kept in plan order inside a call."""
+    from moe_cluster.core.dispatch import ExpertChunk, pack_calls
+
+    sizes = {0: 3, 1: 5, 2: 4, 5: 2, 6: 7}
+    chunks, start = [], 0
+    for expert, size in sizes.items():
+        chunks.append(ExpertChunk(expert, start, start + size))
+        start += size
+    owner = lambda e: "a" if e < 4 else "b"  # noqa: E731
+    assert pack_calls(chunks, owner) == [("a", [0, 1, 2]), ("b", [3, 4])]
+    # At most 8 rows a call: 3+5 fill a's first call, 4 opens its second; 2+7 > 8 splits b.
+    assert pack_calls(chunks, owner, max_rows=8) == [("a", [0, 1]), ("a", [2]), ("b", [3]), ("b", [4])]
+    # A chunk larger than max_rows (expert_chunks never makes one) still travels whole.
+    assert pack_calls([ExpertChunk(0, 0, 10)], owner, max_rows=4) == [("a", [0])]
+    assert pack_calls([], owner) == []
