@@ -84,7 +84,8 @@ class AppArgs(BaseModel):
     seed: int = Field(default=0, description="seed of the random weights")
     max_tokens_per_request: int = Field(default=8192, ge=1, description="larger requests get 413")
     max_tokens_per_call: int | None = Field(default=None, ge=1,
-                                            description="split an expert's rows into calls of at most this size")
+                                            description="a call to an expert deployment carries at most this many rows "
+                                                        "(a hot deployment's rows spread over its replicas)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")
