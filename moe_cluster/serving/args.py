@@ -86,6 +86,12 @@ class AppArgs(BaseModel):
     max_tokens_per_call: int | None = Field(default=None, ge=1,
                                             description="a call to an expert deployment carries at most this many rows "
                                                         "(a hot deployment's rows spread over its replicas)")
+    transport: Literal["auto", "object_store", "by_value"] = Field(
+        default="auto", description="how rows travel between the router and the experts: by_value (Serve's gRPC "
+                                    "path, no object store; fastest for small calls), object_store (Ray's object "
+                                    "store; for large calls), or auto (by value up to by_value_max_bytes)")
+    by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
+                                                                     "by value (see docs/architecture.md)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")

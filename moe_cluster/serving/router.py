@@ -33,7 +33,7 @@ from .errors import DeadlineExceeded
 from .http.auth import BearerAuth
 from .http.endpoints import handle_http
 from .metrics import RouterMetrics
-from .remote_experts import RemoteExperts
+from .remote_experts import RemoteExperts, Transport
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_numpy, to_numpy
 
@@ -53,7 +53,8 @@ class MoERouter:
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
         self.experts = RemoteExperts(handles, self.placement, self.config, self.metrics, self.device,
-                                     self.args.max_tokens_per_call)
+                                     self.args.max_tokens_per_call,
+                                     Transport(self.args.transport, self.args.by_value_max_bytes))
         self.app_name = serve.get_replica_context().app_name
         self.coalescer = (Coalescer(self.forward_batch, self.config.torch_dtype, self.args.max_batch_tokens,
                                     self.args.batch_wait_ms / 1e3)

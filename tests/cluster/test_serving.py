@@ -40,8 +40,12 @@ def cluster(tmp_path_factory):
                   experts={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}},
                   placement=[{"name": "experts-0-3", "experts": [0, 1, 2, 3], "options": {"num_replicas": 2}},
                              {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
-                  max_tokens_per_call=16)
+                  max_tokens_per_call=16, transport="object_store")
     serve.run(build_app(packed), name="packed", route_prefix="/packed")
+    # auto with a small threshold: calls of <= 4 rows (1 KiB) by value, larger ones through the object store
+    mixed = dict(common, by_value_max_bytes=1024,
+                 placement=[{"name": "mixed-0-3", "experts": [0, 1, 2, 3]}, {"name": "mixed-4-7", "experts": [4, 5, 6, 7]}])
+    serve.run(build_app(mixed), name="mixed", route_prefix="/mixed")
     yield {"model": load_model(checkpoint), "local": local,
            "handle": serve.get_app_handle("moe"), "packed": serve.get_app_handle("packed")}
     stop_local_serve()
@@ -139,6 +143,20 @@ def test_experts_without_tokens_get_no_call(cluster):
     assert len(chosen) == 2
     assert {e for e in range(8) if after[e] != before[e]} == chosen
     assert all(after[e] - before[e] == 1 for e in chosen)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 37, 300])
+def test_every_transport_equals_the_oracle(cluster, tokens):
+    """moe: auto (every call of these sizes by value); packed: object store only; mixed: auto with a
+    1 KiB threshold, so a request's small calls go by value and its large ones through the object store."""
+    from ray import serve
+
+    x = _x(tokens, seed=30 + tokens)
+    for app in ("moe", "packed", "mixed"):
+        for layer in (0, 1):
+            y = serve.get_app_handle(app).forward.remote(x.numpy(), layer).result()
+            torch.testing.assert_close(torch.from_numpy(y), reference_forward(cluster["model"], x, layer),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_one_call_per_deployment_carries_every_chosen_expert(cluster):
