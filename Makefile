@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo "==> [1/3] creating the virtual environment $(VENV) (a few seconds)"
 	$(PYTHON) -m venv $(VENV)
-	@echo "==> [2/3] installing torch==2.13.0, the CPU build (about 20 s when its wheel is cached)"
+	@echo "==> [2/3] installing torch==2.13.0, the CPU build (not the multi-GB CUDA one)"
 	$(VENV)/bin/pip install --progress-bar on torch==2.13.0
 	@echo "==> [3/3] installing moe-cluster with its test dependencies: Ray Serve, transformers, ..." \
 	      "(a few minutes the first time)"

@@ -1,8 +1,8 @@
 """moe-cluster: a Mixture-of-Experts layer served as a distributed system on Ray Serve.
 
-The top-level package is pure torch (it never imports Ray): the model config, routing,
-dispatch/combine, experts, the in-process model and its oracle, and checkpoints.
-Everything that imports Ray Serve lives in `moe_cluster.serving`.
+Packages (docs/architecture.md): `core` (the MoE math, torch only), `checkpoint`, `hf`,
+`protocol` (wire formats, numpy only), `serving` (everything that imports Ray Serve) and
+`tools`; `client`, `cli` and `dtypes` are the only plain modules here.
 
 `ModelConfig`, `MoEModel`, `PRESETS` and `preset_config` are imported on first use, so that
 the client and the wire formats (`moe_cluster.client`, `moe_cluster.protocol`) load without torch.

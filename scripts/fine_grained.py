@@ -43,7 +43,7 @@ def main() -> int:
     save_model(model, checkpoint)
     torch.set_num_threads(1)
     placement = [{"name": f"experts-{g * 8}-{g * 8 + 7}", "experts": list(range(g * 8, g * 8 + 8))} for g in range(8)]
-    start_local_serve(None)
+    start_local_serve(None, access_log=False)  # as the bench: no access log line per expert call
     try:
         handle = serve.run(build_app({"checkpoint": checkpoint, "torch_threads": 1, "router_torch_threads": 1,
                                       "placement": placement, "max_batch_tokens": None, "transport": args.transport,
@@ -63,8 +63,10 @@ def main() -> int:
                 inprocess_s.append(time.perf_counter() - started)
                 if np.abs(y - expected).max() > 1e-5:
                     raise SystemExit(f"T={tokens}: the cluster's answer differs from the in-process model")
+            call_kib = tokens * config.top_k * config.d_model * 4 / 8 / 1024  # rows spread over 8 deployments
             print(f"T={tokens}: handle p50 {statistics.median(cluster_s) * 1e3:.1f} ms, "
-                  f"in-process {statistics.median(inprocess_s) * 1e3:.1f} ms", flush=True)
+                  f"in-process {statistics.median(inprocess_s) * 1e3:.1f} ms "
+                  f"(~{call_kib:.0f} KiB of rows a call)", flush=True)
     finally:
         stop_local_serve()
     return 0

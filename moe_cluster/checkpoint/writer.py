@@ -1,9 +1,9 @@
-"""The one checkpoint writer: `moe-cluster init`, `MoEModel` saves and `import-hf` all write through it.
+"""The one checkpoint writer: `moe-cluster init`, `save_model` and `import-hf` all write through it.
 
-    with CheckpointWriter(directory) as writer:      # config.json removed: incomplete until finish
+    with CheckpointWriter(directory, config) as writer:   # config.json removed: incomplete until the end
         writer.write_router({layer_key(L, "gate.weight"): gate_ED, ...})
         writer.write_expert(e, {layer_key(L, "w1"): w1_FD, ...})     # one file per expert
-        writer.finish(config)                          # config.json last: the checkpoint is complete
+    # leaving the block without an exception writes config.json, last: the checkpoint is complete
 
 Tensors are written as given (contiguous copies where needed); the caller picks their dtypes.
 """
@@ -21,32 +21,33 @@ from ..core.layers import GateAndShared
 from ..core.model import MoEModel
 from .format import FORMAT, config_file, expert_file, layer_key, router_file
 
-__all__ = ["CheckpointWriter", "save_model", "router_tensors"]
+__all__ = ["CheckpointWriter", "save_model"]
 
 
 class CheckpointWriter:
     """Writes one checkpoint directory, file by file, so that a whole model never needs to be in memory."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, config: ModelConfig) -> None:
         self.directory = Path(directory)
+        self.config = config
         (self.directory / "experts").mkdir(parents=True, exist_ok=True)
-        config_file(self.directory).unlink(missing_ok=True)  # no config.json = incomplete, until finish()
+        config_file(self.directory).unlink(missing_ok=True)  # no config.json = incomplete, until the end
 
     def __enter__(self) -> "CheckpointWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        pass  # nothing to release; an exception leaves the directory without config.json
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        """config.json, last, once every file is written: its presence marks a complete checkpoint.
+        An exception leaves the directory without it."""
+        if exc_type is None:
+            config_file(self.directory).write_text(json.dumps({"format": FORMAT, "model": self.config.to_dict()},
+                                                              indent=2))
 
     def write_router(self, tensors: dict[str, torch.Tensor]) -> Path:
         return self._write(router_file(self.directory), tensors)
 
     def write_expert(self, expert: int, tensors: dict[str, torch.Tensor]) -> Path:
         return self._write(expert_file(self.directory, expert), tensors)
-
-    def finish(self, config: ModelConfig) -> None:
-        """config.json, last: its presence marks a complete checkpoint."""
-        config_file(self.directory).write_text(json.dumps({"format": FORMAT, "model": config.to_dict()}, indent=2))
 
     @staticmethod
     def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -57,19 +58,18 @@ class CheckpointWriter:
 def save_model(model: MoEModel, directory: str | Path) -> None:
     """Write `model` to `directory` (created if needed). Bit-exact round trip with load_model."""
     config = model.config
-    with CheckpointWriter(directory) as writer:
+    with CheckpointWriter(directory, config) as writer:
         tensors: dict[str, torch.Tensor] = {}
         for layer_id, moe_layer in zip(config.moe_layer_ids, model.layers):
-            tensors.update(router_tensors(layer_id, moe_layer.gate_and_shared))
+            tensors.update(_router_tensors(layer_id, moe_layer.gate_and_shared))
         writer.write_router(tensors)
         for expert in range(config.num_experts):
             writer.write_expert(expert, {layer_key(layer_id, name): param
                                          for layer_id, moe_layer in zip(config.moe_layer_ids, model.layers)
                                          for name, param in moe_layer.experts[expert].named_parameters()})
-        writer.finish(config)
 
 
-def router_tensors(layer_id: int, parts: GateAndShared) -> dict[str, torch.Tensor]:
+def _router_tensors(layer_id: int, parts: GateAndShared) -> dict[str, torch.Tensor]:
     """The router file's tensors of one layer: gate weight, optional biases, shared experts."""
     out = {layer_key(layer_id, "gate.weight"): parts.gate.weight_ED}
     if parts.gate.bias_E is not None:

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..dtypes import DTYPE_NAMES, FLOAT64_NOT_SUPPORTED
+from ..dtypes import DTYPE_NAMES
 
-__all__ = ["ModelConfig", "PRESETS", "preset_config", "DTYPES", "FLOAT64_NOT_SUPPORTED"]
+__all__ = ["ModelConfig", "PRESETS", "preset_config", "DTYPES"]
 
 ExpertKind = Literal["mlp", "swiglu"]
 ScoreFunc = Literal["softmax", "sigmoid"]

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "pack_calls", "gather_rows", "combine",
-           "expert_counts"]
+__all__ = ["DispatchPlan", "ExpertChunk", "make_plan", "expert_chunks", "pack_calls", "gather_rows", "gather_chunks",
+           "combine", "expert_counts"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,13 @@ def pack_calls(chunks: list[ExpertChunk], owner_of: Callable[[int], str],
 def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """x_ND: the input row of routed rows [start, stop) of the plan (all by default), in plan order."""
     return x_TD.index_select(0, plan.token_ids_N[start:stop])
+
+
+def gather_chunks(x_TD: torch.Tensor, plan: DispatchPlan, chunks: list[ExpertChunk]) -> torch.Tensor:
+    """x_ND: the rows of `chunks`, one chunk after the other (one index_select, no intermediate copies)."""
+    if len(chunks) == 1:
+        return gather_rows(x_TD, plan, chunks[0].start, chunks[0].stop)
+    return x_TD.index_select(0, torch.cat([plan.token_ids_N[c.start:c.stop] for c in chunks]))
 
 
 def add_rows(y_TD: torch.Tensor, plan: DispatchPlan, start: int, out_ND: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The MoE forward loop, written once: route -> plan -> one call per chunk -> combine -> shared experts.
+"""The MoE forward loop, written once: route -> plan -> chunks -> experts -> combine -> shared experts.
 
 Shape legend: T tokens, D model dim, N rows of one expert call.
 
@@ -6,8 +6,9 @@ Where the experts run is the only thing that changes between the in-process mode
 router deployment, so it is a parameter: an `ExpertBackend`.
 - `LocalExperts` (here): the experts are modules of this process; `MoEModel.forward` drives the
   loop with `run_sync`, since a local answer is ready as soon as it is asked for.
-- `RemoteExperts` (serving/remote_experts.py): one call per chunk to the expert deployments,
-  all sent before the first answer is awaited; the router awaits the loop on its event loop.
+- `RemoteExperts` (serving/remote_experts.py): one call per expert deployment (carrying the chunks
+  of every chosen expert it hosts), all sent before the first answer is awaited; the router
+  awaits the loop on its event loop.
 
 Answers are added in plan order as they come, so a token's rows are summed in the same
 order on every path (the result does not depend on which expert answered first). A
@@ -25,10 +26,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .dispatch import DispatchPlan, ExpertChunk, add_rows, expert_chunks, gather_rows
+from .dispatch import DispatchPlan, ExpertChunk, add_rows, expert_chunks, gather_chunks
 from .layers import GateAndShared, add_shared_experts, route_and_plan
 
-__all__ = ["ExpertBackend", "GatherRows", "LocalExperts", "ForwardTimings", "moe_forward", "run_sync", "gather_chunks"]
+__all__ = ["ExpertBackend", "GatherRows", "LocalExperts", "ForwardTimings", "moe_forward", "run_sync"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,8 @@ GatherRows = Callable[[list[ExpertChunk]], torch.Tensor]  # chunks -> their rows
 
 class ExpertBackend(Protocol):
     """Where the routed experts of a model run."""
+
+    max_rows_per_call: int | None  # the loop cuts each expert's rows into chunks of at most this many
 
     def start(self, layer: int, chunks: list[ExpertChunk], gather: GatherRows) -> list[Awaitable[torch.Tensor]]:
         """Start Expert_{layer, c.expert}(rows of c) for every chunk c; one awaitable per chunk, in order,
@@ -58,14 +61,13 @@ class ForwardTimings:
 
 
 async def moe_forward(x_TD: torch.Tensor, layer: int, parts: GateAndShared, config: ModelConfig,
-                      experts: ExpertBackend, max_rows_per_call: int | None = None,
-                      timings: ForwardTimings | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+                      experts: ExpertBackend, timings: ForwardTimings | None = None) -> tuple[torch.Tensor, DispatchPlan]:
     """(y_TD in the model dtype, plan) for x_TD [T, D] through MoE layer `layer`, on x_TD's device."""
     timings = ForwardTimings() if timings is None else timings
     started = time.perf_counter()
     with torch.no_grad():
         x_model_TD, plan = route_and_plan(x_TD, parts, config)
-        chunks = expert_chunks(plan, max_rows_per_call)
+        chunks = expert_chunks(plan, experts.max_rows_per_call)
         calls = experts.start(layer, chunks, lambda some: gather_chunks(x_model_TD, plan, some))
         routed_TD = torch.zeros_like(x_model_TD)
     timings.route_s += time.perf_counter() - started
@@ -88,18 +90,12 @@ async def moe_forward(x_TD: torch.Tensor, layer: int, parts: GateAndShared, conf
     return y_TD, plan
 
 
-def gather_chunks(x_TD: torch.Tensor, plan: DispatchPlan, chunks: list[ExpertChunk]) -> torch.Tensor:
-    """x_ND: the rows of `chunks`, one chunk after the other (one index_select, no intermediate copies)."""
-    if len(chunks) == 1:
-        return gather_rows(x_TD, plan, chunks[0].start, chunks[0].stop)
-    return x_TD.index_select(0, torch.cat([plan.token_ids_N[c.start:c.stop] for c in chunks]))
-
-
 class LocalExperts:
     """The experts are modules of this process: `modules[layer][expert]`."""
 
-    def __init__(self, modules: dict[int, list[nn.Module]]) -> None:
+    def __init__(self, modules: dict[int, list[nn.Module]], max_rows_per_call: int | None = None) -> None:
         self.modules = modules
+        self.max_rows_per_call = max_rows_per_call  # None: one chunk per expert, as a plain loop
 
     def start(self, layer: int, chunks: list[ExpertChunk], gather: GatherRows
               ) -> list[Coroutine[Any, Any, torch.Tensor]]:

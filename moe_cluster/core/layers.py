@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import DTYPES, FLOAT64_NOT_SUPPORTED, ModelConfig
+from ..dtypes import FLOAT64_NOT_SUPPORTED
+from .config import DTYPES, ModelConfig
 from .dispatch import DispatchPlan, make_plan
 from .experts import SharedExperts
 from .routing import GateWeights, route

@@ -75,12 +75,11 @@ def import_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str = "keep",
         dense = sorted(set(range(int(ckpt.config["num_hidden_layers"]))) - set(layer_ids))
         log(f"importing {family.model_type} from {src}: D={config.d_model} F={config.d_ff} E={config.num_experts} "
             f"K={config.top_k}, MoE layers {list(layer_ids)} (dense, skipped: {dense}), dtype {model_dtype}")
-        with CheckpointWriter(dst) as writer:  # config.json comes last, in finish(): incomplete until then
+        with CheckpointWriter(dst, config) as writer:  # config.json comes last, at the end of the block
             path = writer.write_router(_router_tensors(ckpt, family, config, prefixes, dtype))
             log(f"router: {len(prefixes)} layers -> {path}")
             for expert in range(config.num_experts):
                 _write_expert(ckpt, family, config, prefixes, expert, writer, log)
-            writer.finish(config)
     log(f"wrote {dst} in {time.perf_counter() - started:.1f}s")
     return config
 

@@ -91,7 +91,7 @@ class AppArgs(BaseModel):
                                     "path, no object store; fastest for small calls), object_store (Ray's object "
                                     "store; for large calls), or auto (by value up to by_value_max_bytes)")
     by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
-                                                                     "by value (see docs/architecture.md)")
+                                                                     "by value (README: Configuring experts)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
                                          description="merge concurrent requests of a layer into batches of up to "
                                                      "this many tokens (null: no merging)")

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from .args import AppArgs
+from .args import resolve_app
 from .http.auth import BearerAuth
-from .runtime import PortBusyError, check_port_free, start_local_serve, stop_local_serve
+from .runtime import PortBusyError, start_local_serve, stop_local_serve
 
 __all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
 
@@ -55,8 +55,8 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
     args_dict = dict(file_app.args)
     if checkpoint:
         args_dict.update(checkpoint=str(Path(checkpoint).resolve()))
-    app_args = AppArgs.model_validate(args_dict)  # fail fast, before Ray starts
-    model_config = app_args.load_model_config()
+    app = resolve_app(args_dict)  # fail fast, before Ray starts; the same resolved app is deployed
+    app_args, model_config = app.args, app.config
     try:  # the replicas inherit this process's environment: a missing token fails here, not in a replica
         auth = BearerAuth.from_args(app_args.auth_token_env, app_args.auth_token_file)
     except ValueError as exc:
@@ -64,13 +64,6 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         return 2
     host = host or file_app.http_options.get("host", "127.0.0.1")
     port = port or int(file_app.http_options.get("port", 8000))
-    try:  # before Ray starts: one line now, not a traceback from the proxy 30 s later
-        check_port_free(host, port)
-    except PortBusyError as exc:
-        print(f"moe-cluster: {exc}; pass --port with a free port (or stop what listens there)",
-              file=sys.stderr, flush=True)
-        return 2
-
     import ray
     from ray import serve
 
@@ -79,16 +72,21 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
     started = time.perf_counter()
     source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
     print(f"moe-cluster: starting a local Ray cluster for {source}", flush=True)
-    start_local_serve((host, port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
+    try:  # the port is checked before Ray starts: one line now, not a traceback from the proxy 30 s later
+        start_local_serve((host, port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
+    except PortBusyError as exc:
+        print(f"moe-cluster: {exc}; pass --port with a free port (or stop what listens there)",
+              file=sys.stderr, flush=True)
+        return 2
     # After ray.init, which installs handlers of its own: we want a clean shutdown.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        groups = app_args.resolve_placement(model_config).groups
+        groups = app.placement.groups
         print(f"moe-cluster: deploying router + {len(groups)} expert deployments "
               f"(D={model_config.d_model}, E={model_config.num_experts}, top-{model_config.top_k})", flush=True)
-        serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
+        serve.run(build_app(app), name=file_app.name, route_prefix=file_app.route_prefix)
         base = f"http://{host}:{port}{file_app.route_prefix.rstrip('/')}"
         print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
               f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward)"

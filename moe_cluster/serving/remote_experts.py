@@ -18,10 +18,11 @@ calls, through Ray's object store (zero-copy for numpy) for large ones (`Transpo
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,19 +51,21 @@ class RemoteExperts:
     config: ModelConfig
     metrics: RouterMetrics
     device: torch.device  # where the router computes: answers are moved there
-    max_rows_per_call: int | None = None  # a call carries at most this many rows (max_tokens_per_call)
-    transport: Transport = field(default_factory=lambda: Transport("object_store"))
+    max_rows_per_call: int | None  # chunks and calls carry at most this many rows (max_tokens_per_call)
+    transport: Transport
+    wire_dtype: np.dtype  # how rows and answers travel: numpy of the model dtype, bf16 as uint16
     deadline: float = float("inf")  # time.monotonic() after which failed calls are not retried
 
-    def __post_init__(self) -> None:
-        missing = {g.name for g in self.placement.groups} - set(self.handles)
+    @classmethod
+    def create(cls, handles: dict[str, DeploymentHandle], placement: Placement, config: ModelConfig,
+               metrics: RouterMetrics, device: torch.device, max_rows_per_call: int | None,
+               transport: Transport) -> "RemoteExperts":
+        """Checked once, when the router starts: every deployment of the placement has a handle."""
+        missing = {g.name for g in placement.groups} - set(handles)
         if missing:
             raise ValueError(f"no handle for expert deployments {sorted(missing)}")
-
-    @property
-    def wire_dtype(self) -> np.dtype:
-        """How an answer travels: numpy of the model dtype, bf16 as its uint16 bit pattern."""
-        return wire_dtype(self.config.dtype)
+        return cls(handles, placement, config, metrics, device, max_rows_per_call, transport,
+                   wire_dtype(config.dtype))
 
     def for_deadline(self, deadline: float) -> "RemoteExperts":
         return dataclasses.replace(self, deadline=deadline)
@@ -136,6 +139,7 @@ class Transport:
         self.by_value_max_bytes = min(by_value_max_bytes, by_value_limit()) if mode == "auto" else by_value_limit()
         self._by_value: dict[str, DeploymentHandle] = {}
         self._warned = False
+        self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
 
     def by_value(self, nbytes: int) -> bool:
         """Whether a call of `nbytes` bytes of rows goes by value."""
@@ -151,7 +155,9 @@ class Transport:
 
     def handle(self, handles: dict[str, DeploymentHandle], group: str, nbytes: int) -> DeploymentHandle:
         if not self.by_value(nbytes):
+            self.calls["object_store"] += 1
             return handles[group]
+        self.calls["by_value"] += 1
         if group not in self._by_value:  # one options() handle per deployment, made on first use
             self._by_value[group] = handles[group].options(_by_reference=False)
         return self._by_value[group]

@@ -52,9 +52,9 @@ class MoERouter:
         # The bearer token of the HTTP endpoints (None: no auth); fails here if configured but missing.
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
-        self.experts = RemoteExperts(handles, self.placement, self.config, self.metrics, self.device,
-                                     self.args.max_tokens_per_call,
-                                     Transport(self.args.transport, self.args.by_value_max_bytes))
+        self.experts = RemoteExperts.create(handles, self.placement, self.config, self.metrics, self.device,
+                                            self.args.max_tokens_per_call,
+                                            Transport(self.args.transport, self.args.by_value_max_bytes))
         self.app_name = serve.get_replica_context().app_name
         self.coalescer = (Coalescer(self.forward_batch, self.config.torch_dtype, self.args.max_batch_tokens,
                                     self.args.batch_wait_ms / 1e3)
@@ -107,7 +107,7 @@ class MoERouter:
         timings = ForwardTimings()
         experts = self.experts.for_deadline(time.monotonic() + self.args.request_timeout_s)
         y_TD, plan = await moe_forward(x_TD.to(self.device), layer, self.layers[layer], self.config, experts,
-                                       self.args.max_tokens_per_call, timings)
+                                       timings)
         self.metrics.record_plan(layer, plan.counts, self.placement.owner)
         self.metrics.record_phases(route_ms=timings.route_s * 1e3, experts_ms=timings.experts_s * 1e3,
                                    combine_ms=timings.combine_s * 1e3)
@@ -145,6 +145,9 @@ class MoERouter:
                 names.append(group)
         snapshot = self.metrics.snapshot(deployments_of_expert)
         snapshot["replicas"] = replicas
+        snapshot["transport"] = {"mode": self.experts.transport.mode,
+                                 "calls": {path: self.experts.transport.calls[path]
+                                           for path in ("by_value", "object_store")}}
         if self.coalescer is not None:
             snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches,
                                       "recent_batch_sizes": list(self.coalescer.recent_sizes)}

@@ -39,7 +39,7 @@ from ..core.config import ModelConfig
 from ..hf.runner import RUNNER_DTYPES, GenerateLimits, HFMoERunner, check_compatible
 from ..protocol.bodies import decode_generate_request
 from .app import ROUTER_NAME, build_app
-from .args import DEPLOYMENT_DEFAULTS, AppArgs, DeploymentOptions, merge_options
+from .args import DEPLOYMENT_DEFAULTS, DeploymentOptions, merge_options, resolve_app
 from .http.auth import BearerAuth
 from .runtime import set_torch_threads
 from .http.common import dispatch, error_response, json_response, read_body
@@ -90,9 +90,9 @@ def build_runner_app(args: dict[str, Any] | RunnerArgs) -> Application:
     runner_args = args if isinstance(args, RunnerArgs) else RunnerArgs.model_validate(args)
     moe = None
     if runner_args.moe is not None:
-        moe_args = AppArgs.model_validate(runner_args.moe)
-        check_compatible(runner_args.hf_model, moe_args.load_model_config())  # fail before anything is deployed
-        moe = build_app(moe_args)
+        moe_app = resolve_app(runner_args.moe)
+        check_compatible(runner_args.hf_model, moe_app.config)  # fail before anything is deployed
+        moe = build_app(moe_app)
     options = merge_options(DEPLOYMENT_DEFAULTS["runner"], runner_args.runner)
     return ModelRunner.options(name=RUNNER_NAME, **options).bind(runner_args.model_dump(mode="json"), moe)
 

@@ -10,17 +10,16 @@ environment, so setting it before `ray.init` is enough.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["pick_device", "set_torch_threads", "start_local_serve", "stop_local_serve", "local_serve",
-           "keep_usage_stats_local", "check_port_free", "PortBusyError"]
+__all__ = ["pick_device", "set_torch_threads", "start_local_serve", "stop_local_serve",
+           "check_port_free", "PortBusyError"]
 
 
 def pick_device() -> "torch.device":
@@ -143,12 +142,3 @@ def _shutdown_serve(timeout_s: float = 30.0) -> None:
               file=sys.stderr, flush=True)
     context._disconnect()
 
-
-@contextlib.contextmanager
-def local_serve(http: tuple[str, int] | None, **kwargs: Any) -> Iterator[None]:
-    """`with local_serve(("127.0.0.1", port)): serve.run(...)`: start_local_serve, then always stop."""
-    start_local_serve(http, **kwargs)
-    try:
-        yield
-    finally:
-        stop_local_serve()

@@ -72,8 +72,6 @@ class Record:
     requests: int
 
 
-# --- deployments that exist only to be compared with --------------------------------------
-
 # --- measurement -----------------------------------------------------------------------------
 
 def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
@@ -194,14 +192,15 @@ def concurrent_calls(make_call: Callable[[], Callable[[np.ndarray, int], Any]], 
 
 
 def cluster_args(settings: BenchSettings) -> AppArgs:
-    """The cluster under test: default placement, no CPU reservations, one torch thread per replica
+    """The cluster under test: default placement and options (DEPLOYMENT_DEFAULTS: no CPU reservations),
+    one torch thread per replica
     (router included: its gather and combine overlap the experts' work, and a second thread
     only spun against them: combine at T=4096 took 135 ms with 2 threads, 26 ms with 1)."""
     return AppArgs.model_validate({
         "preset": settings.preset, "seed": settings.seed, "torch_threads": 1, "router_torch_threads": 1,
         "max_tokens_per_request": max(settings.tokens) * 2,
-        "router": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
-        "experts": {"num_replicas": 1, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0}},
+        "router": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "experts": {"num_replicas": 1, "max_ongoing_requests": 256},
     })
 
 
@@ -261,8 +260,7 @@ def deploy(settings: BenchSettings, d_model: int, top_k: int, cores: int, log):
     fanout_floor = serve.run(floor_app(top_k), name="fanout-floor", route_prefix=None)
     mono = serve.run(MonolithicMoE.bind(settings.preset, settings.seed, cores), name="monolithic",
                      route_prefix=None)
-    cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/",
-                        logging_config={"enable_access_log": False})
+    cluster = serve.run(build_app(cluster_args(settings)), name="moe", route_prefix="/")
     one_token = np.zeros((1, d_model), np.float32)
     floor_calls = {"serve_floor": lambda: floor.forward.remote(one_token).result(),
                    "serve_fanout_floor": lambda: fanout_floor.forward.remote(one_token).result()}

@@ -24,7 +24,7 @@ class MonolithicMoE:
         self.model = MoEModel.random(preset_config(preset), seed)
 
     async def forward(self, x_TD: np.ndarray, layer: int = 0) -> np.ndarray:
-        """numpy in, numpy out, like the router's fast path (see `callers` in run_bench)."""
+        """numpy in, numpy out, like the router's fast path (see make_callers in bench.py)."""
         with torch.no_grad():
             return self.model.forward(torch.from_numpy(np.asarray(x_TD)), layer).numpy()
 

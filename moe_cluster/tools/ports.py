@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-import socket
+
+from ..serving.runtime import PortBusyError, check_port_free
 
 __all__ = ["free_port"]
 
@@ -19,10 +20,9 @@ def free_port() -> int:
     """
     for _ in range(200):
         port = random.randint(LOW, HIGH)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        try:
+            check_port_free("127.0.0.1", port)  # the bind Serve's proxy will make
+        except PortBusyError:
+            continue
+        return port
     raise RuntimeError(f"no free port in {LOW}-{HIGH}; pass a port explicitly")

@@ -64,3 +64,10 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(interval)
+
+
+def triton_client(port: int):
+    """A tritonclient HTTP client (a standard OIP v2 client) for the Serve proxy on `port`; close() it."""
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=120)

@@ -20,22 +20,20 @@ chunks of at most 16 rows. Every answer, for several T and every layer, must be
 
 import copy
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from moe_cluster import ModelConfig, MoEModel
+from moe_cluster.checkpoint import load_model, save_model
 from moe_cluster.client import MoEClient
-from moe_cluster.core.forward import moe_forward, run_sync
+from moe_cluster.core.forward import LocalExperts, moe_forward, run_sync
 from moe_cluster.core.layers import GateAndShared, MoELayer
 from moe_cluster.core.reference import reference_forward
 from moe_cluster.core.routing import GateWeights
 
-from moe_cluster.checkpoint import load_model, save_model
-
-from .conftest import start_local_serve, stop_local_serve
-
-ml_dtypes = pytest.importorskip("ml_dtypes", reason="needs the `test` extra (tritonclient brings ml_dtypes)")
+from .conftest import start_local_serve, stop_local_serve, triton_client
 
 MODEL = "bf16-moe"
 LAYERS = (1, 3)
@@ -70,9 +68,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(cluster):
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{cluster['port']}", network_timeout=120)
+    client = triton_client(cluster["port"])
     yield client
     client.close()
 
@@ -145,7 +141,8 @@ def _chunked_forward(model: MoEModel, x_TD: torch.Tensor, layer: int, max_rows: 
     """MoEModel.forward with the router's chunking: the one forward loop, one expert call per chunk
     of at most max_rows rows."""
     parts = model.layer(layer).gate_and_shared
-    y_TD, _ = run_sync(moe_forward(x_TD, layer, parts, model.config, model.experts, max_rows))
+    experts = LocalExperts(model.experts.modules, max_rows_per_call=max_rows)
+    y_TD, _ = run_sync(moe_forward(x_TD, layer, parts, model.config, experts))
     return y_TD.to(x_TD.dtype)
 
 

@@ -197,10 +197,8 @@ def test_killing_expert_replicas_under_load_loses_nothing(cluster):
     print("first success after each kill (s):", [None if r is None else round(r, 2) for r in recovery])
     print("replica replaced after (s):", [round(k.replaced_s, 1) for k in kills])
     print(f"expert calls retried by the router: {retries} ({sum(k.busy for k in kills)} kills hit a busy replica)")
-    # Each kill is real: its actor is gone and the deployment runs REPLICAS others (replaced_s).
+    # Each kill is real: _chaos waited until the killed actor was gone and replaced (replaced_s).
     assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills: killed replicas were not replaced in time"
-    alive = {name for names in _replicas("faults").values() for name in names}
-    assert not alive & {k.replica for k in kills}, f"killed replicas still alive: {alive & {k.replica for k in kills}}"
     assert retries > 0, "replicas were killed under load but the router retried no expert call"
     # Every request is counted (an exception in a client is a failure too): none may be wrong,
     # and a failure may only be a clear 503/504.

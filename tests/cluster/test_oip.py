@@ -15,7 +15,7 @@ import torch
 from moe_cluster import MoEModel, preset_config
 from moe_cluster.core.reference import reference_forward
 
-from .conftest import start_local_serve, stop_local_serve
+from .conftest import start_local_serve, stop_local_serve, triton_client
 
 MODEL = "tiny-moe"
 MAX_TOKENS = 256
@@ -44,9 +44,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{cluster['port']}", network_timeout=120)
+    client = triton_client(cluster["port"])
     yield client
     client.close()
 

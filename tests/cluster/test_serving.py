@@ -148,15 +148,29 @@ def test_experts_without_tokens_get_no_call(cluster):
 @pytest.mark.parametrize("tokens", [1, 2, 37, 300])
 def test_every_transport_equals_the_oracle(cluster, tokens):
     """moe: auto (every call of these sizes by value); packed: object store only; mixed: auto with a
-    1 KiB threshold, so a request's small calls go by value and its large ones through the object store."""
+    1 KiB threshold, so a 1-token request goes by value and a 300-token one through the object store. Which
+    path each call took is counted by the router (/v1/stats "transport")."""
     from ray import serve
 
     x = _x(tokens, seed=30 + tokens)
     for app in ("moe", "packed", "mixed"):
+        router = serve.get_app_handle(app)
+        before = router.stats.remote().result()["transport"]["calls"]
         for layer in (0, 1):
-            y = np.array(serve.get_app_handle(app).forward.remote(x.numpy(), layer).result())  # writable copy
+            y = np.array(router.forward.remote(x.numpy(), layer).result())  # writable copy
             torch.testing.assert_close(torch.from_numpy(y), reference_forward(cluster["model"], x, layer),
                                        rtol=1e-5, atol=1e-5)
+        after = router.stats.remote().result()["transport"]["calls"]
+        sent = {path: after[path] - before[path] for path in after}
+        assert sum(sent.values()) >= 2, sent  # at least one call per layer
+        if app == "moe":  # auto, 1 MiB: every call of these sizes by value
+            assert sent["object_store"] == 0, sent
+        elif app == "packed":  # forced object store
+            assert sent["by_value"] == 0, sent
+        elif tokens == 1:  # mixed, 1 KiB threshold: 2 rows (512 B) a layer at most
+            assert sent["object_store"] == 0, sent
+        elif tokens == 300:  # 600 rows over 2 deployments: every call over 1 KiB
+            assert sent["by_value"] == 0, sent
 
 
 def test_one_call_per_deployment_carries_every_chosen_expert(cluster):

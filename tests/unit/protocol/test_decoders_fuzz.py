@@ -35,28 +35,29 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat1
 
 # --- the property -------------------------------------------------------------------------------
 
-def _forward(body: bytes, content_type: str | None):
-    """The decoded request, or None after checking the WireError is a 4xx with a message."""
+def _decoded(decode, body: bytes, header: str | None):
+    """decode(body, header, LIMITS), or None after checking the WireError is a 4xx with a message."""
     try:
-        request = decode_forward_request(body, content_type, LIMITS)
-    except WireError as exc:
-        assert 400 <= exc.status < 500 and exc.message, exc
-        return None
-    _check_hidden_states(request.hidden_states)
-    assert (request.layer is None or isinstance(request.layer, int)) and isinstance(request.return_expert_counts, bool)
-    assert request.wire_format in (JSON, MSGPACK)
-    return request
-
-
-def _infer(body: bytes, header_length: str | None):
-    try:
-        request = parse_infer_request(body, header_length, LIMITS)
+        request = decode(body, header, LIMITS)
     except WireError as exc:
         assert 400 <= exc.status < 500 and exc.message, exc
         return None
     _check_hidden_states(request.hidden_states)
     assert request.layer is None or isinstance(request.layer, int)
-    assert request.request_id is None or isinstance(request.request_id, str)
+    return request
+
+
+def _forward(body: bytes, content_type: str | None):
+    request = _decoded(decode_forward_request, body, content_type)
+    if request is not None:
+        assert isinstance(request.return_expert_counts, bool) and request.wire_format in (JSON, MSGPACK)
+    return request
+
+
+def _infer(body: bytes, header_length: str | None):
+    request = _decoded(parse_infer_request, body, header_length)
+    if request is not None:
+        assert request.request_id is None or isinstance(request.request_id, str)
     return request
 
 

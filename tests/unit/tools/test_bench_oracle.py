@@ -3,6 +3,7 @@ wrong layer, a short answer, NaN, a concurrent client handed another client's an
 
 import math
 
+import pytest
 import torch
 
 from moe_cluster.core.config import preset_config
@@ -57,4 +58,7 @@ def test_concurrent_clients_answers_are_each_checked():
     mixed_up = lambda: (lambda x, layer: MODEL.forward(torch.from_numpy(first.x_TD), first.layer))  # noqa: E731
     _, _, diffs = concurrent_calls(mixed_up, requests, settings)
     assert sum(d > ORACLE_ATOL for d in diffs) == 2 * (2 + 1)
-    assert max_abs_diff(first.expected_TD, first.expected_TD) == 0.0
+    expected = first.expected_TD
+    assert max_abs_diff(expected + 0.5, expected) == pytest.approx(0.5)
+    assert max_abs_diff(expected.numpy(), expected) == 0.0  # numpy answers are compared too
+    assert max_abs_diff(expected[:-1], expected) == float("inf")  # a short answer is wrong, not a crash
