@@ -71,13 +71,13 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
 
     started = time.perf_counter()
     source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
-    print(f"moe-cluster: starting a local Ray cluster for {source}", flush=True)
     try:  # the port is checked before Ray starts: one line now, not a traceback from the proxy 30 s later
         start_local_serve((host, port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
     except PortBusyError as exc:
         print(f"moe-cluster: {exc}; pass --port with a free port (or stop what listens there)",
               file=sys.stderr, flush=True)
         return 2
+    print(f"moe-cluster: started a local Ray cluster for {source}", flush=True)
     # After ray.init, which installs handlers of its own: we want a clean shutdown.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

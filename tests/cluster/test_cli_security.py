@@ -25,7 +25,7 @@ import yaml
 
 from moe_cluster.client import MoEClient
 
-from .conftest import free_port, stop_process
+from .conftest import free_port, stop_process, wait_until
 from moe_cluster.checkpoint import load_model
 
 ENV_TOKEN = "env-token-5b0c1e9d7a"
@@ -60,6 +60,9 @@ def server(tmp_path_factory):
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         MoEClient(f"http://127.0.0.1:{port}", token=ENV_TOKEN).wait_ready(timeout=240)
+        # /healthz answers before serve.run returns in the CLI: wait for its ready banner too.
+        wait_until(lambda: "moe-cluster: ready in" in (work / "serve.log").read_text(), timeout=60,
+                   what="the ready banner of moe-cluster serve")
         yield {"url": f"http://127.0.0.1:{port}", "model": load_model(work / "ckpt"), "process": process,
                "log": log, "work": work, "cli": cli}
     finally:

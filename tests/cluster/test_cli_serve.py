@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from moe_cluster.checkpoint import load_model
 from moe_cluster.client import MoEClient, MoEHTTPError
 
 from .conftest import free_port, stop_process, wait_until
-from moe_cluster.checkpoint import load_model
 
 
 CLI = [sys.executable, "-m", "moe_cluster.cli"]
