@@ -128,6 +128,13 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--client-tokens", type=int, default=128, help="tokens per request of each concurrent client")
     bench.add_argument("--min-seconds", type=float, default=2.0, help="time each (mode, T) at least this long")
     bench.add_argument("--port", type=int, default=8765, help="HTTP port of the cluster under test")
+    bench.add_argument("--experts-per-deployment", type=int,
+                       help="experts packed into one deployment of the cluster (default: 8 for presets with 64+ "
+                            "experts such as olmoe-mini, else 1)")
+    bench.add_argument("--decode", action="store_true",
+                       help="also time greedy decoding of the README's 4-layer Mixtral-like model through the "
+                            "runner, MoE blocks in process vs on the cluster, batch 1 and 8 (needs the hf extra; "
+                            "writes the 1.7 GB model under --out once)")
     bench.set_defaults(run=_cmd_bench)
 
 
@@ -225,7 +232,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .serving.runtime import PortBusyError
 
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
-                             client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port)
+                             client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port,
+                             experts_per_deployment=args.experts_per_deployment, decode=args.decode)
     try:
         results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))
     except PortBusyError as error:

@@ -145,6 +145,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Mixtral's layer shape scaled down: D=1024, F=3584, 8 SwiGLU experts, top-2, renormalised.
     "mixtral-mini": ModelConfig(d_model=1024, d_ff=3584, num_experts=8, top_k=2, num_layers=2,
                                 expert_kind="swiglu", normalize_top_k=True),
+    # Fine-grained, OLMoE's routing at half its width: D=1024, F=512, 64 SwiGLU experts, top-8,
+    # softmax over all 64, no renormalisation of the top-8 weights.
+    "olmoe-mini": ModelConfig(d_model=1024, d_ff=512, num_experts=64, top_k=8, num_layers=2,
+                              expert_kind="swiglu", normalize_top_k=False),
 }
 
 

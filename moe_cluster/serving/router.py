@@ -6,13 +6,13 @@ Entry points, from the outside in:
     forward(x, layer)          a DeploymentHandle call: validates, then serve_request
     __call__(request)          HTTP (serving/http/endpoints.py): decodes, then serve_request
     serve_request(x_TD, layer) a validated request: the deadline, merged with concurrent ones (coalesce.py)
-    forward_batch(x_TD, layer) one (merged) batch: `core.forward.moe_forward` over RemoteExperts
+    forward_batch(x_TD, layer) one (merged) batch: `ClusterMoE.forward` (gate here, one call per
+                               expert deployment: serving/cluster_moe.py)
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import torch
@@ -21,19 +21,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..checkpoint import load_router_layers
 from ..core.dispatch import DispatchPlan, expert_counts
-from ..core.forward import ForwardTimings, moe_forward
-from ..core.init import random_gate_and_shared
-from ..core.layers import GateAndShared, check_hidden_states
+from ..core.layers import check_hidden_states
 from ..protocol.limits import Limits
 from .args import ResolvedApp
+from .cluster_moe import ClusterMoE
 from .coalesce import Coalescer
 from .errors import DeadlineExceeded
 from .http.auth import BearerAuth
 from .http.endpoints import handle_http
 from .metrics import RouterMetrics
-from .remote_experts import RemoteExperts, Transport
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_numpy, to_numpy
 
@@ -46,24 +43,16 @@ class MoERouter:
         self.args, self.config, self.placement = app.args, app.config, app.placement
         set_torch_threads(self.args.router_torch_threads or self.args.torch_threads)
         self.device = pick_device()
-        self.layers = {layer_id: parts.to(self.device)
-                       for layer_id, parts in zip(self.config.moe_layer_ids, self._load_gates_and_shared())}
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
         # The bearer token of the HTTP endpoints (None: no auth); fails here if configured but missing.
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         self.metrics = RouterMetrics(self.config.moe_layer_ids, self.config.num_experts)
-        self.experts = RemoteExperts.create(handles, self.placement, self.config, self.metrics, self.device,
-                                            self.args.max_tokens_per_call,
-                                            Transport(self.args.transport, self.args.by_value_max_bytes))
+        self.moe = ClusterMoE(app, handles, self.device, self.metrics)
+        self.experts = self.moe.experts
         self.app_name = serve.get_replica_context().app_name
         self.coalescer = (Coalescer(self.forward_batch, self.config.torch_dtype, self.args.max_batch_tokens,
                                     self.args.batch_wait_ms / 1e3)
                           if self.args.max_batch_tokens else None)
-
-    def _load_gates_and_shared(self) -> list[GateAndShared]:
-        if self.args.checkpoint:
-            return load_router_layers(self.args.checkpoint, self.config)
-        return [random_gate_and_shared(self.config, self.args.seed, layer) for layer in self.config.moe_layer_ids]
 
     # --- Python API (DeploymentHandle) ----------------------------------------------------------
 
@@ -104,14 +93,8 @@ class MoERouter:
 
     async def forward_batch(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, DispatchPlan]:
         """(y_TD on the CPU in the model dtype, plan): route on this replica's device, fan out, combine."""
-        timings = ForwardTimings()
-        experts = self.experts.for_deadline(time.monotonic() + self.args.request_timeout_s)
-        y_TD, plan = await moe_forward(x_TD.to(self.device), layer, self.layers[layer], self.config, experts,
-                                       timings)
-        self.metrics.record_plan(layer, plan.counts, self.placement.owner)
-        self.metrics.record_phases(route_ms=timings.route_s * 1e3, experts_ms=timings.experts_s * 1e3,
-                                   combine_ms=timings.combine_s * 1e3)
-        return y_TD.cpu(), plan
+        y_TD, plan, _ = await self.moe.forward(x_TD, layer, self.args.request_timeout_s)
+        return y_TD, plan
 
     # --- model, health, stats --------------------------------------------------------------
 
@@ -126,6 +109,12 @@ class MoERouter:
             "source": {"checkpoint": self.args.checkpoint} if self.args.checkpoint
             else {"preset": self.args.preset, "seed": self.args.seed},
         }
+
+    async def moe_spec(self) -> dict:
+        """What a runner needs to route this app's MoE layers itself (`RunnerArgs.moe_calls: direct`):
+        the app's args (resolved there to the same config, gates and placement) and the Serve app
+        that holds the expert deployments."""
+        return {"args": self.args.model_dump(mode="json"), "app_name": self.app_name}
 
     async def check_experts(self, timeout_s: float = 5.0) -> list[str]:
         """Names of expert deployments that did not answer a ping within `timeout_s`."""

@@ -3,8 +3,10 @@
     client ──HTTP POST /v1/generate──┐                 (or handle.generate(input_ids, max_new_tokens))
                                      ▼
     ModelRunner (one deployment): embeddings, attention, norms, head of the HF model
-        greedy model.generate in a worker thread; every MoE block of every step is
-        handle.forward.remote(x_TD, layer).result()  ──►  MoE router app (router + experts)
+        greedy model.generate in a worker thread; every MoE block of every step is either
+        moe_calls: direct (default)  the runner routes it itself (gate + top-k here, ClusterMoE) and
+                                     calls the expert deployments directly: one parallel hop per layer
+        moe_calls: router            handle.forward.remote(x_TD, layer).result() ──► the MoE app's router
 
 Two ways to wire it (`build_runner_app(args)`):
 - `moe: {checkpoint: ..., ...}` (the `args:` of `build_app`): the runner app binds its own
@@ -15,7 +17,8 @@ Two ways to wire it (`build_runner_app(args)`):
 Why a thread: transformers' forward is synchronous, and `.result()` on a response raises
 on the replica's event loop. `generate` runs in `asyncio.to_thread`, where no event loop
 runs, so `.result()` is allowed there and blocks only that thread; the replica's loop
-stays free for other requests and health checks.
+stays free for other requests and health checks. A direct MoE call is a coroutine of the
+replica's loop (its expert calls are asyncio tasks there); the thread waits for it.
 
     POST /v1/generate  {"input_ids": [[1, 2, 3]], "max_new_tokens": 8}
                        -> {"output_ids": [[1, 2, 3, ...8 new]], "timings": {...}}   (greedy only)
@@ -26,6 +29,7 @@ stays free for other requests and health checks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,11 +39,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
+import torch
+
 from ..core.config import ModelConfig
 from ..hf.runner import RUNNER_DTYPES, GenerateLimits, HFMoERunner, check_compatible
 from ..protocol.bodies import decode_generate_request
 from .app import ROUTER_NAME, build_app
 from .args import DEPLOYMENT_DEFAULTS, DeploymentOptions, merge_options, resolve_app
+from .cluster_moe import ClusterMoE
+from .metrics import RouterMetrics
 from .http.auth import BearerAuth
 from .runtime import set_torch_threads
 from .http.common import dispatch, error_response, json_response, read_body
@@ -64,6 +72,10 @@ class RunnerArgs(BaseModel):
         default="auto", description="dtype of the dense model (auto: config.json's)")
     max_input_tokens: int = Field(default=4096, ge=1, description="batch x prompt length; more gets 413")
     max_new_tokens: int = Field(default=256, ge=1, description="larger max_new_tokens gets 413")
+    moe_calls: Literal["direct", "router"] = Field(
+        default="direct", description="direct: the runner routes each MoE layer itself (the MoE app's gates, "
+                                      "loaded here) and calls the expert deployments directly, one parallel hop "
+                                      "per layer; router: each MoE layer is a call to the MoE app's router")
     moe_timeout_s: float = Field(default=60.0, gt=0, description="deadline of one MoE call")
     torch_threads: int | None = Field(default=None, ge=1, description="torch threads of the runner replica")
     max_body_bytes: int = Field(default=2**20, ge=1024, description="larger HTTP bodies get 413")
@@ -113,20 +125,45 @@ class ModelRunner:
         self.moe = moe
         info = await self.moe.info.remote()
         check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]))
+        self.loop = asyncio.get_running_loop()  # where direct MoE calls run (their expert calls are its tasks)
+        self.direct = await self._direct_moe() if self.args.moe_calls == "direct" else None
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
                                               limits)
 
-    def _moe_call(self, x_TD, layer: int):
+    async def _direct_moe(self) -> ClusterMoE:
+        """The MoE app's layers, routed here: the router tells which args and app (moe_spec), so the
+        runner loads the same gates and placement and holds handles to the same expert deployments."""
+        spec = await self.moe.moe_spec.remote()
+        app = resolve_app(spec["args"])
+        handles = await asyncio.to_thread(
+            lambda: {g.name: serve.get_deployment_handle(g.name, app_name=spec["app_name"])
+                     for g in app.placement.groups})
+        metrics = RouterMetrics(app.config.moe_layer_ids, app.config.num_experts)
+        return await asyncio.to_thread(ClusterMoE, app, handles, torch.device("cpu"), metrics)
+
+    def _moe_call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
         """One MoE block on the cluster. Runs in generate's worker thread, never on the event loop."""
-        return self.moe.forward.remote(x_TD, layer).result(timeout_s=self.args.moe_timeout_s)
+        if self.direct is None:
+            return self.moe.forward.remote(x_TD, layer).result(timeout_s=self.args.moe_timeout_s)
+        call = asyncio.run_coroutine_threadsafe(self._direct_call(x_TD, layer), self.loop)
+        try:
+            return call.result(timeout=self.args.moe_timeout_s)
+        except concurrent.futures.TimeoutError:
+            call.cancel()
+            raise TimeoutError(f"MoE layer {layer} did not answer within moe_timeout_s={self.args.moe_timeout_s:g}s: "
+                               "an expert deployment may be restarting or overloaded") from None
+
+    async def _direct_call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
+        y_TD, _, _ = await self.direct.forward(x_TD, layer, self.args.moe_timeout_s)
+        return y_TD.to(x_TD.dtype)
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
         """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError)."""
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
 
     async def info(self) -> dict:
-        return {**self.runner.info(), "moe": self.args.moe_app or "bound"}
+        return {**self.runner.info(), "moe": self.args.moe_app or "bound", "moe_calls": self.args.moe_calls}
 
     async def __call__(self, request: Request) -> Response:
         # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only

@@ -13,7 +13,10 @@ machine's matmul peak and two Serve floors, timed in turns with the T=1 calls:
   serve_floor         p50 of a no-op router calling one no-op expert (two hops)
   serve_fanout_floor  p50 of a no-op router calling top_k no-op experts of top_k
                       deployments at once: the fewest hops and calls one token can cost
-                      with one deployment per expert (a token visits top_k experts)
+                      with one deployment per expert (a token visits top_k experts); Serve's
+                      default handles throughout, so also `serve_default_fanout_floor_p50_ms`
+With --decode, also greedy decoding of a whole model through the runner (bench_decode.py).
+Fine-grained presets (64+ experts: olmoe-mini) pack 8 experts per deployment.
 It also records, per T, the router's phases (route, experts, combine) of a batch of that T.
 
 Every mode's answers are held to the oracle (`reference_forward`, see bench_oracle.py): each
@@ -39,13 +42,13 @@ from ray import serve
 
 from ..core.config import preset_config
 from ..core.model import MoEModel
-from ..serving.args import AppArgs
 from ..serving.runtime import check_port_free
-from .bench_apps import MonolithicMoE, floor_app
+from .bench_apps import MonolithicMoE, cluster_args, floor_app
+from .bench_decode import decode_records
 from .bench_oracle import (ORACLE_ATOL, ClientRequest, check_against_oracle, compute_oracle, max_abs_diff,
                            wrong_answers)
 
-__all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops", "ORACLE_ATOL"]
+__all__ = ["BenchSettings", "run_bench", "matmul_peak_gflops", "cluster_args", "ORACLE_ATOL"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class BenchSettings:
     min_seconds: float = 2.0  # ... and at least this long
     client_requests: int = 8  # requests per concurrent client
     port: int = 8765
+    experts_per_deployment: int | None = None  # None: 8 for 64+ experts (olmoe-mini), else 1
+    decode: bool = False  # also time greedy decoding through the runner (bench_decode.py)
+    decode_model: tuple[tuple[str, Any], ...] = ()  # MixtralConfig fields over bench_decode.DECODE_MODEL (tests)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Record:
     p50_ms: float
     p99_ms: float
     requests: int
+    transport: str | None = None  # the cluster's transport setting (handle, http); None for other modes
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -191,19 +198,6 @@ def concurrent_calls(make_call: Callable[[], Callable[[np.ndarray, int], Any]], 
     return latencies, time.perf_counter() - started, diffs
 
 
-def cluster_args(settings: BenchSettings) -> AppArgs:
-    """The cluster under test: default placement and options (DEPLOYMENT_DEFAULTS: no CPU reservations),
-    one torch thread per replica
-    (router included: its gather and combine overlap the experts' work, and a second thread
-    only spun against them: combine at T=4096 took 135 ms with 2 threads, 26 ms with 1)."""
-    return AppArgs.model_validate({
-        "preset": settings.preset, "seed": settings.seed, "torch_threads": 1, "router_torch_threads": 1,
-        "max_tokens_per_request": max(settings.tokens) * 2,
-        "router": {"num_replicas": 1, "max_ongoing_requests": 256},
-        "experts": {"num_replicas": 1, "max_ongoing_requests": 256},
-    })
-
-
 def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement, write results.json (+ results.png), return the results dict.
 
@@ -233,6 +227,10 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         records, floors, phases_ms = single_client_records(settings, callers, floor_calls, inputs, cluster,
                                                            config.moe_layer_ids[0], config.top_k, log)
         concurrent, concurrent_diff = concurrent_records(settings, requests, mono, cluster, log)
+        transport = cluster_args(settings).transport
+        for rec in records + concurrent:
+            rec.transport = transport if rec.mode in ("handle", "http") else None
+        decode = decode_records(settings, out_dir, log) if settings.decode else None
     finally:
         stop_local_serve()
     results = {"preset": settings.preset, "seed": settings.seed, "cores": cores, "matmul_peak_gflops": peak,
@@ -240,7 +238,11 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
                "oracle_atol": ORACLE_ATOL, "max_abs_diff_vs_oracle": max_diff,
                "concurrent_vs_oracle": concurrent_diff, "wrong_answers": wrong_answers(max_diff, concurrent_diff),
                "model": config.to_dict(), "settings": asdict(settings),
-               "records": [asdict(r) for r in records + concurrent]}
+               "placement": cluster_args(settings).resolve_placement(config).describe(),
+               "records": [asdict(r) for r in records + concurrent] + (decode.records if decode else [])}
+    if decode is not None:
+        results["decode_model"] = decode.model
+        results["wrong_answers"] += decode.wrong_answers
     results["summary"] = summarize(results, config)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     log(f"wrote {out_dir / 'results.json'}")
@@ -317,6 +319,8 @@ def log_floors(latencies: dict[str, list[float]], width: int, log) -> dict[str, 
     """{serve_floor_p50_ms, serve_fanout_floor_p50_ms}, taken out of `latencies`."""
     floors = {f"{name}_p50_ms": float(np.percentile(latencies.pop(name), 50)) * 1e3
               for name in ("serve_floor", "serve_fanout_floor")}
+    # The floor apps use Serve's default handles (by reference) throughout, driven by a default handle.
+    floors["serve_default_fanout_floor_p50_ms"] = floors["serve_fanout_floor_p50_ms"]
     log(f"serve floor p50: {floors['serve_floor_p50_ms']:.2f} ms (router -> 1 expert), "
         f"{floors['serve_fanout_floor_p50_ms']:.2f} ms (router -> {width} experts at once)")
     return floors
@@ -346,7 +350,7 @@ def concurrent_records(settings: BenchSettings, requests: list[ClientRequest], m
 
 def summarize(results: dict[str, Any], config) -> dict[str, float]:
     """The ratios the performance targets are stated in."""
-    single = {(r["mode"], r["tokens"]): r for r in results["records"] if r["clients"] == 1}
+    single = {(r["mode"], r["tokens"]): r for r in results["records"] if r["clients"] == 1 and "batch" not in r}
     many = {r["mode"]: r for r in results["records"] if r["clients"] > 1}
     big = max(t for _, t in single)
     tps = lambda mode: single[(mode, big)]["tokens_per_s"]  # noqa: E731
@@ -359,10 +363,16 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
         if ("handle", 1) in single else float("nan"),
         "handle_T1_p50_over_fanout_floor": single[("handle", 1)]["p50_ms"] / results["serve_fanout_floor_p50_ms"]
         if ("handle", 1) in single else float("nan"),
+        "handle_T64_p50_over_inprocess": single[("handle", 64)]["p50_ms"] / single[("inprocess", 64)]["p50_ms"]
+        if ("handle", 64) in single else float("nan"),
         "concurrent_handle_over_inprocess": many["handle"]["tokens_per_s"] / tps("inprocess") if many else float("nan"),
         "handle_fraction_of_matmul_peak": tps("handle") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
         "inprocess_fraction_of_matmul_peak": tps("inprocess") * flops_per_token / 1e9 / results["matmul_peak_gflops"],
     }
     if ("transformers", big) in single:
         out["inprocess_over_transformers"] = tps("inprocess") / tps("transformers")
+    decode = {(r["mode"], r["batch"]): r["ms_per_token"] for r in results["records"] if "batch" in r}
+    for (mode, batch), ms in decode.items():
+        if mode != "decode-inprocess" and ("decode-inprocess", batch) in decode:
+            out[f"{mode}_over_inprocess_batch{batch}"] = ms / decode[("decode-inprocess", batch)]
     return out

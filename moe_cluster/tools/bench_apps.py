@@ -1,9 +1,10 @@
-"""The Serve apps `moe-cluster bench` compares the cluster with: the whole MoE in one deployment,
-and the no-op floors (what the hops alone cost)."""
+"""The Serve apps of `moe-cluster bench`: the cluster under test (its args), the whole MoE in one
+deployment, and the no-op floors (what the hops alone cost)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,8 +12,13 @@ from ray import serve
 
 from ..core.config import preset_config
 from ..core.model import MoEModel
+from ..serving.args import AppArgs
 
-__all__ = ["MonolithicMoE", "NoopExpert", "NoopRouter", "floor_app"]
+if TYPE_CHECKING:
+    from .bench import BenchSettings
+
+__all__ = ["MonolithicMoE", "NoopExpert", "NoopRouter", "cluster_args", "experts_per_deployment",
+           "floor_app"]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -50,3 +56,30 @@ class NoopRouter:
 def floor_app(width: int):
     """A no-op router over `width` no-op expert deployments."""
     return NoopRouter.bind(*(NoopExpert.options(name=f"NoopExpert{i}").bind() for i in range(width)))
+
+
+def experts_per_deployment(settings: BenchSettings, num_experts: int) -> int:
+    """How many experts the bench's cluster packs into one deployment: fine-grained models (64+
+    experts) 8, as one would deploy them (64 deployments of one small expert each would spend the
+    machine on hops); else one expert per deployment, the default placement."""
+    if settings.experts_per_deployment is not None:
+        return settings.experts_per_deployment
+    return 8 if num_experts >= 64 else 1
+
+
+def cluster_args(settings: BenchSettings) -> AppArgs:
+    """The cluster under test: default options (DEPLOYMENT_DEFAULTS: no CPU reservations), the
+    packing of experts_per_deployment, one torch thread per replica
+    (router included: its gather and combine overlap the experts' work, and a second thread
+    only spun against them: combine at T=4096 took 135 ms with 2 threads, 26 ms with 1)."""
+    num_experts = preset_config(settings.preset).num_experts
+    per = experts_per_deployment(settings, num_experts)
+    placement = [] if per == 1 else [
+        {"name": f"experts-{first}-{min(first + per, num_experts) - 1}",
+         "experts": list(range(first, min(first + per, num_experts)))} for first in range(0, num_experts, per)]
+    return AppArgs.model_validate({
+        "preset": settings.preset, "seed": settings.seed, "torch_threads": 1, "router_torch_threads": 1,
+        "max_tokens_per_request": max(settings.tokens) * 2, "placement": placement,
+        "router": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "experts": {"num_replicas": 1, "max_ongoing_requests": 256},
+    })

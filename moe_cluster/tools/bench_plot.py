@@ -23,7 +23,7 @@ def plot(results: dict[str, Any], path: Path, log: Callable[[str], None]) -> Non
     except ImportError:
         log("matplotlib is not installed: no plot (pip install 'moe-cluster[bench]')")
         return
-    single = [r for r in results["records"] if r["clients"] == 1]
+    single = [r for r in results["records"] if r["clients"] == 1 and r["mode"] in MODES]
     many = [r for r in results["records"] if r["clients"] > 1]
     colour = {mode: f"C{i}" for i, mode in enumerate(MODES)}
     fig, (ax_tps, ax_lat, ax_many) = plt.subplots(1, 3, figsize=(15, 4.8), width_ratios=(1, 1, 0.7))

@@ -1,6 +1,7 @@
-"""`moe-cluster bench` smoke test (tiny preset): the results file's shape, and every mode's
-answers held to the oracle (`reference_forward`) for every T and layer, the concurrent
-clients' answers too.
+"""`moe-cluster bench --decode` smoke test (tiny preset, a tiny Mixtral for the decode part): the
+results file's shape, and every mode's answers held to the oracle (`reference_forward`) for
+every T and layer, the concurrent clients' answers too, and the decode modes' tokens to the
+in-process runner's.
 
 Timings are never asserted here: they belong to benchmark runs, not to CI.
 """
@@ -17,13 +18,17 @@ from .conftest import free_port
 MODES = {"inprocess", "monolithic", "handle", "http"}
 CONCURRENT_MODES = {"monolithic", "handle", "http"}
 TOKENS = (1, 7, 64)
+DECODE_MODES = {"decode-inprocess", "decode-cluster", "decode-cluster-router"}
+TINY_MIXTRAL = (("hidden_size", 32), ("intermediate_size", 48), ("num_hidden_layers", 2), ("num_attention_heads", 4),
+                ("num_key_value_heads", 2), ("num_local_experts", 4), ("vocab_size", 128))
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     settings = BenchSettings(preset="tiny", tokens=TOKENS, clients=4, client_tokens=16, min_reps=2,
-                             min_seconds=0.1, client_requests=2, port=free_port())
+                             min_seconds=0.1, client_requests=2, port=free_port(), decode=True,
+                             decode_model=TINY_MIXTRAL)
     lines = []
     returned = run_bench(settings, out, log=lines.append)
     return {"out": out, "settings": settings, "lines": lines, "returned": returned,
@@ -65,8 +70,11 @@ def test_results_file_shape(bench):
     for tokens in map(str, TOKENS):  # where the router's time went, per T
         assert set(results["router_phases_ms"][tokens]) == {"route_ms", "experts_ms", "combine_ms"}
         assert results["router_phases_ms"][tokens]["experts_ms"] > 0
-    records = results["records"]
+    assert results["serve_default_fanout_floor_p50_ms"] > 0
+    records = [r for r in results["records"] if "batch" not in r]
     assert {(r["mode"], r["tokens"]) for r in records if r["clients"] == 1} == {(m, t) for m in MODES for t in TOKENS}
+    for r in records:  # the cluster's transport on the cluster's records only
+        assert r["transport"] == ("auto" if r["mode"] in ("handle", "http") else None), r
     assert {r["mode"] for r in records if r["clients"] == 4} == CONCURRENT_MODES
     for r in records:
         assert set(r) >= {"mode", "tokens", "clients", "tokens_per_s", "p50_ms", "p99_ms"}
@@ -76,3 +84,17 @@ def test_results_file_shape(bench):
     assert (bench["out"] / "results.png").stat().st_size > 1000
     assert any("serve floor" in line for line in bench["lines"])  # progress was reported
     assert not any("WRONG ANSWER" in line for line in bench["lines"])
+
+
+def test_decode_modes_equal_the_in_process_runner_at_batch_1_and_8(bench):
+    results = bench["results"]
+    decode = [r for r in results["records"] if "batch" in r]
+    assert {(r["mode"], r["batch"]) for r in decode} == {(m, b) for m in DECODE_MODES for b in (1, 8)}
+    for r in decode:
+        assert r["ms_per_token"] == r["p50_ms"] > 0 and r["requests"] > 0, r
+        assert r["moe_calls"] == {"decode-cluster": "direct", "decode-cluster-router": "router"}.get(r["mode"])
+    assert results["decode_model"]["hidden_size"] == 32
+    # a cluster mode whose tokens differ from the in-process runner's would be listed here
+    assert not [w for w in results["wrong_answers"] if "decode" in w]
+    assert {"decode-cluster_over_inprocess_batch1", "decode-cluster_over_inprocess_batch8",
+            "decode-cluster-router_over_inprocess_batch1"} <= set(results["summary"])

@@ -1,9 +1,11 @@
 """Imported Hugging Face checkpoints on a real local Ray cluster, held to transformers' own code.
 
-One local Ray cluster for the module, four apps:
+One local Ray cluster for the module, five apps:
   hf-mixtral          MoE app of a tiny Mixtral import (4 experts packed in one deployment)
   hf-deepseek         MoE app of a tiny DeepSeek-V3 import (dense layer 0; 8 experts in one deployment)
-  hf-mixtral-runner   ModelRunner calling the running app hf-mixtral by name (`moe_app`)
+  hf-mixtral-runner   ModelRunner calling the running app hf-mixtral by name (`moe_app`); it routes
+                      each MoE layer itself and calls the expert deployment directly (`moe_calls: direct`)
+  hf-mixtral-runner-via-router   the same, with every MoE layer a call to hf-mixtral's router
   hf-deepseek-runner  ModelRunner with its own MoE app bound in (`moe`): one serve.run, three deployments
 
 Every MoE block through the cluster (handle and HTTP) equals HF's block (fp32, 1e-5), and
@@ -55,6 +57,9 @@ def cluster(tmp_path_factory):
     limits = dict(torch_threads=1, max_input_tokens=64, max_new_tokens=32)
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "mixtral"), moe_app="hf-mixtral")),
               name="hf-mixtral-runner", route_prefix="/hf-mixtral-runner")
+    serve.run(build_runner_app(dict(limits, hf_model=str(root / "mixtral"), moe_app="hf-mixtral",
+                                    moe_calls="router")),
+              name="hf-mixtral-runner-via-router", route_prefix="/hf-mixtral-runner-via-router")
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "deepseek_v3"), moe=moe_args["deepseek_v3"])),
               name="hf-deepseek-runner", route_prefix="/hf-deepseek-runner")
     yield {"models": models, "local": local, "moe_args": moe_args}
@@ -155,22 +160,34 @@ def _hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[
                           do_sample=False).tolist()
 
 
+RUNNERS = {"mixtral": ("hf-mixtral-runner", "hf-mixtral", "direct"),
+           "mixtral-via-router": ("hf-mixtral-runner-via-router", "hf-mixtral", "router"),
+           "deepseek_v3": ("hf-deepseek-runner", "hf-deepseek-runner", "direct")}  # family: (runner, MoE app, calls)
+
+
 @pytest.mark.parametrize("via", ["handle", "http"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_through_the_cluster_equals_hf_generate(cluster, family, via):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_generate_through_the_cluster_equals_hf_generate(cluster, runner, via):
+    """Greedy tokens equal HF's; MoE calls go where `moe_calls` says: with `direct` the router serves
+    none of them (its batch counter stays), with `router` it serves every one."""
     from ray import serve
 
+    app, moe_app, calls = RUNNERS[runner]
+    family = runner.removesuffix("-via-router")
+    router = serve.get_deployment_handle("router", app_name=moe_app)
+    batches = lambda: router.stats.remote().result().get("router_phases", {}).get("batches", 0)  # noqa: E731
+    before = batches()
     if via == "handle":
-        result = serve.get_app_handle(_runner(family)).generate.remote(PROMPTS, 6).result()
+        result = serve.get_app_handle(app).generate.remote(PROMPTS, 6).result()
     else:
-        status, result = _post(cluster["local"].url(f"/{_runner(family)}/v1/generate"),
-                               {"input_ids": PROMPTS, "max_new_tokens": 6})
+        status, result = _post(cluster["local"].url(f"/{app}/v1/generate"), {"input_ids": PROMPTS, "max_new_tokens": 6})
         assert status == 200, result
     assert result["output_ids"] == _hf_generate(cluster["models"][family], PROMPTS, 6)
     timings = result["timings"]
     moe_layers = len(moe_blocks(cluster["models"][family]))
     assert timings["new_tokens"] == 6 and timings["moe_calls_per_token"] == moe_layers
     assert all(t["moe_calls"] == moe_layers and t["moe_ms"] > 0 for t in timings["per_token"])
+    assert batches() - before == (6 * moe_layers if calls == "router" else 0)
 
 
 def test_concurrent_generate_calls(cluster):
