@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "(default: a free one)")
     parser.add_argument("--config", type=Path, default=ROOT / "deployments" / "default.yaml",
                         help="Serve config file of the app to start (default: deployments/default.yaml)")
+    parser.add_argument("--transport", choices=("auto", "object_store", "by_value"),
+                        help="the app's transport of rows to the experts (default: the config's)")
     parser.add_argument("--url", help="soak a running server instead of starting one (RSS and object store "
                                       "figures need the cluster to be this script's)")
     parser.add_argument("--token-env", help="environment variable holding the bearer token, if auth is on")
@@ -59,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- the app and its oracle -----------------------------------------------------------------
 
-def start_app(config: Path, port: int) -> str:
-    """Start Ray and the app of `config` on 127.0.0.1:port; returns its URL."""
+def start_app(config: Path, port: int, transport: str | None = None) -> str:
+    """Start Ray and the app of `config` on 127.0.0.1:port (its `transport` replaced if given); returns its URL."""
     from ray import serve
 
     from moe_cluster.serving.app import build_app
@@ -70,7 +72,8 @@ def start_app(config: Path, port: int) -> str:
     file_app = read_serve_config(config)
     port = port or free_port()
     start_local_serve(("127.0.0.1", port))
-    serve.run(build_app(file_app.args), name=file_app.name, route_prefix=file_app.route_prefix)
+    app_args = dict(file_app.args, **({"transport": transport} if transport else {}))
+    serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
     return f"http://127.0.0.1:{port}{file_app.route_prefix.rstrip('/')}"
 
 
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
         token = os.environ.get(args.token_env) or sys.exit(f"soak: environment variable {args.token_env} is empty")
     own_cluster = args.url is None
-    url = start_app(args.config, args.port) if own_cluster else args.url.rstrip("/")
+    url = start_app(args.config, args.port, args.transport) if own_cluster else args.url.rstrip("/")
     try:
         client = MoEClient(url, token=token)
         client.wait_ready(timeout=300)

@@ -15,6 +15,8 @@ Unknown fields are errors, with the field's path in the message (never its value
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -156,6 +158,16 @@ class ResolvedApp:
     args: AppArgs
     config: ModelConfig  # the model: the checkpoint's config.json, or the preset
     placement: Placement  # which deployment hosts each (layer, expert)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the weights and the placement are (not replicas or other options), in 16 hex digits. Every
+        expert call carries its caller's; an expert deployment refuses rows routed by another version of
+        the app (MoEAppChanged), so a runner routing for itself never combines answers of other weights."""
+        source = {"checkpoint": self.args.checkpoint} if self.args.checkpoint else \
+            {"preset": self.args.preset, "seed": self.args.seed}
+        what = {"model": self.config.to_dict(), "source": source, "placement": self.placement.describe()}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolve_app(args: AppArgs | dict[str, Any] | None) -> ResolvedApp:

@@ -27,7 +27,7 @@ from ..core.init import random_gate_and_shared
 from ..core.layers import GateAndShared
 from .args import ResolvedApp
 from .metrics import RouterMetrics
-from .remote_experts import RemoteExperts, Transport
+from .remote_experts import RemoteExperts
 
 __all__ = ["ClusterMoE", "load_gates_and_shared"]
 
@@ -41,9 +41,7 @@ class ClusterMoE:
         self.layers = {layer_id: parts.to(device)
                        for layer_id, parts in zip(app.config.moe_layer_ids, load_gates_and_shared(app))}
         self.device = device
-        self.experts = RemoteExperts.create(handles, app.placement, app.config, metrics, device,
-                                            app.args.max_tokens_per_call,
-                                            Transport(app.args.transport, app.args.by_value_max_bytes))
+        self.experts = RemoteExperts.create(handles, app, metrics, device)
 
     async def forward(self, x_TD: torch.Tensor, layer: int, timeout_s: float
                       ) -> tuple[torch.Tensor, DispatchPlan, ForwardTimings]:

@@ -3,6 +3,8 @@
     WireError (protocol/)   the client's fault            -> its own 4xx status
     ValueError              e.g. an unknown layer          -> 400
     ExpertCallError         an expert deployment could not answer, after retries     -> 503
+    MoEAppChanged           the expert deployments now serve other weights than the
+                            caller routed for (a runner's MoE app was redeployed)     -> 503
     DeadlineExceeded        not done within request_timeout_s                         -> 504
     anything else           ExpertComputeError (an expert raised or answered wrongly),
                             MergedBatchError, a bug                                   -> 500
@@ -17,7 +19,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from ..protocol.errors import WireError
 
-__all__ = ["ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "RETRYABLE", "http_status"]
+__all__ = ["ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "MoEAppChanged", "RETRYABLE", "http_status"]
 
 
 class ExpertCallError(RuntimeError):
@@ -27,6 +29,12 @@ class ExpertCallError(RuntimeError):
 class ExpertComputeError(RuntimeError):
     """An expert replica raised, or answered with the wrong shape or dtype (a bug or a bad deployment,
     not a dead replica): 500, not retried."""
+
+
+class MoEAppChanged(RuntimeError):
+    """An expert deployment was called with rows routed for another version of its app (other
+    weights or placement, `ResolvedApp.fingerprint`): nothing is computed. A runner that routes for
+    itself reloads the app's gates and placement and sends the call again; anyone else gets 503."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -45,7 +53,7 @@ def http_status(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, ValueError):
         return 400
-    if isinstance(exc, ExpertCallError):
+    if isinstance(exc, (ExpertCallError, MoEAppChanged)):
         return 503
     if isinstance(exc, DeadlineExceeded):
         return 504

@@ -24,6 +24,7 @@ from ..core.init import random_expert
 from ..core.placement import ExpertGroup
 from .args import AppArgs, ResolvedApp
 from .autoscaling import ROWS_PER_S, RowRate
+from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
 
@@ -37,6 +38,7 @@ class ExpertServer:
     def __init__(self, app: ResolvedApp, group: ExpertGroup) -> None:
         set_torch_threads(app.args.torch_threads)
         self.group_name = group.name
+        self.fingerprint = app.fingerprint  # of the weights and placement this replica was built for
         self.device = pick_device()
         self.dtype = app.config.dtype
         self.experts = {pair: module.to(self.device)
@@ -47,9 +49,16 @@ class ExpertServer:
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
         self.requests = 0  # calls received (each may carry several experts' rows)
 
-    async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray) -> np.ndarray:
+    async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray,
+                      fingerprint: str | None = None) -> np.ndarray:
         """out_ND for rows x_ND [N, D] in the model dtype (bf16 as uint16): the rows of each (expert, rows)
-        span of `spans`, one after the other (N = the sum of rows), through that expert of `layer`."""
+        span of `spans`, one after the other (N = the sum of rows), through that expert of `layer`.
+        `fingerprint`: the caller's `ResolvedApp.fingerprint`; another one than this replica's raises
+        MoEAppChanged (the rows were routed with other gates)."""
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise MoEAppChanged(f"deployment {self.group_name} serves app version {self.fingerprint}, the rows were "
+                                f"routed for version {fingerprint}: its app was redeployed with other weights or "
+                                "placement")
         modules = [self._module(layer, expert) for expert, _ in spans]
         if sum(rows for _, rows in spans) != x_ND.shape[0]:
             raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {x_ND.shape[0]} were sent")

@@ -33,7 +33,8 @@ from ..core.config import ModelConfig
 from ..core.dispatch import ExpertChunk, pack_calls
 from ..core.forward import GatherRows
 from ..core.placement import Placement
-from .errors import RETRYABLE, ExpertCallError, ExpertComputeError
+from .args import ResolvedApp
+from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
 from .tensors import from_wire, to_wire, wire_dtype
 
@@ -54,18 +55,19 @@ class RemoteExperts:
     max_rows_per_call: int | None  # chunks and calls carry at most this many rows (max_tokens_per_call)
     transport: Transport
     wire_dtype: np.dtype  # how rows and answers travel: numpy of the model dtype, bf16 as uint16
+    fingerprint: str  # ResolvedApp.fingerprint of the app the rows are routed for; experts check it
     deadline: float = float("inf")  # time.monotonic() after which failed calls are not retried
 
     @classmethod
-    def create(cls, handles: dict[str, DeploymentHandle], placement: Placement, config: ModelConfig,
-               metrics: RouterMetrics, device: torch.device, max_rows_per_call: int | None,
-               transport: Transport) -> "RemoteExperts":
+    def create(cls, handles: dict[str, DeploymentHandle], app: ResolvedApp, metrics: RouterMetrics,
+               device: torch.device) -> "RemoteExperts":
         """Checked once, when the router starts: every deployment of the placement has a handle."""
-        missing = {g.name for g in placement.groups} - set(handles)
+        missing = {g.name for g in app.placement.groups} - set(handles)
         if missing:
             raise ValueError(f"no handle for expert deployments {sorted(missing)}")
-        return cls(handles, placement, config, metrics, device, max_rows_per_call, transport,
-                   wire_dtype(config.dtype))
+        transport = Transport(app.args.transport, app.args.by_value_max_bytes)
+        return cls(handles, app.placement, app.config, metrics, device, app.args.max_tokens_per_call, transport,
+                   wire_dtype(app.config.dtype), app.fingerprint)
 
     def for_deadline(self, deadline: float) -> "RemoteExperts":
         return dataclasses.replace(self, deadline=deadline)
@@ -103,7 +105,7 @@ class RemoteExperts:
             attempts += 1
             try:
                 handle = self.transport.handle(self.handles, group, x_ND.nbytes)
-                array = await handle.forward.remote(layer, spans, x_ND)
+                array = await handle.forward.remote(layer, spans, x_ND, self.fingerprint)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + backoff_s >= self.deadline:
@@ -113,6 +115,10 @@ class RemoteExperts:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, 1.0)
             except Exception as exc:  # noqa: BLE001 - the expert itself failed: no retry
+                # By reference, the replica's exception comes wrapped (RayTaskError.cause); by value, as itself.
+                changed = next((e for e in (exc, getattr(exc, "cause", None)) if isinstance(e, MoEAppChanged)), None)
+                if changed is not None:
+                    raise MoEAppChanged(str(changed).splitlines()[0]) from exc
                 raise ExpertComputeError(str(_call_error(group, layer, experts, started, attempts, exc))) from exc
         check_expert_answer(array, (x_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
                             f"expert deployment '{group}' answered (layer {layer}, experts {experts})")

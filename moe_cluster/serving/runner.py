@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,6 +48,7 @@ from ..protocol.bodies import decode_generate_request
 from .app import ROUTER_NAME, build_app
 from .args import DEPLOYMENT_DEFAULTS, DeploymentOptions, merge_options, resolve_app
 from .cluster_moe import ClusterMoE
+from .errors import MoEAppChanged
 from .metrics import RouterMetrics
 from .http.auth import BearerAuth
 from .runtime import set_torch_threads
@@ -55,6 +57,7 @@ from .http.common import dispatch, error_response, json_response, read_body
 __all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
 
 RUNNER_NAME = "runner"
+logger = logging.getLogger("ray.serve")
 
 
 
@@ -127,6 +130,7 @@ class ModelRunner:
         check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]))
         self.loop = asyncio.get_running_loop()  # where direct MoE calls run (their expert calls are its tasks)
         self.direct = await self._direct_moe() if self.args.moe_calls == "direct" else None
+        self.reload_lock = asyncio.Lock()
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
                                               limits)
@@ -155,7 +159,18 @@ class ModelRunner:
                                "an expert deployment may be restarting or overloaded") from None
 
     async def _direct_call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
-        y_TD, _, _ = await self.direct.forward(x_TD, layer, self.args.moe_timeout_s)
+        """One MoE layer routed here. If the MoE app was redeployed with other weights or placement since
+        its gates were loaded (the experts refuse the rows: MoEAppChanged), load them again, once, and resend."""
+        direct = self.direct
+        try:
+            y_TD, _, _ = await direct.forward(x_TD, layer, self.args.moe_timeout_s)
+        except MoEAppChanged:
+            async with self.reload_lock:
+                if self.direct is direct:  # the first caller to notice reloads; the others use its result
+                    logger.warning("runner: the MoE app was redeployed with other weights or placement: reloading "
+                                   "its gates and placement")
+                    self.direct = await self._direct_moe()
+            y_TD, _, _ = await self.direct.forward(x_TD, layer, self.args.moe_timeout_s)
         return y_TD.to(x_TD.dtype)
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:

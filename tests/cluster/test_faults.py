@@ -11,10 +11,13 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
           503 at once), a 3 s request deadline, and expert calls of at most 4 rows, so a
           large request is slow enough to miss its deadline.
 
-`pytest -s` prints the measured recovery times and success rates.
+`pytest -s` prints the measured recovery times and success rates. The faults app uses the
+default transport (`auto`: these small calls go by value); `MOE_FAULTS_TRANSPORT=object_store`
+(or `by_value`) runs the same test with that transport forced.
 """
 
 import json
+import os
 import random
 import time
 import urllib.error
@@ -46,6 +49,7 @@ FAULTS = {
     "experts": {"num_replicas": REPLICAS, "health_check_period_s": 1, "health_check_timeout_s": 5,
                 "ray_actor_options": {"num_cpus": 0}},
     "placement": [{"name": "experts-0-3", "experts": [0, 1, 2, 3]}, {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
+    "transport": os.environ.get("MOE_FAULTS_TRANSPORT", "auto"),
 }
 LIMITS = {
     "torch_threads": 1, "max_tokens_per_call": 4, "request_timeout_s": DEADLINE_S,

@@ -258,6 +258,38 @@ def test_runner_args_are_checked_before_anything_is_deployed(tmp_path):
         build_runner_app({"hf_model": str(tmp_path / "mixtral"), "moe": {"checkpoint": str(tmp_path / "qwen3-moe")}})
 
 
+def test_a_runner_routing_itself_follows_a_redeployed_moe_app(cluster, tmp_path):
+    """hf-mixtral redeployed with other MoE weights (a Mixtral drawn from another seed): the runner
+    that routes for itself (hf-mixtral-runner, `moe_calls: direct`) must not combine the new experts'
+    answers with the old gates. The experts refuse rows routed for the old app version, the runner
+    reloads the gates and placement, and its tokens equal HF's generate of the old dense layers with
+    the new MoE blocks. Restored afterwards."""
+    import copy
+
+    from ray import serve
+
+    from moe_cluster.serving.app import build_app
+
+    other = build_hf("mixtral", seed=1)
+    other.save_pretrained(tmp_path / "mixtral-1")
+    import_hf_checkpoint(tmp_path / "mixtral-1", tmp_path / "mixtral-1-moe", log=lambda _: None)
+    hybrid = copy.deepcopy(cluster["models"]["mixtral"])  # the runner's dense layers, the new MoE blocks
+    for i, block in moe_blocks(other).items():
+        hybrid.model.layers[i].mlp.load_state_dict(block.state_dict())
+    expected = _hf_generate(hybrid, PROMPTS, 6)
+    assert expected != _hf_generate(cluster["models"]["mixtral"], PROMPTS, 6)  # the swap shows in the tokens
+    args = cluster["moe_args"]["mixtral"]
+    serve.run(build_app(dict(args, checkpoint=str(tmp_path / "mixtral-1-moe"))), name="hf-mixtral",
+              route_prefix="/hf-mixtral")
+    try:
+        for app in ("hf-mixtral-runner", "hf-mixtral-runner-via-router"):
+            assert serve.get_app_handle(app).generate.remote(PROMPTS, 6).result()["output_ids"] == expected, app
+    finally:
+        serve.run(build_app(args), name="hf-mixtral", route_prefix="/hf-mixtral")
+    assert serve.get_app_handle("hf-mixtral-runner").generate.remote(PROMPTS, 6).result()["output_ids"] == \
+        _hf_generate(cluster["models"]["mixtral"], PROMPTS, 6)
+
+
 def _running_replicas(app: str) -> dict[str, int]:
     from ray import serve
 

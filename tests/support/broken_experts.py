@@ -41,24 +41,24 @@ DIED_MARKER = "died"  # file in the marker dir of DiesOnce; holds the pid of the
 class ShortRows(_ExpertClass):
     """Answers one row fewer than it was sent."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND))[:-1]
+    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
+        return (await super().forward(layer, spans, x_ND, fingerprint))[:-1]
 
 
 @serve.deployment(**_OPTIONS)
 class WrongD(_ExpertClass):
     """Answers [N, D - 1]."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND))[:, :-1]
+    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
+        return (await super().forward(layer, spans, x_ND, fingerprint))[:, :-1]
 
 
 @serve.deployment(**_OPTIONS)
 class WrongDtype(_ExpertClass):
     """Answers float16 to a float32 model (the right numbers, rounded)."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND)).astype(np.float16)
+    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
+        return (await super().forward(layer, spans, x_ND, fingerprint)).astype(np.float16)
 
 
 @serve.deployment(**_OPTIONS)
@@ -69,7 +69,7 @@ class Raises(_ExpertClass):
         super().__init__(*args)
         self.raised = 0
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray) -> np.ndarray:
+    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
         self.raised += 1
         raise RuntimeError(f"deliberate failure of test expert (layer {layer}, experts {[e for e, _ in spans]})")
 
@@ -87,11 +87,11 @@ class DiesOnce(_ExpertClass):
         super().__init__(app, group)
         self.marker = os.path.join(marker_dir, DIED_MARKER)
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray) -> np.ndarray:
+    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
         try:
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:  # a replica already died: answer
-            return await super().forward(layer, spans, x_ND)
+            return await super().forward(layer, spans, x_ND, fingerprint)
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)
