@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "(default: a free one)")
     parser.add_argument("--config", type=Path, default=ROOT / "deployments" / "default.yaml",
                         help="Serve config file of the app to start (default: deployments/default.yaml)")
-    parser.add_argument("--transport", choices=("auto", "object_store", "by_value"),
+    parser.add_argument("--transport", choices=("auto", "object_store", "by_value", "nixl", "cuda_ipc"),
                         help="the app's transport of rows to the experts (default: the config's)")
     parser.add_argument("--url", help="soak a running server instead of starting one (RSS and object store "
                                       "figures need the cluster to be this script's)")
@@ -151,9 +151,12 @@ def rss_mib(pids: dict[str, int]) -> dict[str, float]:
 
 def object_store() -> dict[str, float]:
     """Bytes used in the object store (all nodes) and the number of objects."""
+    import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    stats = get_memory_info_reply(get_state_from_address()).store_stats
+    # This script's own cluster by its address: with no address Ray looks for "auto", which fails
+    # when other Ray clusters run on the machine.
+    stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
     return {"used_mib": round(stats.object_store_bytes_used / 2**20, 2), "objects": stats.num_local_objects}
 
 

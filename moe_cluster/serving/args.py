@@ -88,10 +88,12 @@ class AppArgs(BaseModel):
     max_tokens_per_call: int | None = Field(default=None, ge=1,
                                             description="a call to an expert deployment carries at most this many rows "
                                                         "(a hot deployment's rows spread over its replicas)")
-    transport: Literal["auto", "object_store", "by_value"] = Field(
+    transport: Literal["auto", "object_store", "by_value", "nixl", "cuda_ipc"] = Field(
         default="auto", description="how rows travel between the router and the experts: by_value (Serve's gRPC "
                                     "path, no object store; fastest for small calls), object_store (Ray's object "
-                                    "store; for large calls), or auto (by value up to by_value_max_bytes)")
+                                    "store; for large calls), auto (by value up to by_value_max_bytes), or torch "
+                                    "tensors through Ray's direct transport: nixl (needs the nixl extra) or "
+                                    "cuda_ipc (router and experts on one GPU); serving/transport.py")
     by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
                                                                      "by value (README: Configuring experts)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,

@@ -27,6 +27,7 @@ from .autoscaling import ROWS_PER_S, RowRate
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
+from .transport import DirectRows
 
 __all__ = ["ExpertServer"]
 
@@ -49,32 +50,37 @@ class ExpertServer:
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
         self.requests = 0  # calls received (each may carry several experts' rows)
 
-    async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray,
-                      fingerprint: str | None = None) -> np.ndarray:
+    async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray | DirectRows,
+                      fingerprint: str | None = None) -> np.ndarray | DirectRows:
         """out_ND for rows x_ND [N, D] in the model dtype (bf16 as uint16): the rows of each (expert, rows)
         span of `spans`, one after the other (N = the sum of rows), through that expert of `layer`.
         `fingerprint`: the caller's `ResolvedApp.fingerprint`; another one than this replica's raises
-        MoEAppChanged (the rows were routed with other gates)."""
+        MoEAppChanged (the rows were routed with other gates). Rows sent through a direct transport
+        (DirectRows: a torch tensor, serving/transport.py) are answered the same way."""
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise MoEAppChanged(f"deployment {self.group_name} serves app version {self.fingerprint}, the rows were "
                                 f"routed for version {fingerprint}: its app was redeployed with other weights or "
                                 "placement")
         modules = [self._module(layer, expert) for expert, _ in spans]
-        if sum(rows for _, rows in spans) != x_ND.shape[0]:
-            raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {x_ND.shape[0]} were sent")
+        direct = isinstance(x_ND, DirectRows)  # a torch tensor in Ray's direct transport (NIXL, CUDA IPC)
+        x_direct = await x_ND.get() if direct else None
+        n = x_direct.shape[0] if direct else x_ND.shape[0]
+        if sum(rows for _, rows in spans) != n:
+            raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {n} were sent")
         started = time.perf_counter()
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
-            x = from_wire(np.asarray(x_ND), self.dtype).to(self.device, non_blocking=True)
-            y = torch.cat([module(rows) for module, rows in zip(modules, _split(x, spans))]).cpu()
+            x = x_direct if direct else from_wire(np.asarray(x_ND), self.dtype)
+            x = x.to(self.device, non_blocking=True)
+            y = torch.cat([module(part) for module, part in zip(modules, _split(x, spans))])
         self.compute_s += time.perf_counter() - started
         self.requests += 1
-        for expert, rows in spans:
+        for expert, count in spans:
             self.calls[(layer, expert)] += 1
-            self.rows[(layer, expert)] += rows
-        self.row_rate.add(int(x_ND.shape[0]))
-        return to_wire(y)
+            self.rows[(layer, expert)] += count
+        self.row_rate.add(int(n))
+        return DirectRows.put(y, x_ND.transport) if direct else to_wire(y.cpu())
 
     def _module(self, layer: int, expert: int) -> torch.nn.Module:
         module = self.experts.get((layer, expert))

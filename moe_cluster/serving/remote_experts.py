@@ -12,16 +12,15 @@ Every answer is checked ([rows sent, D], model dtype) before the loop may add it
 
 Rows travel as numpy arrays of the model dtype (a torch tensor would be pickled through
 torch.save), bf16 as its uint16 bit pattern: by value through Serve's gRPC path for small
-calls, through Ray's object store (zero-copy for numpy) for large ones (`Transport`).
+calls, through Ray's object store (zero-copy for numpy) for large ones; or as torch tensors
+through Ray's direct transport (NIXL, CUDA IPC) when configured (serving/transport.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import time
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,11 +35,10 @@ from ..core.placement import Placement
 from .args import ResolvedApp
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
-from .tensors import from_wire, to_wire, wire_dtype
+from .tensors import from_wire, wire_dtype
+from .transport import DirectRows, DirectTransportError, Transport
 
-__all__ = ["RemoteExperts", "Transport", "check_expert_answer"]
-
-logger = logging.getLogger("ray.serve")
+__all__ = ["RemoteExperts", "check_expert_answer"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class RemoteExperts:
         missing = {g.name for g in app.placement.groups} - set(handles)
         if missing:
             raise ValueError(f"no handle for expert deployments {sorted(missing)}")
-        transport = Transport(app.args.transport, app.args.by_value_max_bytes)
+        transport = Transport(app.args.transport, app.args.by_value_max_bytes, device)
         return cls(handles, app.placement, app.config, metrics, device, app.args.max_tokens_per_call, transport,
                    wire_dtype(app.config.dtype), app.fingerprint)
 
@@ -80,7 +78,7 @@ class RemoteExperts:
         for group, indices in pack_calls(chunks, owner_of, self.max_rows_per_call):
             call_chunks = [chunks[i] for i in indices]
             spans = [(chunk.expert, chunk.size) for chunk in call_chunks]
-            task = asyncio.ensure_future(self._call(layer, group, spans, to_wire(gather(call_chunks))))
+            task = asyncio.ensure_future(self._call(layer, group, spans, gather(call_chunks)))
             offset = 0
             for i, chunk in zip(indices, call_chunks):
                 pieces[i] = _Piece(task, offset, offset + chunk.size)
@@ -95,17 +93,19 @@ class RemoteExperts:
             elif not task.cancelled():
                 task.exception()
 
-    async def _call(self, layer: int, group: str, spans: list[tuple[int, int]], x_ND: np.ndarray) -> torch.Tensor:
-        """One call to deployment `group`: rows x_ND of (expert, rows) `spans`, one after the other.
-        A dead or unavailable replica is retried until the deadline; an expert that raised is not."""
+    async def _call(self, layer: int, group: str, spans: list[tuple[int, int]], rows_ND: torch.Tensor) -> torch.Tensor:
+        """One call to deployment `group`: rows_ND of (expert, rows) `spans`, one after the other.
+        A dead or unavailable replica is retried until the deadline; an expert that raised is not.
+        Rows an expert could not fetch through a direct transport are sent again through the object store."""
         experts = [expert for expert, _ in spans]
         started = time.perf_counter()
         backoff_s, attempts = 0.05, 0
         while True:
             attempts += 1
             try:
-                handle = self.transport.handle(self.handles, group, x_ND.nbytes)
-                array = await handle.forward.remote(layer, spans, x_ND, self.fingerprint)
+                payload = self.transport.pack(rows_ND)
+                handle = self.transport.handle(self.handles, group, payload)
+                answer = await handle.forward.remote(layer, spans, payload, self.fingerprint)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + backoff_s >= self.deadline:
@@ -115,65 +115,29 @@ class RemoteExperts:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(2 * backoff_s, 1.0)
             except Exception as exc:  # noqa: BLE001 - the expert itself failed: no retry
-                # By reference, the replica's exception comes wrapped (RayTaskError.cause); by value, as itself.
-                changed = next((e for e in (exc, getattr(exc, "cause", None)) if isinstance(e, MoEAppChanged)), None)
+                if _raised(exc, DirectTransportError):
+                    self.transport.give_up_direct(str(_raised(exc, DirectTransportError)))
+                    continue
+                changed = _raised(exc, MoEAppChanged)
                 if changed is not None:
                     raise MoEAppChanged(str(changed).splitlines()[0]) from exc
                 raise ExpertComputeError(str(_call_error(group, layer, experts, started, attempts, exc))) from exc
-        check_expert_answer(array, (x_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
-                            f"expert deployment '{group}' answered (layer {layer}, experts {experts})")
+        direct = isinstance(payload, DirectRows)
+        if direct and isinstance(answer, DirectRows):
+            answer = await answer.get()
+        check_expert_answer(answer, (rows_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
+                            f"expert deployment '{group}' answered (layer {layer}, experts {experts})", direct)
         latency_ms = (time.perf_counter() - started) * 1e3
         for expert in experts:
             self.metrics.record_call(expert, group, latency_ms)
-        return from_wire(array, self.config.dtype).to(self.device)
+        out_ND = answer if isinstance(answer, torch.Tensor) else from_wire(answer, self.config.dtype)
+        return out_ND.to(self.device)
 
 
-class Transport:
-    """How the rows of a call travel (AppArgs.transport), chosen per call by its size.
-
-    by_value: Serve's by-value handles (`handle.options(_by_reference=False)`): the request and the
-    answer go through Serve's gRPC path, without the object store; measured here 2.3x faster than the
-    object store at T=1 for 64 small experts. A replica's gRPC server takes messages of at most
-    RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH (4 MiB by default): a larger call goes through the object
-    store (one log line), never a failed request. object_store: Ray's object store (numpy zero-copy).
-    """
-
-    def __init__(self, mode: str, by_value_max_bytes: int = 2**20) -> None:
-        if mode not in ("auto", "object_store", "by_value"):
-            raise ValueError(f"transport must be auto, object_store or by_value, got {mode!r}")
-        self.mode = mode
-        self.by_value_max_bytes = min(by_value_max_bytes, by_value_limit()) if mode == "auto" else by_value_limit()
-        self._by_value: dict[str, DeploymentHandle] = {}
-        self._warned = False
-        self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
-
-    def by_value(self, nbytes: int) -> bool:
-        """Whether a call of `nbytes` bytes of rows goes by value."""
-        if self.mode == "object_store":
-            return False
-        if nbytes <= self.by_value_max_bytes:
-            return True
-        if self.mode == "by_value" and not self._warned:
-            self._warned = True
-            logger.warning("transport by_value: a call of %d bytes is over Serve's gRPC message limit (%d): "
-                           "calls this large go through the object store", nbytes, self.by_value_max_bytes)
-        return False
-
-    def handle(self, handles: dict[str, DeploymentHandle], group: str, nbytes: int) -> DeploymentHandle:
-        if not self.by_value(nbytes):
-            self.calls["object_store"] += 1
-            return handles[group]
-        self.calls["by_value"] += 1
-        if group not in self._by_value:  # one options() handle per deployment, made on first use
-            self._by_value[group] = handles[group].options(_by_reference=False)
-        return self._by_value[group]
-
-
-def by_value_limit() -> int:
-    """The largest call sent by value: Serve's replica gRPC message limit, less room for the answer's framing."""
-    from ray.serve._private.constants import RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
-
-    return max(0, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH - 64 * 1024)
+def _raised(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The replica's exception of type `kind` behind `exc`, if that is what it raised. By reference it
+    comes wrapped (RayTaskError.cause); by value, as itself."""
+    return next((e for e in (exc, getattr(exc, "cause", None)) if isinstance(e, kind)), None)
 
 
 class _Piece:
@@ -198,16 +162,24 @@ def _call_error(group: str, layer: int, experts: list[int], started: float, atte
                            f"{type(error).__name__}: {first_line}")
 
 
-def check_expert_answer(array: object, expected_shape: tuple[int, int], wire_dtype: np.dtype, model_dtype: str,
-                        source: str) -> None:
-    """ExpertComputeError (500, not retried) unless `array` is a numpy array of `expected_shape`
-    ([rows sent, D]) and `wire_dtype` (the model dtype; bf16 as uint16): a short or wrong answer
-    must fail the request, never be combined in part. `source` names the deployment and call."""
-    if isinstance(array, np.ndarray) and array.shape == tuple(expected_shape) and array.dtype == wire_dtype:
+def check_expert_answer(answer: object, expected_shape: tuple[int, int], wire_dtype: np.dtype, model_dtype: str,
+                        source: str, direct: bool = False) -> None:
+    """ExpertComputeError (500, not retried) unless `answer` has `expected_shape` ([rows sent, D]) and is
+    a numpy array of `wire_dtype` (the model dtype; bf16 as uint16) or, for a call sent through a direct
+    transport (`direct`), a torch tensor of the model dtype: a short or wrong answer must fail the
+    request, never be combined in part. `source` names the deployment and call."""
+    if not direct and isinstance(answer, np.ndarray) and answer.shape == tuple(expected_shape) \
+            and answer.dtype == wire_dtype:
         return
-    got = (f"an array of shape {list(array.shape)} and dtype {array.dtype}" if isinstance(array, np.ndarray)
-           else f"a {type(array).__name__}")
+    if direct and isinstance(answer, torch.Tensor) and tuple(answer.shape) == tuple(expected_shape) \
+            and answer.dtype == getattr(torch, model_dtype):
+        return
+    kind = {np.ndarray: "an array", torch.Tensor: "a torch tensor"}.get(type(answer))
+    got = f"{kind} of shape {list(answer.shape)} and dtype {answer.dtype}" if kind else f"a {type(answer).__name__}"
     raise ExpertComputeError(
-        f"{source} with {got}; expected a numpy array of shape {list(expected_shape)} (the rows sent, d_model) "
-        f"and dtype {wire_dtype} (model dtype {model_dtype}). The request failed and nothing was combined: "
+        f"{source} with {got}; expected " + (f"a torch tensor of shape {list(expected_shape)} (the rows sent, "
+                                              f"d_model) and dtype {model_dtype}" if direct else
+                                              f"a numpy array of shape {list(expected_shape)} (the rows sent, "
+                                              f"d_model) and dtype {wire_dtype} (model dtype {model_dtype})") +
+        ". The request failed and nothing was combined: "
         "check that this deployment runs the same model (checkpoint, preset, dtype) and code as the router")

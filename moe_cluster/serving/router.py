@@ -134,9 +134,7 @@ class MoERouter:
                 names.append(group)
         snapshot = self.metrics.snapshot(deployments_of_expert)
         snapshot["replicas"] = replicas
-        snapshot["transport"] = {"mode": self.experts.transport.mode,
-                                 "calls": {path: self.experts.transport.calls[path]
-                                           for path in ("by_value", "object_store")}}
+        snapshot["transport"] = {"mode": self.experts.transport.mode, "calls": self.experts.transport.paths()}
         if self.coalescer is not None:
             snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches,
                                       "recent_batch_sizes": list(self.coalescer.recent_sizes)}

@@ -1,9 +1,9 @@
-"""Which transport a call of a given size takes (serving/remote_experts.py Transport), without a cluster."""
+"""Which transport a call of a given size takes (serving/transport.py Transport), without a cluster."""
 
 import pytest
 
 from moe_cluster.serving.args import AppArgs
-from moe_cluster.serving.remote_experts import Transport, by_value_limit
+from moe_cluster.serving.transport import Transport, by_value_limit
 
 
 def test_auto_sends_small_calls_by_value_and_large_ones_through_the_object_store():
@@ -26,8 +26,46 @@ def test_object_store_never_by_value_and_forced_by_value_falls_back_above_the_li
 
 
 def test_a_bad_transport_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="auto, object_store or by_value"):
-        Transport("nixl")
+    with pytest.raises(ValueError, match="auto, object_store, by_value, nixl, cuda_ipc"):
+        Transport("gloo")
     with pytest.raises(ValueError, match="transport"):
-        AppArgs.model_validate({"transport": "nixl"})
+        AppArgs.model_validate({"transport": "nccl"})
     assert AppArgs().transport == "auto" and AppArgs().by_value_max_bytes == 2**20
+
+
+def test_cuda_ipc_on_a_cpu_router_falls_back_to_the_object_store_with_one_log_line(caplog):
+    import torch
+
+    transport = Transport("cuda_ipc", device=torch.device("cpu"))
+    assert transport.direct is None and not transport.by_value(1)
+    assert sum("cannot be used" in r.getMessage() and "CUDA IPC" in r.getMessage() for r in caplog.records) == 1
+    packed = transport.pack(torch.zeros(2, 4))
+    assert packed.shape == (2, 4)  # numpy of the model dtype, as the object store path sends
+
+
+def test_nixl_without_nixl_installed_falls_back(caplog, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_nixl(name, *args, **kwargs):
+        if name.startswith("nixl"):
+            raise ImportError("No module named 'nixl'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nixl)
+    transport = Transport("nixl")
+    assert transport.direct is None
+    assert any("pip install 'moe-cluster[nixl]'" in r.getMessage() for r in caplog.records)
+
+
+def test_giving_up_a_direct_transport_is_logged_once(caplog, monkeypatch):
+    from moe_cluster.serving import transport as module
+
+    monkeypatch.setattr(module, "direct_unavailable", lambda mode, device: None)
+    transport = Transport("nixl")
+    assert transport.direct == "nixl" and transport.paths() == {"by_value": 0, "object_store": 0, "nixl": 0}
+    transport.give_up_direct("expert could not fetch")
+    transport.give_up_direct("again")
+    assert transport.direct is None
+    assert sum("failed" in r.getMessage() for r in caplog.records) == 1

@@ -1,0 +1,148 @@
+"""How the rows of an expert call travel, and their answer (AppArgs.transport), chosen per call.
+
+Shape legend: N rows of one expert call, D model dim.
+
+    object_store  numpy arrays of the model dtype (bf16 as uint16) through Ray's object store:
+                  zero-copy for numpy; the large-call path on CPU
+    by_value      the same arrays through Serve's own gRPC path (`handle.options(_by_reference=False)`),
+                  no object store: 2.3x faster than the object store at T=1 for 64 small experts;
+                  at most RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH (4 MiB) a message
+    auto          by value up to by_value_max_bytes (1 MiB), else the object store (the default)
+    nixl          torch tensors through Ray's direct transport (`ray.put(t, _tensor_transport="nixl")`):
+                  GPU memory to GPU memory, across nodes; needs `pip install 'moe-cluster[nixl]'`
+    cuda_ipc      the same with CUDA IPC: router and experts on one node and one GPU
+
+A direct transport (nixl, cuda_ipc) that cannot be used falls back to the object store with
+one log line, never a failed request: NIXL not installed, the router not on a GPU (cuda_ipc),
+or an expert that could not fetch the rows (DirectTransportError: the call is sent again
+through the object store, and so are all later calls). No direct transport is the default
+until it has been measured on a GPU (README: Benchmarks, On a GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from ray.serve.handle import DeploymentHandle
+
+from .tensors import to_wire
+
+__all__ = ["Transport", "DirectRows", "DirectTransportError", "by_value_limit", "TRANSPORTS"]
+
+logger = logging.getLogger("ray.serve")
+
+TRANSPORTS = ("auto", "object_store", "by_value", "nixl", "cuda_ipc")
+DIRECT = ("nixl", "cuda_ipc")
+
+
+class DirectTransportError(RuntimeError):
+    """An expert replica could not fetch rows sent through a direct transport: the router resends them
+    through the object store and stops using the direct transport."""
+
+
+@dataclass(frozen=True)
+class DirectRows:
+    """Rows [N, D] (or an answer) as a torch tensor held in Ray's direct transport. The ref travels
+    nested in this object, so Ray hands it over unresolved; `get` fetches the tensor from its owner."""
+
+    refs: list  # [ObjectRef]
+    transport: str
+
+    @classmethod
+    def put(cls, t_ND: torch.Tensor, transport: str) -> "DirectRows":
+        return cls([ray.put(t_ND.contiguous(), _tensor_transport=transport)], transport)
+
+    async def get(self) -> torch.Tensor:
+        """The tensor (on the device of this process's transport); ray.get blocks, so in a thread."""
+        try:
+            return await asyncio.to_thread(ray.get, self.refs[0])
+        except Exception as exc:  # noqa: BLE001 - any failure of the transport itself
+            raise DirectTransportError(f"could not fetch rows through {self.transport}: "
+                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+class Transport:
+    """The transport of one router (or runner) replica: which path each call takes, and calls per path."""
+
+    def __init__(self, mode: str, by_value_max_bytes: int = 2**20, device: torch.device | None = None) -> None:
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {mode!r}")
+        self.mode = mode
+        self.by_value_max_bytes = min(by_value_max_bytes, by_value_limit()) if mode == "auto" else by_value_limit()
+        self.direct: str | None = None
+        if mode in DIRECT:
+            reason = direct_unavailable(mode, device or torch.device("cpu"))
+            if reason is None:
+                self.direct = mode
+            else:
+                logger.warning("transport %s cannot be used (%s): expert calls go through the object store", mode,
+                               reason)
+        self._by_value: dict[str, DeploymentHandle] = {}
+        self._warned = False
+        self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
+
+    def by_value(self, nbytes: int) -> bool:
+        """Whether a call of `nbytes` bytes of rows goes by value."""
+        if self.mode in ("object_store", *DIRECT):
+            return False
+        if nbytes <= self.by_value_max_bytes:
+            return True
+        if self.mode == "by_value" and not self._warned:
+            self._warned = True
+            logger.warning("transport by_value: a call of %d bytes is over Serve's gRPC message limit (%d): "
+                           "calls this large go through the object store", nbytes, self.by_value_max_bytes)
+        return False
+
+    def pack(self, rows_ND: torch.Tensor) -> Any:
+        """What a call carries: DirectRows on a direct transport, else numpy of the model dtype."""
+        return DirectRows.put(rows_ND, self.direct) if self.direct else to_wire(rows_ND)
+
+    def handle(self, handles: dict[str, DeploymentHandle], group: str, payload: Any) -> DeploymentHandle:
+        """The handle to send `payload` (from pack) with, counting the path it takes."""
+        if isinstance(payload, DirectRows):
+            self.calls[payload.transport] += 1
+            return handles[group]
+        if not self.by_value(payload.nbytes):
+            self.calls["object_store"] += 1
+            return handles[group]
+        self.calls["by_value"] += 1
+        if group not in self._by_value:  # one options() handle per deployment, made on first use
+            self._by_value[group] = handles[group].options(_by_reference=False)
+        return self._by_value[group]
+
+    def give_up_direct(self, reason: str) -> None:
+        """An expert could not fetch direct rows: the object store from now on (logged once)."""
+        if self.direct is not None:
+            logger.warning("transport %s failed (%s): expert calls go through the object store from now on",
+                           self.direct, reason)
+            self.direct = None
+
+    def paths(self) -> dict[str, int]:
+        """Calls sent per path, every path this transport may take (for /v1/stats)."""
+        return {path: self.calls[path] for path in ("by_value", "object_store", *((self.mode,) if self.mode in DIRECT
+                                                                                   else ()))}
+
+
+def direct_unavailable(mode: str, device: torch.device) -> str | None:
+    """Why direct transport `mode` cannot be used from a process computing on `device`; None if it can."""
+    if mode == "cuda_ipc" and device.type != "cuda":
+        return f"the router computes on {device}, and CUDA IPC moves GPU memory only"
+    if mode == "nixl":
+        try:
+            import nixl._api  # noqa: F401 - what Ray's NIXL transport imports
+        except ImportError as exc:
+            return f"NIXL is not installed ({exc}); pip install 'moe-cluster[nixl]'"
+    return None
+
+
+def by_value_limit() -> int:
+    """The largest call sent by value: Serve's replica gRPC message limit, less room for the answer's framing."""
+    from ray.serve._private.constants import RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
+
+    return max(0, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH - 64 * 1024)
