@@ -36,7 +36,7 @@ from .args import ResolvedApp
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
 from .tensors import from_wire, wire_dtype
-from .transport import DirectRows, DirectTransportError, Transport
+from .transport import AnswerLost, DirectRows, DirectTransportError, Transport
 
 __all__ = ["RemoteExperts", "check_expert_answer"]
 
@@ -106,8 +106,11 @@ class RemoteExperts:
                 payload = self.transport.pack(rows_ND)
                 handle = self.transport.handle(self.handles, group, payload)
                 answer = await handle.forward.remote(layer, spans, payload, self.fingerprint)
+                if isinstance(payload, DirectRows) and isinstance(answer, DirectRows):
+                    # The answer stays with the replica until fetched: a replica that died since is retried.
+                    answer = await answer.get(retryable=True)
                 break
-            except RETRYABLE as exc:
+            except (*RETRYABLE, AnswerLost) as exc:
                 if time.monotonic() + backoff_s >= self.deadline:
                     raise _call_error(group, layer, experts, started, attempts, exc) from exc
                 for expert in experts:
@@ -122,11 +125,9 @@ class RemoteExperts:
                 if changed is not None:
                     raise MoEAppChanged(str(changed).splitlines()[0]) from exc
                 raise ExpertComputeError(str(_call_error(group, layer, experts, started, attempts, exc))) from exc
-        direct = isinstance(payload, DirectRows)
-        if direct and isinstance(answer, DirectRows):
-            answer = await answer.get()
         check_expert_answer(answer, (rows_ND.shape[0], self.config.d_model), self.wire_dtype, self.config.dtype,
-                            f"expert deployment '{group}' answered (layer {layer}, experts {experts})", direct)
+                            f"expert deployment '{group}' answered (layer {layer}, experts {experts})",
+                            isinstance(payload, DirectRows))
         latency_ms = (time.perf_counter() - started) * 1e3
         for expert in experts:
             self.metrics.record_call(expert, group, latency_ms)

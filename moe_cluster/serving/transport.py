@@ -15,8 +15,9 @@ Shape legend: N rows of one expert call, D model dim.
 A direct transport (nixl, cuda_ipc) that cannot be used falls back to the object store with
 one log line, never a failed request: NIXL not installed, the router not on a GPU (cuda_ipc),
 or an expert that could not fetch the rows (DirectTransportError: the call is sent again
-through the object store, and so are all later calls). No direct transport is the default
-until it has been measured on a GPU (README: Benchmarks, On a GPU).
+through the object store, and so are all later calls). An answer the router cannot fetch (its
+replica died after answering: AnswerLost) is retried like a call to a dead replica. No direct
+transport is the default until it has been measured on a GPU (README: Benchmarks, On a GPU).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .tensors import to_wire
 
-__all__ = ["Transport", "DirectRows", "DirectTransportError", "by_value_limit", "TRANSPORTS"]
+__all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "TRANSPORTS"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,6 +45,11 @@ DIRECT = ("nixl", "cuda_ipc")
 class DirectTransportError(RuntimeError):
     """An expert replica could not fetch rows sent through a direct transport: the router resends them
     through the object store and stops using the direct transport."""
+
+
+class AnswerLost(RuntimeError):
+    """The router could not fetch an expert's answer from a direct transport (the replica that holds it
+    died after answering, or the transfer failed): the call is sent again, as for a dead replica."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,15 @@ class DirectRows:
     def put(cls, t_ND: torch.Tensor, transport: str) -> "DirectRows":
         return cls([ray.put(t_ND.contiguous(), _tensor_transport=transport)], transport)
 
-    async def get(self) -> torch.Tensor:
-        """The tensor (on the device of this process's transport); ray.get blocks, so in a thread."""
+    async def get(self, retryable: bool = False) -> torch.Tensor:
+        """The tensor (on the device of this process's transport); ray.get blocks, so in a thread. A failure
+        raises AnswerLost if `retryable` (the router fetching an answer), else DirectTransportError."""
         try:
             return await asyncio.to_thread(ray.get, self.refs[0])
         except Exception as exc:  # noqa: BLE001 - any failure of the transport itself
-            raise DirectTransportError(f"could not fetch rows through {self.transport}: "
-                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            error = AnswerLost if retryable else DirectTransportError
+            raise error(f"could not fetch {'an answer' if retryable else 'rows'} through {self.transport}: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 class Transport:
