@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .core.config import PRESETS
+from .train.cli import add_train_commands
 
 __all__ = ["main"]
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_hf(commands)
     _add_bench(commands)
     _add_generate(commands)
+    add_train_commands(commands, _add_command)  # train, perplexity (moe_cluster/train/cli.py)
     return parser
 
 
@@ -79,6 +81,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     serve.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster (default: all)")
     serve.add_argument("--num-gpus", type=int, help="GPUs for the local Ray cluster (default: detected)")
+    serve.add_argument("--hf-model", type=Path, help="serve this whole Hugging Face model (its import-hf output "
+                                                     "is --checkpoint) with the OpenAI API: runner + router + "
+                                                     "experts")
+    serve.add_argument("--in-process", action="store_true",
+                       help="with --hf-model: the runner computes the MoE blocks itself (no experts; the baseline)")
+    serve.add_argument("--model-name", help="with --hf-model: the model's name in the OpenAI API "
+                                            "(default: the directory's name)")
     serve.set_defaults(run=_cmd_serve)
 
 
@@ -186,10 +195,20 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serving.local import default_config_path, serve_local
+    from .serving.local import WholeModel, default_config_path, serve_local
 
     config = args.config or default_config_path()
-    return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus)
+    if args.hf_model is None:
+        if args.in_process or args.model_name:
+            print("error: --in-process and --model-name need --hf-model", file=sys.stderr)
+            return 2
+        return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus)
+    if not args.checkpoint:
+        print(f"error: --hf-model needs --checkpoint: its MoE blocks (`moe-cluster import-hf {args.hf_model} DST`)",
+              file=sys.stderr)
+        return 2
+    whole = WholeModel(args.hf_model.resolve(), args.in_process, args.model_name)
+    return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus, whole)
 
 
 def _cmd_render_k8s(args: argparse.Namespace) -> int:

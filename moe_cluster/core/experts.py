@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 
-__all__ = ["MLPExpert", "SwiGLUExpert", "SharedExperts", "make_expert", "ACTIVATION_FNS"]
+__all__ = ["MLPExpert", "SwiGLUExpert", "SharedExperts", "make_expert", "swiglu", "ACTIVATION_FNS"]
 
 ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -36,6 +36,12 @@ class MLPExpert(nn.Module):
         return F.linear(self.act(F.linear(x_ND, self.w1, self.b1)), self.w2, self.b2)
 
 
+def swiglu(x_ND: torch.Tensor, w1_FD: torch.Tensor, w3_FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    """y_ND = W2 (silu(W1 x) * W3 x): the SwiGLU expert as a function of its weights (autograd-friendly,
+    so the trainable block of moe_cluster/train computes exactly what SwiGLUExpert serves)."""
+    return F.linear(F.silu(F.linear(x_ND, w1_FD)) * F.linear(x_ND, w3_FD), w2_DF)
+
+
 class SwiGLUExpert(nn.Module):
     """y = W2 (silu(W1 x) * W3 x)."""
 
@@ -46,7 +52,7 @@ class SwiGLUExpert(nn.Module):
         self.w2 = nn.Parameter(torch.empty(d_model, d_ff, dtype=dtype), requires_grad=False)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x_ND, self.w1)) * F.linear(x_ND, self.w3), self.w2)
+        return swiglu(x_ND, self.w1, self.w3, self.w2)
 
 
 def make_expert(config: ModelConfig, d_ff: int | None = None) -> nn.Module:

@@ -41,7 +41,7 @@ from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_model
 
-__all__ = ["MoECall", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "check_compatible"]
+__all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "check_compatible"]
 
 MoECall = Callable[[torch.Tensor, int], torch.Tensor]  # (x_TD, decoder layer) -> y_TD, x's dtype
 RUNNER_DTYPES = ("auto", *DTYPE_NAMES)  # auto: the dtype of the model's config.json
@@ -70,6 +70,13 @@ class _Recorder:
 # Set by HFMoERunner.generate for the thread that runs it, so concurrent generate calls
 # (threads of one serving replica) keep their accounting apart.
 _RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("moe_runner_recorder", default=None)
+
+
+# Set by the decode loop (hf/decode_loop.py) in the thread of one sequence's forward: that
+# forward's MoE blocks call it instead of their own moe_call (it gathers the rows of every
+# sequence of the step into one call per layer).
+MOE_CALL_OVERRIDE: contextvars.ContextVar[MoECall | None] = contextvars.ContextVar("moe_call_override",
+                                                                                   default=None)
 
 
 def _before_forward(module: nn.Module, args: tuple) -> None:
@@ -101,7 +108,8 @@ class MoEBlockProxy(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, S, D = hidden_states.shape
         started = time.perf_counter()
-        y_TD = self.moe_call(hidden_states.reshape(B * S, D).contiguous(), self.layer_id)
+        moe_call = MOE_CALL_OVERRIDE.get() or self.moe_call  # the decode loop's step gather, if any
+        y_TD = moe_call(hidden_states.reshape(B * S, D).contiguous(), self.layer_id)
         recorder = _RECORDER.get()
         if recorder is not None and recorder.steps:
             recorder.steps[-1].moe_ms += (time.perf_counter() - started) * 1e3
@@ -217,6 +225,7 @@ class HFMoERunner:
         if dtype not in RUNNER_DTYPES:
             raise ValueError(f"dtype must be one of {RUNNER_DTYPES}, got {dtype!r}")
         self.hf_dir = Path(hf_dir)
+        self.moe_call = moe_call
         self.model, self.moe_layer_ids = load_dense_model(hf_dir, moe_call, dtype)
         self.limits = limits
         self.vocab_size = int(self.model.config.vocab_size)

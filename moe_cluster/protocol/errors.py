@@ -14,16 +14,19 @@ __all__ = ["WireError", "encode_error"]
 
 
 class WireError(ValueError):
-    """A client error: HTTP `status` and a message for the JSON error body."""
+    """A client error: HTTP `status` and a message for the JSON error body; `param` (the request
+    field at fault) and `code` are optional details that OpenAI's error object carries."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
+        self.code = code
 
     def __reduce__(self):
         # Ray pickles exceptions raised in a replica back to the caller of a handle.
-        return (WireError, (self.status, self.message))
+        return (WireError, (self.status, self.message, self.param, self.code))
 
 
 def encode_error(message: str) -> bytes:

@@ -38,7 +38,9 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "router": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 64,
                "logging_config": {"enable_access_log": False}},
     "experts": {"ray_actor_options": {"num_cpus": 0}},
-    "runner": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 8,
+    # The runner's OpenAI API batches its concurrent requests step by step (max_num_seqs, 64): let
+    # that many in at once, rather than queueing them in Serve.
+    "runner": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 64,
                "logging_config": {"enable_access_log": False}},
 }
 

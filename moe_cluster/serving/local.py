@@ -17,7 +17,7 @@ from .args import resolve_app
 from .http.auth import BearerAuth
 from .runtime import PortBusyError, start_local_serve, stop_local_serve
 
-__all__ = ["ServeFileApp", "read_serve_config", "default_config_path", "serve_local"]
+__all__ = ["ServeFileApp", "WholeModel", "read_serve_config", "default_config_path", "serve_local"]
 
 IMPORT_PATH = "moe_cluster.serving.app:build_app"
 
@@ -30,6 +30,27 @@ class ServeFileApp:
     route_prefix: str
     args: dict[str, Any]
     http_options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """`serve --hf-model`: a whole HF model (runner app with the OpenAI API) instead of the MoE app alone."""
+
+    hf_model: Path
+    in_process: bool = False  # the runner computes the MoE blocks itself (no router, no experts)
+    model_name: str | None = None
+
+    def build(self, moe_args: dict[str, Any]):
+        """(the runner app, a description of what runs) for the MoE app's args `moe_args`."""
+        from .runner import build_runner_app
+        from .runner_in_process import build_in_process_runner_app
+
+        args = {"hf_model": str(self.hf_model), "moe": moe_args, "served_model_name": self.model_name,
+                "torch_threads": moe_args.get("torch_threads"),  # the runner's share of the config's cores
+                **{k: moe_args[k] for k in ("auth_token_env", "auth_token_file") if moe_args.get(k)}}
+        if self.in_process:
+            return build_in_process_runner_app(args), "runner (MoE blocks in process)"
+        return build_runner_app(args), "runner + router + experts"
 
 
 def default_config_path() -> Path | None:
@@ -49,7 +70,7 @@ def read_serve_config(path: Path) -> ServeFileApp:
 
 
 def serve_local(config_path: Path | None, checkpoint: str | None, host: str | None, port: int | None,
-                num_cpus: int | None = None, num_gpus: int | None = None) -> int:
+                num_cpus: int | None = None, num_gpus: int | None = None, whole: WholeModel | None = None) -> int:
     """Start Ray and the app, print where it listens, serve until a signal, shut down."""
     file_app = read_serve_config(config_path) if config_path else ServeFileApp("moe", "/", {}, {})
     args_dict = dict(file_app.args)
@@ -84,12 +105,19 @@ def serve_local(config_path: Path | None, checkpoint: str | None, host: str | No
         signal.signal(sig, lambda *_: stop.set())
     try:
         groups = app.placement.groups
-        print(f"moe-cluster: deploying router + {len(groups)} expert deployments "
+        what = f"router + {len(groups)} expert deployments"
+        if whole is not None:
+            application, what = whole.build(args_dict)
+        print(f"moe-cluster: deploying {what} "
               f"(D={model_config.d_model}, E={model_config.num_experts}, top-{model_config.top_k})", flush=True)
-        serve.run(build_app(app), name=file_app.name, route_prefix=file_app.route_prefix)
+        serve.run(build_app(app) if whole is None else application, name=file_app.name,
+                  route_prefix=file_app.route_prefix)
         base = f"http://{host}:{port}{file_app.route_prefix.rstrip('/')}"
+        endpoints = (f"GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward" if whole is None else
+                     f"POST {base}/v1/completions, POST {base}/v1/chat/completions, GET {base}/v1/models, "
+                     f"POST {base}/v1/generate, GET {base}/healthz")
         print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
-              f"(GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward)"
+              f"({endpoints})"
               f"{'; every request needs Authorization: Bearer <token>' if auth else ''}; Ctrl-C to stop", flush=True)
         token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init sets it when it turns auth on
         print(handle_hint(ray.get_runtime_context().gcs_address, file_app.name, token_auth), flush=True)

@@ -22,6 +22,9 @@ replica's loop (its expert calls are asyncio tasks there); the thread waits for 
 
     POST /v1/generate  {"input_ids": [[1, 2, 3]], "max_new_tokens": 8}
                        -> {"output_ids": [[1, 2, 3, ...8 new]], "timings": {...}}   (greedy only)
+    POST /v1/completions, /v1/chat/completions, GET /v1/models
+                       the OpenAI API: text in and out, streaming, concurrent requests batched step by
+                       step (serving/http/openai_routes.py, hf/decode_loop.py)
     GET  /v1/info      the model, its MoE layers, the limits
     GET  /healthz      200 once the MoE app's router and every expert deployment answer, else 503
 """
@@ -52,7 +55,8 @@ from .errors import MoEAppChanged
 from .metrics import RouterMetrics
 from .http.auth import BearerAuth
 from .runtime import set_torch_threads
-from .http.common import dispatch, error_response, json_response, read_body
+from .http.common import dispatch, error_response, json_response, read_body, relative_path
+from .http.openai_routes import OPENAI_PATHS, OpenAIFace, openai_dispatch
 
 __all__ = ["RunnerArgs", "ModelRunner", "build_runner_app", "RUNNER_NAME"]
 
@@ -87,6 +91,12 @@ class RunnerArgs(BaseModel):
                                                    "the name of an environment variable holding the token")
     auth_token_file: str | None = Field(default=None, min_length=1,
                                         description="or a file (a mounted Kubernetes Secret) holding it")
+    served_model_name: str | None = Field(default=None, min_length=1,
+                                          description="the model's name in the OpenAI API (default: hf_model's "
+                                                      "directory name)")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory (default: hf_model); local files only")
+    max_num_seqs: int = Field(default=64, ge=1, le=1024,
+                              description="OpenAI API: sequences decoded together in one step; more wait")
     runner: DeploymentOptions = DeploymentOptions()
 
     @model_validator(mode="after")
@@ -134,6 +144,8 @@ class ModelRunner:
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
                                               limits)
+        self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
+                                              self.args.tokenizer, self.args.max_num_seqs)  # the OpenAI API
 
     async def _direct_moe(self) -> ClusterMoE:
         """The MoE app's layers, routed here: the router tells which args and app (moe_spec), so the
@@ -181,9 +193,12 @@ class ModelRunner:
         return {**self.runner.info(), "moe": self.args.moe_app or "bound", "moe_calls": self.args.moe_calls}
 
     async def __call__(self, request: Request) -> Response:
+        if relative_path(request) in OPENAI_PATHS:  # OpenAI's error objects, the decode loop
+            return await openai_dispatch(self, request, self.openai)
         # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
         # the request checks raise the client's errors (WireError with a 4xx status).
-        return await dispatch(self, request, _ROUTES, {}, "try POST /v1/generate, GET /v1/info or GET /healthz",
+        return await dispatch(self, request, _ROUTES, {}, "try POST /v1/completions, POST /v1/chat/completions, "
+                              "GET /v1/models, POST /v1/generate, GET /v1/info or GET /healthz",
                               value_errors_are_4xx=False)
 
     async def healthz(self) -> Response:

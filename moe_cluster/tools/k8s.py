@@ -46,6 +46,7 @@ class K8sTarget:
 TARGETS: tuple[K8sTarget, ...] = (
     K8sTarget("gpu.yaml", "rayservice-gpu.yaml"),
     K8sTarget("default.yaml", "rayservice-cpu.yaml", http_host="0.0.0.0"),
+    K8sTarget("runner-cpu.yaml", "rayservice-runner-cpu.yaml", http_host="0.0.0.0"),  # a whole model, OpenAI API
 )
 
 

@@ -37,6 +37,7 @@ DEPLOYMENTS = ROOT / "deployments"
 SCHEMA_DIRS = (K8S / "schemas", ROOT.parent / "shared" / "kuberay")  # a checkout's own, CI's workspace
 SCHEMA_FILES = {"RayService": "rayservices.v1.schema.json", "RayCluster": "rayclusters.v1.schema.json"}
 IMPORT_PATH = "moe_cluster.serving.app:build_app"
+RUNNER_IMPORT_PATH = "moe_cluster.serving.runner:build_runner_app"  # a whole model; its MoE app in `args.moe`
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 GPU_MANIFEST = K8S / "rayservice-gpu.yaml"
 
@@ -205,10 +206,14 @@ def test_serve_config_is_valid(path: Path):
     ServeDeploySchema.model_validate(config)
     # Inside a pod the proxy must listen on every interface, or the Service cannot reach it.
     assert config["http_options"]["host"] == "0.0.0.0", path.name
-    ours = [app for app in config["applications"] if app.get("import_path") == IMPORT_PATH]
-    assert ours, f"{path.name}: no application with import_path {IMPORT_PATH}"
+    ours = [app for app in config["applications"] if app.get("import_path") in (IMPORT_PATH, RUNNER_IMPORT_PATH)]
+    assert ours, f"{path.name}: no application with import_path {IMPORT_PATH} or {RUNNER_IMPORT_PATH}"
     for app in ours:
-        AppArgs.model_validate(app.get("args") or {})  # ServeDeploySchema does not look inside args
+        AppArgs.model_validate(_moe_args(app))  # ServeDeploySchema does not look inside args
+        if app["import_path"] == RUNNER_IMPORT_PATH:
+            from moe_cluster.serving.runner import RunnerArgs
+
+            RunnerArgs.model_validate(app["args"])
     for where, block in autoscaling_blocks(config):
         # A placement entry's block is a partial override, merged key by key into the expert
         # defaults: test_every_deployment_scales_validly checks the merged result.
@@ -225,12 +230,19 @@ def _validate_autoscaling(block: dict, where: str) -> None:
         pytest.fail(f"{where}: not a valid Serve AutoscalingConfig: {error}")
 
 
+def _moe_args(app: dict) -> dict:
+    """The MoE app's args of a Serve config application (a runner app carries them in `moe`)."""
+    args = app.get("args") or {}
+    return args.get("moe") or {} if app["import_path"] == RUNNER_IMPORT_PATH else args
+
+
 def _our_app(path: Path) -> tuple[Any, dict[str, dict]]:
     """AppArgs of the manifest's moe app, and its per-deployment overrides from the config."""
     from moe_cluster.serving.args import AppArgs
 
-    app = next(a for a in serve_config(path)["applications"] if a.get("import_path") == IMPORT_PATH)
-    args = AppArgs.model_validate(app.get("args") or {})
+    app = next(a for a in serve_config(path)["applications"]
+               if a.get("import_path") in (IMPORT_PATH, RUNNER_IMPORT_PATH))
+    args = AppArgs.model_validate(_moe_args(app))
     if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
         pytest.skip(f"{path.name} serves {args.checkpoint}, which is not readable here; "
                     "the placement needs its config.json")

@@ -121,3 +121,10 @@ def hf_generate(hf_model, prompt: list[int], new_tokens: int) -> list[list[int]]
     ids = torch.tensor([prompt])
     return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False).tolist()
+
+
+def test_serve_hf_model_flags_are_checked_before_ray_starts(capsys):
+    assert main(["serve", "--in-process"]) == 2
+    assert "need --hf-model" in capsys.readouterr().err
+    assert main(["serve", "--hf-model", "some-dir"]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err

@@ -1,0 +1,299 @@
+"""Continuous batching of a Hugging Face model whose MoE blocks run elsewhere (no Ray).
+
+    submit(request) ──► waiting ──(step boundary)──► active sequences ──► finished ones leave
+
+    one STEP (the scheduler thread): one forward per member, each in a worker thread of its own
+      - each sequence that just joined: its prefill, alone, in its exact shape [1, S]
+      - every decoding sequence together: ONE batched forward [B, 1] of their last tokens, each
+        with its own KV cache (left-padded to the longest for this forward: hf/batch_forward.py)
+        └─ the MoE blocks of every member post their rows [T_i, D] for layer L to the step's
+           StepGather; when every member still in the step is waiting there, the rows are
+           concatenated and ONE moe_call(x_TD, L) is made for all of them; each gets its rows back
+      then each sequence chooses its next token (hf/sampling.py) and tells it to its request
+
+So each MoE layer costs one call per step whatever the number of sequences, and the dense
+weights are read once per step for all decoding sequences. Greedy output equals transformers'
+`model.generate` of that prompt alone, token for token (tested: padding is masked out, and a
+row's result does not depend on the rows beside it beyond float rounding, as in the router's
+merged MoE batches). A forward that fails leaves the gather (the others go on) and its
+requests end with the error. Requests join and leave only at step boundaries; a prompt joins
+in one piece (no chunked prefill).
+
+Requests come from any thread (an asyncio event loop: `events()`); what happens to a request
+is told through its `emit` callback, called in the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .batch_forward import KV, Forwards
+from .runner import MOE_CALL_OVERRIDE, MoECall
+from .sampling import Sampler, SamplingParams
+from .text import TextStream
+
+__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "eos_token_ids"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    text: TextStream | None = None  # the text of the answer (and its stop strings); None: ids only
+
+
+@dataclass(frozen=True)
+class Event:
+    """A generated token (token_id, its new text), or the end: finish_reason or error set."""
+
+    token_id: int | None
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
+    error: BaseException | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class StepGather:
+    """The MoE rows of every sequence of one step: one moe_call per layer for all of them.
+
+    `call(member, x_TD, layer)` blocks until every member still in the step has posted its rows
+    (for whatever layer: they all go through the layers in the same order) or left; the thread
+    that completes the set makes the calls and hands out the slices. `leave(member)` when its
+    forward is over, normally or not.
+    """
+
+    def __init__(self, moe_call: MoECall, members: int) -> None:
+        self.moe_call = moe_call
+        self.calls = 0
+        self._cv = threading.Condition()
+        self._members = set(range(members))
+        self._posted: dict[int, dict[int, torch.Tensor]] = {}  # layer -> member -> rows
+        self._answers: dict[int, torch.Tensor | BaseException] = {}  # member -> its rows back
+
+    def call(self, member: int, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
+        with self._cv:
+            self._posted.setdefault(layer, {})[member] = x_TD
+            ready = self._take_ready()
+        self._run(ready)
+        with self._cv:
+            self._cv.wait_for(lambda: member in self._answers)
+            answer = self._answers.pop(member)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def leave(self, member: int) -> None:
+        with self._cv:
+            self._members.discard(member)
+            ready = self._take_ready()
+        self._run(ready)
+
+    def _take_ready(self) -> dict[int, dict[int, torch.Tensor]]:
+        """Every posted layer, once each member still in the step has posted (caller holds the lock)."""
+        waiting = {m for rows in self._posted.values() for m in rows}
+        if not self._posted or waiting != self._members:
+            return {}
+        ready, self._posted = self._posted, {}
+        return ready
+
+    def _run(self, ready: dict[int, dict[int, torch.Tensor]]) -> None:
+        answers: dict[int, torch.Tensor | BaseException] = {}
+        for layer, rows in sorted(ready.items()):
+            members = sorted(rows)
+            try:
+                y_TD = self.moe_call(torch.cat([rows[m] for m in members]), layer)
+                pieces = torch.split(y_TD, [rows[m].shape[0] for m in members])
+                answers.update(zip(members, pieces))
+            except BaseException as exc:  # noqa: BLE001 - every member of the call gets the failure
+                answers.update((m, exc) for m in members)
+            self.calls += 1
+        if answers:
+            with self._cv:
+                self._answers.update(answers)
+                self._cv.notify_all()
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    emit: Callable[[Event], None]
+    sampler: Sampler
+    kv: KV | None = None  # its KV cache, made by its prefill
+    pending: list[int] = field(default_factory=list)  # ids to feed in the next forward
+    generated: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+
+class SequenceHandle:
+    """What submit returns: `cancel()` makes the request leave at the next step boundary."""
+
+    def __init__(self, sequence: _Sequence) -> None:
+        self._sequence = sequence
+
+    def cancel(self) -> None:
+        self._sequence.cancelled = True
+
+
+def eos_token_ids(model: nn.Module) -> frozenset[int]:
+    """The ids that end a generation, as transformers' generate reads them (generation_config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(model.config, "eos_token_id", None) if eos is None else eos
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+class DecodeLoop:
+    """The scheduler thread of one model: steps over every active sequence (see the module doc)."""
+
+    def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
+                 eos_ids: frozenset[int] | None = None) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.model, self.moe_call, self.max_num_seqs = model, moe_call, max_num_seqs
+        self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
+        self._forwards = Forwards(model)
+        self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0}
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        # Every member of a step must run at once (they meet in the gather): one thread each.
+        self._pool = ThreadPoolExecutor(max_workers=max_num_seqs, thread_name_prefix="decode-seq")
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
+        """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
+        if not request.prompt_ids or request.max_new_tokens < 1:
+            raise ValueError("a request needs at least one prompt token and max_new_tokens >= 1")
+        sequence = _Sequence(request, emit, Sampler(request.sampling), pending=list(request.prompt_ids))
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the decode loop is closed")
+            self._waiting.append(sequence)
+            self._cv.notify()
+        return SequenceHandle(sequence)
+
+    async def events(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """The events of `request`, on the running event loop; leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        handle = self.submit(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.last:
+                    return
+        finally:
+            handle.cancel()
+
+    def close(self) -> None:
+        """Stop after the current step; requests still waiting or active get an error event."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+        self._pool.shutdown(wait=False)
+
+    # --- the scheduler thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._admit():
+            self._step()
+        closed = RuntimeError("the decode loop was closed")
+        for sequence in [*self._active, *self._waiting]:
+            self._end(sequence, error=closed)
+
+    def _admit(self) -> bool:
+        """Drop cancelled sequences, let waiting ones join; False once closed."""
+        with self._cv:
+            while True:
+                self._active = [s for s in self._active if not s.cancelled]
+                while self._waiting and len(self._active) < self.max_num_seqs:
+                    sequence = self._waiting.popleft()
+                    if not sequence.cancelled:
+                        self._active.append(sequence)
+                if self._closed or self._active:
+                    return not self._closed
+                self._cv.wait()
+
+    def _step(self) -> None:
+        """One forward per member of the step: each joining sequence's prefill, and the decoding
+        sequences as one batch (one forward each where the model's cache cannot be batched)."""
+        active = self._active
+        joining = [s for s in active if s.kv is None]
+        decoding = [s for s in active if s.kv is not None]
+        groups = [[s] for s in joining]
+        groups += ([decoding] if decoding else []) if self._forwards.batched else [[s] for s in decoding]
+        gather = StepGather(self.moe_call, len(groups))
+        futures = [self._pool.submit(self._forward, group, gather, i) for i, group in enumerate(groups)]
+        for group, future in zip(groups, futures):
+            try:
+                logits_BV = future.result()
+            except BaseException as exc:  # noqa: BLE001 - these requests fail, the others go on
+                for sequence in group:
+                    self._end(sequence, error=exc)
+                continue
+            for sequence, logits_V in zip(group, logits_BV):
+                self._advance(sequence, logits_V)
+        self._active = [s for s in active if not s.done]
+        self.stats["steps"] += 1
+        self.stats["moe_calls"] += gather.calls
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+
+    def _forward(self, group: list[_Sequence], gather: StepGather, member: int) -> torch.Tensor:
+        """One forward (a worker thread): a prefill of one sequence or a decode of several; logits [B, V]."""
+        token = MOE_CALL_OVERRIDE.set(functools.partial(gather.call, member))
+        try:
+            if group[0].kv is None:
+                logits_V, group[0].kv = self._forwards.prefill(group[0].pending)
+                return logits_V[None]
+            logits_BV, caches = self._forwards.decode([s.pending[0] for s in group], [s.kv for s in group])
+            for sequence, kv in zip(group, caches):
+                sequence.kv = kv
+            return logits_BV
+        finally:
+            MOE_CALL_OVERRIDE.reset(token)
+            gather.leave(member)
+
+    def _advance(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
+        if sequence.cancelled:
+            sequence.done = True
+            return
+        token_id = sequence.sampler(logits_V)
+        sequence.generated += 1
+        sequence.pending = [token_id]
+        text = sequence.request.text
+        piece = text.push(token_id) if text is not None else ""
+        finish = None
+        if token_id in self.eos_ids or (text is not None and text.stopped):
+            finish = "stop"
+        elif sequence.generated >= sequence.request.max_new_tokens:
+            finish = "length"
+        if finish is None:
+            sequence.emit(Event(token_id, piece))
+        else:
+            self._end(sequence, token_id, piece + (text.finish() if text is not None else ""), finish)
+
+    def _end(self, sequence: _Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
+             error: BaseException | None = None) -> None:
+        sequence.done = True
+        sequence.kv = None
+        self.stats["sequences"] += 1
+        sequence.emit(Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated))

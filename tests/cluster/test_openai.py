@@ -1,0 +1,163 @@
+"""The OpenAI API of a whole model served by one command, driven by the official `openai` client.
+
+`moe-cluster serve --hf-model DIR --checkpoint CKPT --config serve.yaml` (a real process, real
+HTTP, bearer auth on) runs a tiny Mixtral with a tokenizer made in the test: runner + router +
+one expert deployment. Greedy answers equal transformers' `generate` decoded by the same
+tokenizer; streamed text equals the unstreamed one; 8 concurrent requests each get what they
+would get alone; bad requests get OpenAI's error objects with the documented status codes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import yaml
+
+from moe_cluster.hf.importer import import_hf_checkpoint
+from moe_cluster.hf.text import chat_prompt
+
+from ..support.hf_models import build_hf
+from ..support.tokenizer import save_tokenizer
+from .conftest import free_port, stop_process, wait_until
+
+openai = pytest.importorskip("openai", reason="needs the `test` extra: pip install -e '.[test]'")
+
+TOKEN, TOKEN_ENV, MODEL, VOCAB = "oai-test-token-81d2", "MOE_TEST_OPENAI_TOKEN", "tiny-mixtral", 320
+PROMPTS = ["Hello, how are you?", "The quick brown fox", "Once upon a time there was a small model that"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("openai")
+    hf_model = build_hf("mixtral", vocab_size=VOCAB)
+    hf_model.save_pretrained(work / MODEL)
+    tokenizer = save_tokenizer(work / MODEL, VOCAB)
+    import_hf_checkpoint(work / MODEL, work / "moe", log=lambda _: None)
+    args = {"torch_threads": 1, "auth_token_env": TOKEN_ENV, "placement": [{"name": "experts", "experts": [0, 1, 2, 3]}]}
+    (work / "serve.yaml").write_text(yaml.safe_dump({"applications": [
+        {"name": "moe", "route_prefix": "/", "import_path": "moe_cluster.serving.app:build_app", "args": args}]}))
+    port, log = free_port(), open(work / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "moe_cluster.cli", "serve", "--hf-model", str(work / MODEL),
+                                "--checkpoint", str(work / "moe"), "--config", str(work / "serve.yaml"),
+                                "--port", str(port), "--num-cpus", "2"],
+                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, TOKEN_ENV: TOKEN})
+    try:
+        wait_until(lambda: "moe-cluster: ready in" in (work / "serve.log").read_text() or process.poll() is not None,
+                   timeout=240, what="the ready banner of moe-cluster serve --hf-model")
+        assert process.poll() is None, (work / "serve.log").read_text()[-3000:]
+        base = f"http://127.0.0.1:{port}/v1"
+        yield {"client": openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0, timeout=120), "base": base,
+               "model": hf_model, "tokenizer": tokenizer, "log": (work / "serve.log")}
+    finally:
+        stop_process(process)
+
+
+def hf_text(server, prompt_ids: list[int], new_tokens: int) -> str:
+    """What transformers' greedy generate answers, decoded by the same tokenizer."""
+    ids = torch.tensor([prompt_ids])
+    out = server["model"].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   do_sample=False)[0, ids.shape[1]:]
+    return server["tokenizer"].decode(out, skip_special_tokens=True)
+
+
+def complete(client, prompt, stream=False, **kwargs):
+    """(text, finish_reason, usage) of one completion, streamed or not."""
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, **kwargs}
+    if not stream:
+        answer = client.completions.create(**kwargs)
+        return answer.choices[0].text, answer.choices[0].finish_reason, answer.usage
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish[-1], chunks[-1].usage
+
+
+def test_the_banner_and_models(server):
+    banner = server["log"].read_text()
+    assert "POST http://127.0.0.1:" in banner and "/v1/chat/completions" in banner
+    assert [m.id for m in server["client"].models.list()] == [MODEL]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_equals_transformers_streamed_or_not(server, prompt):
+    text, finish, use = complete(server["client"], prompt)
+    ids = server["tokenizer"](prompt)["input_ids"]
+    assert text == hf_text(server, ids, 12)
+    assert finish == "length" and (use.prompt_tokens, use.completion_tokens) == (len(ids), 12)
+    assert complete(server["client"], prompt, stream=True) == (text, finish, use)
+
+
+def test_chat_streamed_and_not_equals_transformers_on_the_plain_template(server):
+    client, messages = server["client"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    expected = hf_text(server, chat_prompt(server["tokenizer"], messages), 10)
+    assert answer.choices[0].message.content == expected and answer.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
+    client, tokenizer = server["client"], server["tokenizer"]
+    cases = [(PROMPTS[i % 3] * (1 + i % 2), 4 + 2 * i, i % 2 == 1) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: complete(client, c[0], stream=c[2], max_tokens=c[1])[0], cases))
+    assert got == [hf_text(server, tokenizer(p)["input_ids"], n) for p, n, _ in cases]
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    client = server["client"]
+    full = complete(client, PROMPTS[0], max_tokens=16)[0]
+    stop = full[6:8]
+    text, finish, _ = complete(client, PROMPTS[0], max_tokens=16, stop=[stop, "never-there"])
+    assert (text, finish) == (full[:full.index(stop)], "stop")
+    assert complete(client, PROMPTS[0], stream=True, max_tokens=16, stop=stop)[:2] == (text, finish)
+    seeded = dict(max_tokens=10, temperature=0.8, top_p=0.9, seed=42, extra_body={"top_k": 40})
+    assert complete(client, PROMPTS[1], **seeded)[0] == complete(client, PROMPTS[1], stream=True, **seeded)[0]
+
+
+BAD = [  # (request kwargs, the client's exception, status, param)
+    (dict(model="no-such-model"), openai.NotFoundError, 404, "model"),
+    (dict(n=2), openai.BadRequestError, 400, "n"),
+    (dict(logprobs=2), openai.BadRequestError, 400, "logprobs"),
+    (dict(temperature=3.5), openai.BadRequestError, 400, "temperature"),
+    (dict(top_p=0), openai.BadRequestError, 400, "top_p"),
+    (dict(max_tokens=0), openai.BadRequestError, 400, "max_tokens"),
+    (dict(max_tokens=100000), openai.BadRequestError, 400, "max_tokens"),
+    (dict(prompt="word " * 5000), openai.BadRequestError, 400, "prompt"),
+    (dict(prompt=[VOCAB + 5]), openai.BadRequestError, 400, "prompt"),
+    (dict(extra_body={"beam_width": 4}), openai.BadRequestError, 400, "beam_width"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, status, param", BAD, ids=[str(b[3]) + str(i) for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_error_objects(server, kwargs, error, status, param):
+    with pytest.raises(error) as raised:
+        server["client"].completions.create(**{"model": MODEL, "prompt": "Hi", "max_tokens": 4, **kwargs})
+    assert raised.value.status_code == status
+    body = raised.value.body  # the client unwraps {"error": {...}}
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    assert body["param"] == param
+    assert body["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def test_auth_applies_and_generate_stays(server):
+    anonymous = openai.OpenAI(base_url=server["base"], api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        anonymous.models.list()
+    assert raised.value.body["type"] == "authentication_error"
+    request = urllib.request.Request(server["base"] + "/generate", json.dumps(
+        {"input_ids": [[1, 5, 9]], "max_new_tokens": 3}).encode(), {"Content-Type": "application/json",
+                                                                   "Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        ids = json.loads(response.read())["output_ids"]
+    expected = server["model"].generate(torch.tensor([[1, 5, 9]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                                        max_new_tokens=3, do_sample=False)
+    assert ids == expected.tolist()

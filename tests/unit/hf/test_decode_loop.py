@@ -1,0 +1,192 @@
+"""The decode loop (continuous batching, no Ray): prompts of different lengths joining and leaving
+share each step's MoE calls, and each greedy output equals transformers' generate of that prompt alone."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest, StepGather
+from moe_cluster.hf.importer import import_hf_checkpoint
+from moe_cluster.hf.runner import HFMoERunner
+from moe_cluster.hf.sampling import Sampler, SamplingParams
+from moe_cluster.hf.text import TextStream
+
+from ...support.hf_models import FAMILIES, build_hf
+from ...support.tokenizer import save_tokenizer
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(hf_model, runner with in-process MoE, tokenizer) of a tiny Mixtral with a real tokenizer."""
+    root = tmp_path_factory.mktemp("decode")
+    hf_model = build_hf("mixtral", vocab_size=VOCAB)
+    hf_model.save_pretrained(root / "hf")
+    tokenizer = save_tokenizer(root / "hf", VOCAB)
+    import_hf_checkpoint(root / "hf", root / "moe", log=lambda _: None)
+    return hf_model, HFMoERunner.in_process(root / "hf", root / "moe"), tokenizer
+
+
+def counting(moe_call, log, delay_s=0.0):
+    def call(x_TD, layer):
+        log.append((x_TD.shape[0], layer))
+        threading.Event().wait(delay_s)  # a slow "cluster": steps long enough for others to join meanwhile
+        return moe_call(x_TD, layer)
+    return call
+
+
+def hf_greedy(hf_model, prompt, new_tokens):
+    ids = torch.tensor([prompt])
+    return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False)[0, len(prompt):].tolist()
+
+
+class Collector:
+    """Events of several requests, from the scheduler thread."""
+
+    def __init__(self, count):
+        self.tokens, self.ends, self.texts = {}, {}, {}
+        self.all_done = threading.Event()
+        self.count = count
+
+    def emit(self, key):
+        def on(event):
+            if event.token_id is not None:
+                self.tokens.setdefault(key, []).append(event.token_id)
+            self.texts[key] = self.texts.get(key, "") + event.text
+            if event.last:
+                self.ends[key] = event
+                if len(self.ends) == self.count:
+                    self.all_done.set()
+        return on
+
+
+def test_joining_and_leaving_prompts_generate_what_each_alone_would(tiny):
+    hf_model, runner, _ = tiny
+    calls = []
+    loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls, 0.01),
+                      max_num_seqs=8)
+    prompts = {"a": ([1, 5, 9, 17, 33], 9), "b": ([2, 127], 8), "c": (list(range(3, 20)), 6), "d": ([7], 12)}
+    got = Collector(len(prompts))
+    try:
+        loop.submit(GenerationRequest(*prompts["a"]), got.emit("a"))
+        loop.submit(GenerationRequest(*prompts["b"]), got.emit("b"))
+        while loop.stats["steps"] < 2:  # c and d join while a and b decode
+            threading.Event().wait(0.001)
+        loop.submit(GenerationRequest(*prompts["c"]), got.emit("c"))
+        loop.submit(GenerationRequest(*prompts["d"]), got.emit("d"))
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    for key, (prompt, new) in prompts.items():
+        assert got.tokens[key] == hf_greedy(hf_model, prompt, new), key
+        assert (got.ends[key].finish_reason, got.ends[key].completion_tokens) == ("length", new)
+        assert got.ends[key].prompt_tokens == len(prompt)
+    # every step made exactly one call per MoE layer (2 layers), carrying the rows of all its sequences
+    assert loop.stats["moe_calls"] == 2 * loop.stats["steps"] == len(calls)
+    assert loop.stats["max_batch"] == 4
+    assert max(rows for rows, _ in calls) >= len(prompts["c"][0]) + 2  # a prefill beside decoding sequences
+
+
+def test_a_failed_forward_fails_its_request_only(tiny):
+    hf_model, runner, _ = tiny
+    moe_call = runner.model.model.layers[0].mlp.moe_call
+
+    def failing(x_TD, layer):  # a prompt token of 99 makes every call that carries it fail
+        if layer == 1 and x_TD.shape[0] == 3:
+            raise RuntimeError("expert down")
+        return moe_call(x_TD, layer)
+
+    gather = StepGather(failing, 2)
+    out = {}
+
+    def member(i, rows):
+        try:
+            out[i] = gather.call(i, torch.ones(rows, 32), 1)
+        except RuntimeError as exc:
+            out[i] = exc
+        finally:
+            gather.leave(i)
+
+    threads = [threading.Thread(target=member, args=(0, 1)), threading.Thread(target=member, args=(1, 2))]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert isinstance(out[0], RuntimeError) and isinstance(out[1], RuntimeError)  # one call, both fail
+    # a member that leaves without posting does not block the others
+    gather = StepGather(moe_call, 2)
+    gather.leave(1)
+    assert gather.call(0, torch.ones(2, 32), 0).shape == (2, 32)
+
+
+def test_stop_strings_eos_streamed_text_and_sampling(tiny):
+    hf_model, runner, tokenizer = tiny
+    prompt = tokenizer("Hello, how are you?")["input_ids"]
+    greedy = hf_greedy(hf_model, prompt, 12)
+    full = tokenizer.decode(greedy, skip_special_tokens=True)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    loop = DecodeLoop(runner.model, runner.model.model.layers[0].mlp.moe_call, eos_ids={greedy[7]})
+
+    async def run(request):
+        events = [e async for e in loop.events(request)]
+        return "".join(e.text for e in events), events[-1]
+
+    try:
+        text, end = asyncio.run(run(GenerationRequest(prompt, 12, text=TextStream(tokenizer))))
+        first_eos = greedy.index(greedy[7])
+        assert (end.finish_reason, end.completion_tokens) == ("stop", first_eos + 1)
+        assert text == tokenizer.decode(greedy[:first_eos + 1], skip_special_tokens=True)
+        loop.eos_ids = frozenset()
+        text, end = asyncio.run(run(GenerationRequest(prompt, 12, text=TextStream(tokenizer, [stop]))))
+        assert end.finish_reason == "stop" and text == full[:full.index(stop)]
+        seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=3)
+        a = asyncio.run(run(GenerationRequest(prompt, 8, seeded, TextStream(tokenizer))))[0]
+        b = asyncio.run(run(GenerationRequest(prompt, 8, seeded, TextStream(tokenizer))))[0]
+        assert a == b
+    finally:
+        loop.close()
+
+
+def test_sampler_cuts():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert Sampler(SamplingParams())(logits) == 0
+    cut = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0)).cut(logits)
+    assert torch.isinf(cut[2:]).all() and torch.isfinite(cut[:2]).all()
+    cut = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0)).cut(logits)
+    assert torch.isfinite(cut).tolist() == [True, True, False, False]  # p = .64, .24, ...: two reach 0.7
+    draws = {Sampler(SamplingParams(temperature=1.0, top_k=1, seed=s))(logits) for s in range(20)}
+    assert draws == {0}
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_text_stream_holds_back_what_may_change(tiny):
+    tokenizer = tiny[2]
+    ids = tokenizer("naïve 日本 fox jumps")["input_ids"]
+    stream = TextStream(tokenizer, stop=["jum"])
+    pieces = [stream.push(t) for t in ids]
+    assert stream.stopped and "".join(pieces) == "naïve 日本 fox "
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_decodes_in_one_batch_exactly(tmp_path, model_type):
+    """Five prompts of different lengths decoded together (one batched forward per step, their
+    caches left-padded) give what generate gives each alone, for every supported family."""
+    hf_model = build_hf(model_type, **({"num_key_value_heads": 4} if model_type == "deepseek_v3" else {}))
+    hf_model.save_pretrained(tmp_path / "hf")
+    import_hf_checkpoint(tmp_path / "hf", tmp_path / "moe", log=lambda _: None)
+    runner = HFMoERunner.in_process(tmp_path / "hf", tmp_path / "moe")
+    loop = DecodeLoop(runner.model, runner.moe_call)
+    prompts = [[1, 5, 9, 17, 33], [2, 127], list(range(3, 20)), [7], [100, 3, 4, 90, 1, 2, 3]]
+    got = Collector(len(prompts))
+    try:
+        assert loop._forwards.batched
+        for i, prompt in enumerate(prompts):
+            loop.submit(GenerationRequest(prompt, 10), got.emit(i))
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 10) for p in prompts]

@@ -1,0 +1,105 @@
+"""The OpenAI wire format (no torch, no Ray): request checks naming the field, answers, chunks, SSE, errors."""
+
+import json
+
+import pytest
+
+from moe_cluster.protocol import openai as oai
+from moe_cluster.protocol.errors import WireError
+
+
+def parse(payload, kind=oai.CompletionRequest, content_type="application/json"):
+    return oai.parse_request(json.dumps(payload).encode(), content_type, kind)
+
+
+def test_a_completion_request_with_defaults_and_neutral_fields():
+    request = parse({"model": "m", "prompt": "Hi", "n": 1, "presence_penalty": 0, "logprobs": None, "user": "u",
+                     "stop": "END"})
+    assert (request.max_tokens, request.temperature, request.top_p, request.top_k) == (16, 1.0, 1.0, 0)
+    assert request.stop_strings == ["END"] and not request.stream and not request.include_usage
+    assert parse({"model": "m", "prompt": [1, 2, 3], "stop": ["a", "b"]}).prompt == [1, 2, 3]
+
+
+def test_a_chat_request():
+    request = parse({"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                     "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}},
+                    oai.ChatCompletionRequest)
+    assert request.max_new_tokens == 5 and request.include_usage
+    assert [m.text() for m in request.messages] == ["Be brief.", "Hi"]
+    assert request.max_tokens is None  # chat: until the limit unless asked
+
+
+@pytest.mark.parametrize("payload, status, param, code", [
+    ({"model": "m", "prompt": "x", "n": 2}, 400, "n", "unsupported_parameter"),
+    ({"model": "m", "prompt": "x", "logprobs": 1}, 400, "logprobs", "unsupported_parameter"),
+    ({"model": "m", "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
+    ({"model": "m", "prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ({"model": "m", "prompt": "x", "beam_width": 2}, 400, "beam_width", "unsupported_parameter"),
+    ({"model": "m", "prompt": "x", "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"model": "m", "prompt": "x", "top_k": -1}, 400, "top_k", "invalid_value"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"model": "m", "prompt": "x", "seed": -3}, 400, "seed", "invalid_value"),
+    ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"model": "m", "prompt": "x", "stream_options": {"x": True}}, 400, "stream_options", "invalid_value"),
+    ({"model": "m", "prompt": []}, 400, "prompt", "invalid_value"),
+    ({"prompt": "x"}, 400, "model", "missing_required_parameter"),
+    ({"model": "m"}, 400, "prompt", "missing_required_parameter"),
+])
+def test_bad_completion_requests_name_the_field(payload, status, param, code):
+    with pytest.raises(WireError) as raised:
+        parse(payload)
+    assert (raised.value.status, raised.value.param, raised.value.code) == (status, param, code)
+    assert param in raised.value.message
+
+
+def test_bad_chat_requests_and_bodies():
+    with pytest.raises(WireError) as raised:
+        parse({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, oai.ChatCompletionRequest)
+    assert raised.value.param.startswith("messages.0.role")
+    with pytest.raises(WireError) as raised:
+        parse({"model": "m", "messages": []}, oai.ChatCompletionRequest)
+    assert raised.value.param == "messages"
+    with pytest.raises(WireError) as raised:  # image parts are refused when the text is asked for
+        parse({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+              oai.ChatCompletionRequest).messages[0].text()
+    assert raised.value.param == "messages"
+    with pytest.raises(WireError) as raised:
+        oai.parse_request(b"{not json", "application/json", oai.CompletionRequest)
+    assert raised.value.status == 400
+    with pytest.raises(WireError) as raised:
+        oai.parse_request(b"{}", "text/plain", oai.CompletionRequest)
+    assert raised.value.status == 415
+    with pytest.raises(WireError):
+        oai.parse_request(b"[1]", None, oai.CompletionRequest)
+
+
+def test_error_objects():
+    body = json.loads(oai.error_body(400, "bad n", "n", "unsupported_parameter"))
+    assert body == {"error": {"message": "bad n", "type": "invalid_request_error", "param": "n",
+                              "code": "unsupported_parameter"}}
+    assert [oai.error_type(s) for s in (401, 404, 413, 500, 503)] == [
+        "authentication_error", "not_found_error", "invalid_request_error", "server_error", "server_error"]
+    error = WireError(400, "x", "p", "c")  # Ray pickles it back to a handle's caller
+    import pickle
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.status, again.message, again.param, again.code) == (400, "x", "p", "c")
+    assert WireError(413, "y").param is None  # the old two-argument form still works
+
+
+def test_answers_chunks_and_sse():
+    use = oai.usage(3, 2)
+    assert use == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    body = oai.completion_body("cmpl-1", "m", "hi", "length", use)
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "hi" and body["usage"] == use
+    chat = oai.chat_body("chatcmpl-1", "m", "hi", "stop", use)
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    chunk = oai.chat_chunk("c", "m", 1, {"content": "h"})
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None
+    last = oai.completion_chunk("c", "m", 1, "", use=use)
+    assert last["choices"] == [] and last["usage"] == use
+    event = oai.sse(chunk)
+    assert event.startswith(b"data: {") and event.endswith(b"\n\n") and json.loads(event[6:]) == chunk
+    assert oai.SSE_DONE == b"data: [DONE]\n\n"
+    assert oai.models_body(["m"], 5)["data"] == [{"id": "m", "object": "model", "created": 5, "owned_by": "moe-cluster"}]
