@@ -193,13 +193,7 @@ class ModelRunner:
         return {**self.runner.info(), "moe": self.args.moe_app or "bound", "moe_calls": self.args.moe_calls}
 
     async def __call__(self, request: Request) -> Response:
-        if relative_path(request) in OPENAI_PATHS:  # OpenAI's error objects, the decode loop
-            return await openai_dispatch(self, request, self.openai)
-        # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
-        # the request checks raise the client's errors (WireError with a 4xx status).
-        return await dispatch(self, request, _ROUTES, {}, "try POST /v1/completions, POST /v1/chat/completions, "
-                              "GET /v1/models, POST /v1/generate, GET /v1/info or GET /healthz",
-                              value_errors_are_4xx=False)
+        return await handle_runner_http(self, request)
 
     async def healthz(self) -> Response:
         """200 only when the MoE app really serves: its router answers and every expert deployment
@@ -230,6 +224,18 @@ async def _healthz(runner: ModelRunner, request: Request) -> Response:
 
 
 _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/healthz": ("GET", _healthz)}
+
+
+async def handle_runner_http(runner, request: Request) -> Response:
+    """The HTTP face of a runner (ModelRunner, or InProcessRunner in runner_in_process.py): the OpenAI API,
+    then /v1/generate, /v1/info and /healthz. `runner` has `openai`, `generate`, `info`, `healthz`, `auth`."""
+    if relative_path(request) in OPENAI_PATHS:  # OpenAI's error objects, the decode loop
+        return await openai_dispatch(runner, request, runner.openai)
+    # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
+    # the request checks raise the client's errors (WireError with a 4xx status).
+    return await dispatch(runner, request, _ROUTES, {}, "try POST /v1/completions, POST /v1/chat/completions, "
+                          "GET /v1/models, POST /v1/generate, GET /v1/info or GET /healthz",
+                          value_errors_are_4xx=False)
 
 
 async def _await(response):

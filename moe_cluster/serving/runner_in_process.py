@@ -20,10 +20,9 @@ from starlette.responses import Response
 from ..hf.runner import GenerateLimits, HFMoERunner
 from .args import DEPLOYMENT_DEFAULTS, merge_options
 from .http.auth import BearerAuth
-from .http.common import dispatch, json_response, relative_path
-from .http.openai_routes import OPENAI_PATHS, OpenAIFace, openai_dispatch
-from .runner import _ROUTES as RUNNER_ROUTES
-from .runner import RUNNER_NAME, RunnerArgs
+from .http.common import json_response
+from .http.openai_routes import OpenAIFace
+from .runner import RUNNER_NAME, RunnerArgs, handle_runner_http
 from .runtime import set_torch_threads
 
 __all__ = ["InProcessRunner", "build_in_process_runner_app"]
@@ -59,8 +58,4 @@ class InProcessRunner:
         return json_response({"status": "ok"})
 
     async def __call__(self, request: Request) -> Response:
-        if relative_path(request) in OPENAI_PATHS:
-            return await openai_dispatch(self, request, self.openai)
-        return await dispatch(self, request, RUNNER_ROUTES, {}, "try POST /v1/completions, "
-                              "POST /v1/chat/completions, GET /v1/models, GET /v1/info or GET /healthz",
-                              value_errors_are_4xx=False)
+        return await handle_runner_http(self, request)
