@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/moe-cluster serve
 
+# --durations: the slowest tests at the end of CI's log (the suite is kept under ~15 minutes)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Tests under tests/cluster carry the `cluster` marker (tests/cluster/conftest.py). A -m on the
 # command line replaces the `-m 'not slow'` of pyproject's addopts, so it says `not slow` again.

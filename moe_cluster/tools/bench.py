@@ -5,6 +5,8 @@ On the same weights (a preset drawn from a seed), in one run:
   monolithic  one Serve deployment holding the whole MoE layer (what a user would deploy instead)
   handle      the cluster (router + one deployment per expert) through a DeploymentHandle
               (monolithic and handle get and return numpy arrays, the fast way through Ray)
+  handle-auto the same through MoEHandle (serving/handle.py): by value up to Serve's gRPC limit,
+              Serve's default (by reference) above it
   http        the cluster through HTTP (msgpack)
   transformers  transformers' MixtralSparseMoeBlock on the same weights (Mixtral-shaped presets)
 for T tokens per request, one client at a time (the modes take turns call by call, so a
@@ -229,7 +231,7 @@ def run_bench(settings: BenchSettings, out_dir: Path, log: Callable[[str], None]
         concurrent, concurrent_diff = concurrent_records(settings, requests, mono, cluster, log)
         transport = cluster_args(settings).transport
         for rec in records + concurrent:
-            rec.transport = transport if rec.mode in ("handle", "http") else None
+            rec.transport = transport if rec.mode in ("handle", "handle-auto", "http") else None
         decode = decode_records(settings, out_dir, log) if settings.decode else None
     finally:
         stop_local_serve()
@@ -272,14 +274,17 @@ def deploy(settings: BenchSettings, d_model: int, top_k: int, cores: int, log):
 def make_callers(model: MoEModel, mono, cluster, port: int) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
     """{mode: (x_TD, layer) -> y_TD} and the layers each mode can compute (transformers' block: one)."""
     from ..client import MoEClient
+    from ..serving.handle import MoEHandle
 
     client = MoEClient(f"http://127.0.0.1:{port}")
+    auto = MoEHandle(cluster)
     callers = {
         "inprocess": lambda x, layer: model.forward(x, layer),
         # numpy arrays through the handles: Ray pickles them zero-copy, while a torch tensor
         # goes through torch.save (38 ms to pickle 16 MB on the 2-core machine)
         "monolithic": lambda x, layer: mono.forward.remote(x.numpy(), layer).result(),
         "handle": lambda x, layer: cluster.forward.remote(x.numpy(), layer).result(),
+        "handle-auto": lambda x, layer: auto.forward(x.numpy(), layer).result(),
         "http": lambda x, layer: client.forward(x.numpy(), layer),
     }
     layers_of = {mode: model.config.moe_layer_ids for mode in callers}
@@ -305,7 +310,7 @@ def single_client_records(settings: BenchSettings, callers: dict[str, Callable],
         for mode in callers:
             rec = record(mode, tokens, 1, latencies[mode])
             records.append(rec)
-            log(f"  {mode:>10}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
+            log(f"  {mode:>11}  T={tokens:<5} {rec.tokens_per_s:>10.0f} tok/s  p50 {rec.p50_ms:8.2f} ms  "
                 f"p99 {rec.p99_ms:8.2f} ms")
         phases_ms[str(tokens)] = cluster.stats.remote().result()["router_phases"]["last_ms"]
         log(f"  router phases of a T={tokens} batch: "
@@ -342,7 +347,7 @@ def concurrent_records(settings: BenchSettings, requests: list[ClientRequest], m
         rec = record(mode, settings.client_tokens, settings.clients, latencies, wall_s=wall)
         out.append(rec)
         checks[mode] = {"answers_checked": len(diffs), "max_abs_diff": max(diffs)}
-        log(f"  {mode:>10}  {settings.clients} clients x T={settings.client_tokens}: {rec.tokens_per_s:>10.0f} tok/s "
+        log(f"  {mode:>11}  {settings.clients} clients x T={settings.client_tokens}: {rec.tokens_per_s:>10.0f} tok/s "
             f"p50 {rec.p50_ms:8.2f} ms  p99 {rec.p99_ms:8.2f} ms; {len(diffs)} answers, max |output - oracle| "
             f"{max(diffs):.1e}")
     return out, checks
@@ -363,6 +368,8 @@ def summarize(results: dict[str, Any], config) -> dict[str, float]:
         if ("handle", 1) in single else float("nan"),
         "handle_T1_p50_over_fanout_floor": single[("handle", 1)]["p50_ms"] / results["serve_fanout_floor_p50_ms"]
         if ("handle", 1) in single else float("nan"),
+        "handle_auto_T1_p50_over_fanout_floor": single[("handle-auto", 1)]["p50_ms"]
+        / results["serve_fanout_floor_p50_ms"] if ("handle-auto", 1) in single else float("nan"),
         "handle_T64_p50_over_inprocess": single[("handle", 64)]["p50_ms"] / single[("inprocess", 64)]["p50_ms"]
         if ("handle", 64) in single else float("nan"),
         "concurrent_handle_over_inprocess": many["handle"]["tokens_per_s"] / tps("inprocess") if many else float("nan"),

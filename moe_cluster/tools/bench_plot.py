@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 __all__ = ["plot", "MODES"]
 
-MODES = ("inprocess", "transformers", "monolithic", "handle", "http")  # the plot's order and colours
+MODES = ("inprocess", "transformers", "monolithic", "handle", "handle-auto", "http")  # the plot's order and colours
 
 
 def plot(results: dict[str, Any], path: Path, log: Callable[[str], None]) -> None:

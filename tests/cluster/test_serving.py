@@ -16,6 +16,7 @@ import torch
 from moe_cluster import MoEModel, preset_config
 from moe_cluster.client import MoEClient, MoEHTTPError
 from moe_cluster.core.reference import reference_forward
+from moe_cluster.serving.handle import MoEHandle
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
 from moe_cluster.checkpoint import load_model, save_model
@@ -287,6 +288,25 @@ def test_bad_handle_input_raises_value_error(cluster):
         cluster["handle"].forward.remote(torch.zeros(MAX_TOKENS + 1, 64), 0).result()
     with pytest.raises(MoEHTTPError, match=r"\[T, 64\]"):
         MoEClient(cluster["local"].url()).forward(np.zeros((1, 3), np.float32), layer=0)
+
+
+def test_moe_handle_sends_small_requests_by_value_and_large_ones_by_reference(cluster):
+    moe = MoEHandle(cluster["handle"], by_value_max_bytes=1024)  # 4 rows of 64 fp32
+    for tokens, by_reference in ((1, False), (4, False), (5, True), (300, True)):
+        x = _x(tokens, seed=tokens)
+        for sent in (x, x.numpy()):
+            response = moe.forward(sent, 1)
+            assert response.by_reference is by_reference, (tokens, type(sent))
+            y = response.result()
+            assert isinstance(y, type(sent))  # torch in, torch out; numpy in, numpy out
+            y = torch.from_numpy(np.array(y)) if isinstance(y, np.ndarray) else y  # a writable copy
+            assert y.shape == x.shape and y.dtype == torch.float32
+            torch.testing.assert_close(y, reference_forward(cluster["model"], x, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[T, 64\]"):  # by value too: the router's own error
+        moe.forward(torch.zeros(2, 5), 0).result()
+    with pytest.raises(ValueError, match="unknown layer 3"):
+        moe.forward(np.zeros((2, 64), np.float32), 3).result()
+    assert MoEHandle(cluster["handle"], by_value_max_bytes=2**40).by_value_max_bytes <= 4 * 2**20  # gRPC's limit
 
 
 @pytest.mark.parametrize("x", [torch.zeros(2, 64, dtype=torch.float64), np.zeros((2, 64))],
