@@ -57,6 +57,18 @@ class ClusterMoE:
                                    combine_ms=timings.combine_s * 1e3)
         return y_TD.cpu(), plan, timings
 
+    def stats(self) -> dict:
+        """Per-layer rows per expert, per-expert calls, retries and latency, phases of the last and mean
+        batch (RouterMetrics.snapshot), and the calls sent per transport path."""
+        deployments_of_expert: dict[int, list[str]] = {}
+        for (_, expert), group in sorted(self.placement.owner.items()):
+            names = deployments_of_expert.setdefault(expert, [])
+            if group not in names:
+                names.append(group)
+        snapshot = self.metrics.snapshot(deployments_of_expert)
+        snapshot["transport"] = {"mode": self.experts.transport.mode, "calls": self.experts.transport.paths()}
+        return snapshot
+
 
 def load_gates_and_shared(app: ResolvedApp) -> list[GateAndShared]:
     """The gate (and shared experts) of every MoE layer: the checkpoint's, or the preset's seeded ones."""

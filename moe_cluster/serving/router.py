@@ -127,14 +127,8 @@ class MoERouter:
         """Per-expert load as seen by this router replica, plus replicas per expert deployment."""
         replicas = await asyncio.to_thread(self._running_replicas)
         self.metrics.record_replicas(replicas)
-        deployments_of_expert: dict[int, list[str]] = {}
-        for (_, expert), group in sorted(self.placement.owner.items()):
-            names = deployments_of_expert.setdefault(expert, [])
-            if group not in names:
-                names.append(group)
-        snapshot = self.metrics.snapshot(deployments_of_expert)
+        snapshot = self.moe.stats()
         snapshot["replicas"] = replicas
-        snapshot["transport"] = {"mode": self.experts.transport.mode, "calls": self.experts.transport.paths()}
         if self.coalescer is not None:
             snapshot["coalescing"] = {"requests": self.coalescer.requests, "batches": self.coalescer.batches,
                                       "recent_batch_sizes": list(self.coalescer.recent_sizes)}

@@ -26,6 +26,8 @@ replica's loop (its expert calls are asyncio tasks there); the thread waits for 
                        the OpenAI API: text in and out, streaming, concurrent requests batched step by
                        step (serving/http/openai_routes.py, hf/decode_loop.py)
     GET  /v1/info      the model, its MoE layers, the limits
+    GET  /v1/stats     the decode loop's steps, MoE calls, sequences, largest batch; routing for itself,
+                       also rows per expert, calls, latency and transport paths of its MoE calls
     GET  /healthz      200 once the MoE app's router and every expert deployment answer, else 503
 """
 
@@ -192,6 +194,17 @@ class ModelRunner:
     async def info(self) -> dict:
         return {**self.runner.info(), "moe": self.args.moe_app or "bound", "moe_calls": self.args.moe_calls}
 
+    async def stats(self) -> dict:
+        """The decode loop's counters; routing for itself (moe_calls: direct), also what the router's
+        /v1/stats says of its MoE calls: rows per expert, calls, latency, phases, transport paths."""
+        out = {"decode_loop": dict(self.openai.loop.stats), "moe_calls": self.args.moe_calls}
+        if self.direct is not None:
+            out["moe"] = self.direct.stats()
+        return out
+
+    def __del__(self) -> None:
+        close_decode_loop(self)
+
     async def __call__(self, request: Request) -> Response:
         return await handle_runner_http(self, request)
 
@@ -219,22 +232,36 @@ async def _info(runner: ModelRunner, request: Request) -> Response:
     return json_response(await runner.info())
 
 
+async def _stats(runner: ModelRunner, request: Request) -> Response:
+    return json_response(await runner.stats())
+
+
 async def _healthz(runner: ModelRunner, request: Request) -> Response:
     return await runner.healthz()
 
 
-_ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/healthz": ("GET", _healthz)}
+_ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/v1/stats": ("GET", _stats),
+           "/healthz": ("GET", _healthz)}
+
+
+def close_decode_loop(runner) -> None:
+    """At replica shutdown (Serve calls __del__): stop the OpenAI decode loop's scheduler thread; requests
+    still in it end with an error event instead of waiting for the process to die."""
+    face = getattr(runner, "openai", None)  # None: __init__ failed before the loop started
+    if face is not None:
+        face.close()
 
 
 async def handle_runner_http(runner, request: Request) -> Response:
     """The HTTP face of a runner (ModelRunner, or InProcessRunner in runner_in_process.py): the OpenAI API,
-    then /v1/generate, /v1/info and /healthz. `runner` has `openai`, `generate`, `info`, `healthz`, `auth`."""
+    then /v1/generate, /v1/info, /v1/stats and /healthz. `runner` has `openai`, `generate`, `info`, `stats`,
+    `healthz`, `auth`."""
     if relative_path(request) in OPENAI_PATHS:  # OpenAI's error objects, the decode loop
         return await openai_dispatch(runner, request, runner.openai)
     # A ValueError from inside (e.g. a failed MoE call) is not the client's fault here: only
     # the request checks raise the client's errors (WireError with a 4xx status).
     return await dispatch(runner, request, _ROUTES, {}, "try POST /v1/completions, POST /v1/chat/completions, "
-                          "GET /v1/models, POST /v1/generate, GET /v1/info or GET /healthz",
+                          "GET /v1/models, POST /v1/generate, GET /v1/info, GET /v1/stats or GET /healthz",
                           value_errors_are_4xx=False)
 
 

@@ -22,7 +22,7 @@ from .args import DEPLOYMENT_DEFAULTS, merge_options
 from .http.auth import BearerAuth
 from .http.common import json_response
 from .http.openai_routes import OpenAIFace
-from .runner import RUNNER_NAME, RunnerArgs, handle_runner_http
+from .runner import RUNNER_NAME, RunnerArgs, close_decode_loop, handle_runner_http
 from .runtime import set_torch_threads
 
 __all__ = ["InProcessRunner", "build_in_process_runner_app"]
@@ -53,6 +53,12 @@ class InProcessRunner:
 
     async def info(self) -> dict:
         return {**self.runner.info(), "moe": "in_process"}
+
+    async def stats(self) -> dict:
+        return {"decode_loop": dict(self.openai.loop.stats), "moe_calls": "in_process"}
+
+    def __del__(self) -> None:
+        close_decode_loop(self)
 
     async def healthz(self) -> Response:
         return json_response({"status": "ok"})

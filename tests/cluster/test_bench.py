@@ -15,7 +15,7 @@ from moe_cluster.tools.bench import ORACLE_ATOL, BenchSettings, run_bench
 
 from .conftest import free_port
 
-MODES = {"inprocess", "monolithic", "handle", "http"}
+MODES = {"inprocess", "monolithic", "handle", "handle-auto", "http"}
 CONCURRENT_MODES = {"monolithic", "handle", "http"}
 TOKENS = (1, 7, 64)
 DECODE_MODES = {"decode-inprocess", "decode-cluster", "decode-cluster-router"}
@@ -74,13 +74,14 @@ def test_results_file_shape(bench):
     records = [r for r in results["records"] if "batch" not in r]
     assert {(r["mode"], r["tokens"]) for r in records if r["clients"] == 1} == {(m, t) for m in MODES for t in TOKENS}
     for r in records:  # the cluster's transport on the cluster's records only
-        assert r["transport"] == ("auto" if r["mode"] in ("handle", "http") else None), r
+        assert r["transport"] == ("auto" if r["mode"] in ("handle", "handle-auto", "http") else None), r
     assert {r["mode"] for r in records if r["clients"] == 4} == CONCURRENT_MODES
     for r in records:
         assert set(r) >= {"mode", "tokens", "clients", "tokens_per_s", "p50_ms", "p99_ms"}
         assert r["tokens_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
     assert set(results["summary"]) >= {"handle_over_inprocess", "handle_T1_p50_over_floor",
-                                       "handle_T1_p50_over_fanout_floor", "concurrent_handle_over_inprocess"}
+                                       "handle_T1_p50_over_fanout_floor", "handle_auto_T1_p50_over_fanout_floor",
+                                       "concurrent_handle_over_inprocess"}
     assert (bench["out"] / "results.png").stat().st_size > 1000
     assert any("serve floor" in line for line in bench["lines"])  # progress was reported
     assert not any("WRONG ANSWER" in line for line in bench["lines"])

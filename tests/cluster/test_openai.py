@@ -104,12 +104,31 @@ def test_chat_streamed_and_not_equals_transformers_on_the_plain_template(server)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def runner_stats(server) -> dict:
+    request = urllib.request.Request(server["base"] + "/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
 def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
     client, tokenizer = server["client"], server["tokenizer"]
     cases = [(PROMPTS[i % 3] * (1 + i % 2), 4 + 2 * i, i % 2 == 1) for i in range(8)]
+    before = runner_stats(server)
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda c: complete(client, c[0], stream=c[2], max_tokens=c[1])[0], cases))
-    assert got == [hf_text(server, tokenizer(p)["input_ids"], n) for p, n, _ in cases]
+        answers = list(pool.map(lambda c: complete(client, c[0], stream=c[2], max_tokens=c[1]), cases))
+    assert [text for text, _, _ in answers] == [hf_text(server, tokenizer(p)["input_ids"], n) for p, n, _ in cases]
+    after = runner_stats(server)
+    loop, loop0 = after["decode_loop"], before["decode_loop"]
+    steps, layers = loop["steps"] - loop0["steps"], server["model"].config.num_hidden_layers
+    assert loop["sequences"] - loop0["sequences"] == 8 and loop["max_batch"] >= 2
+    # Each step gives every sequence in it one token: fewer steps than tokens means they shared steps;
+    # and each step is one MoE call per layer for all of them.
+    assert 0 < steps < sum(usage.completion_tokens for _, _, usage in answers)
+    assert loop["moe_calls"] - loop0["moe_calls"] == steps * layers
+    moe, moe0 = after["moe"], before["moe"]  # the runner routes for itself (moe_calls: direct)
+    assert after["moe_calls"] == "direct" and moe["transport"]["mode"] == "auto"
+    assert moe["transport"]["calls"]["by_value"] > moe0["transport"]["calls"]["by_value"]  # small calls by value
+    assert moe["router_phases"]["batches"] - moe0["router_phases"]["batches"] == steps * layers
 
 
 def test_stop_strings_and_seeded_sampling(server):
