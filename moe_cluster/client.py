@@ -25,7 +25,8 @@ import msgpack
 import numpy as np
 
 from .dtypes import BY_NAME, FLOAT64_NOT_SUPPORTED
-from .protocol.tensors import array_from_bytes, array_to_bytes, array_to_numbers
+from .protocol.tensors import array_from_bytes, array_to_numbers
+from .protocol.v1 import tensor_map
 
 __all__ = ["MoEClient", "MoEHTTPError"]
 
@@ -66,7 +67,7 @@ class MoEClient:
         if layer is not None:  # left out: the server resolves it (the only MoE layer, else 400)
             fields["layer"] = layer
         if wire == "msgpack":  # the msgpack tensor of protocol/v1.py: raw little-endian bytes
-            fields["hidden_states"] = {"dtype": x.dtype.name, "shape": list(x.shape), "data": array_to_bytes(x)}
+            fields["hidden_states"] = tensor_map(x)
             body = msgpack.packb(fields, use_bin_type=True)
             reply = msgpack.unpackb(self._request("POST", "/v1/forward", body, "application/msgpack"), raw=False)
             out = reply["output"]

@@ -30,7 +30,7 @@ from .errors import WireError
 from .limits import Limits
 from .tensors import array_from_bytes, array_from_numbers, array_to_bytes, array_to_numbers
 
-__all__ = ["ForwardRequest", "decode_forward_request", "encode_forward_response", "MSGPACK", "JSON"]
+__all__ = ["ForwardRequest", "decode_forward_request", "encode_forward_response", "tensor_map", "MSGPACK", "JSON"]
 
 MSGPACK = "application/msgpack"
 _MSGPACK_TYPES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
@@ -144,12 +144,16 @@ def _bool_field(value: Any, name: str) -> bool:
 
 # --- responses ------------------------------------------------------------------------------
 
+def tensor_map(x: np.ndarray) -> dict[str, Any]:
+    """The msgpack tensor of `x` [T, D] (float32, float16 or ml_dtypes.bfloat16): request or response."""
+    return {"dtype": dtype_of_array(x).name, "shape": list(x.shape), "data": array_to_bytes(x)}
+
+
 def encode_forward_response(y_TD: np.ndarray, wire_format: str,
                             expert_counts: list[int] | None = None) -> bytes:
     """The response body, in the request's format (msgpack tensor map, or JSON nested lists)."""
     if wire_format == MSGPACK:
-        out: dict[str, Any] = {"output": {"dtype": dtype_of_array(y_TD).name, "shape": list(y_TD.shape),
-                                          "data": array_to_bytes(y_TD)}}
+        out: dict[str, Any] = {"output": tensor_map(y_TD)}
         if expert_counts is not None:
             out["expert_counts"] = expert_counts
         return msgpack.packb(out, use_bin_type=True)
