@@ -203,12 +203,14 @@ class DecodeLoop:
         finally:
             handle.cancel()
 
-    def close(self) -> None:
-        """Stop after the current step; requests still waiting or active get an error event."""
+    def close(self, wait: bool = True) -> None:
+        """Stop after the current step; requests still waiting or active get an error event. `wait`: until
+        the scheduler thread has ended (at most 60 s); False returns at once (the thread is a daemon)."""
         with self._cv:
             self._closed = True
             self._cv.notify()
-        self._thread.join(timeout=60)
+        if wait:
+            self._thread.join(timeout=60)
         self._pool.shutdown(wait=False)
 
     # --- the scheduler thread -------------------------------------------------------------
@@ -243,19 +245,24 @@ class DecodeLoop:
         groups += ([decoding] if decoding else []) if self._forwards.batched else [[s] for s in decoding]
         gather = StepGather(self.moe_call, len(groups))
         futures = [self._pool.submit(self._forward, group, gather, i) for i, group in enumerate(groups)]
-        for group, future in zip(groups, futures):
+        results: list[torch.Tensor | BaseException] = []
+        for future in futures:
             try:
-                logits_BV = future.result()
+                results.append(future.result())
             except BaseException as exc:  # noqa: BLE001 - these requests fail, the others go on
-                for sequence in group:
-                    self._end(sequence, error=exc)
-                continue
-            for sequence, logits_V in zip(group, logits_BV):
-                self._advance(sequence, logits_V)
-        self._active = [s for s in active if not s.done]
+                results.append(exc)
+        # Counted before any token of the step goes out: whoever got an answer sees its step counted.
         self.stats["steps"] += 1
         self.stats["moe_calls"] += gather.calls
         self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+        for group, result in zip(groups, results):
+            if isinstance(result, BaseException):
+                for sequence in group:
+                    self._end(sequence, error=result)
+                continue
+            for sequence, logits_V in zip(group, result):
+                self._advance(sequence, logits_V)
+        self._active = [s for s in active if not s.done]
 
     def _forward(self, group: list[_Sequence], gather: StepGather, member: int) -> torch.Tensor:
         """One forward (a worker thread): a prefill of one sequence or a decode of several; logits [B, V]."""

@@ -245,11 +245,12 @@ _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/v1
 
 
 def close_decode_loop(runner) -> None:
-    """At replica shutdown (Serve calls __del__): stop the OpenAI decode loop's scheduler thread; requests
-    still in it end with an error event instead of waiting for the process to die."""
+    """At replica shutdown (Serve calls __del__, on the replica's event loop): tell the OpenAI decode loop to
+    stop after its step; requests still in it end with an error event instead of waiting for the process to
+    die. Without waiting for it: a step in flight needs this event loop for its MoE calls and its events."""
     face = getattr(runner, "openai", None)  # None: __init__ failed before the loop started
     if face is not None:
-        face.close()
+        face.close(wait=False)
 
 
 async def handle_runner_http(runner, request: Request) -> Response:

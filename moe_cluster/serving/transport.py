@@ -92,6 +92,7 @@ class Transport:
                 logger.warning("transport %s cannot be used (%s): expert calls go through the object store", mode,
                                reason)
         self._by_value: dict[str, DeploymentHandle] = {}
+        self._by_reference: dict[str, DeploymentHandle] = {}
         self._warned = False
         self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
 
@@ -114,15 +115,19 @@ class Transport:
     def handle(self, handles: dict[str, DeploymentHandle], group: str, payload: Any) -> DeploymentHandle:
         """The handle to send `payload` (from pack) with, counting the path it takes."""
         if isinstance(payload, DirectRows):
-            self.calls[payload.transport] += 1
-            return handles[group]
-        if not self.by_value(payload.nbytes):
-            self.calls["object_store"] += 1
-            return handles[group]
-        self.calls["by_value"] += 1
-        if group not in self._by_value:  # one options() handle per deployment, made on first use
-            self._by_value[group] = handles[group].options(_by_reference=False)
-        return self._by_value[group]
+            path = payload.transport  # the ref travels nested in an object-store call
+        else:
+            path = "by_value" if self.by_value(payload.nbytes) else "object_store"
+        self.calls[path] += 1
+        return self.handle_for_path(handles[group], group, path == "by_value")
+
+    def handle_for_path(self, handle: DeploymentHandle, key: str, by_value: bool) -> DeploymentHandle:
+        """`handle` set to go by value or by reference (one options() handle per key, made on first use).
+        Both are set explicitly: Serve's default is by value under RAY_SERVE_THROUGHPUT_OPTIMIZED=1."""
+        made = self._by_value if by_value else self._by_reference
+        if key not in made:
+            made[key] = handle.options(_by_reference=not by_value)
+        return made[key]
 
     def give_up_direct(self, reason: str) -> None:
         """An expert could not fetch direct rows: the object store from now on (logged once)."""

@@ -120,7 +120,7 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
     after = runner_stats(server)
     loop, loop0 = after["decode_loop"], before["decode_loop"]
     steps, layers = loop["steps"] - loop0["steps"], server["model"].config.num_hidden_layers
-    assert loop["sequences"] - loop0["sequences"] == 8 and loop["max_batch"] >= 2
+    assert loop["sequences"] - loop0["sequences"] == 8
     # Each step gives every sequence in it one token: fewer steps than tokens means they shared steps;
     # and each step is one MoE call per layer for all of them.
     assert 0 < steps < sum(usage.completion_tokens for _, _, usage in answers)

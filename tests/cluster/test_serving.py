@@ -302,11 +302,16 @@ def test_moe_handle_sends_small_requests_by_value_and_large_ones_by_reference(cl
             y = torch.from_numpy(np.array(y)) if isinstance(y, np.ndarray) else y  # a writable copy
             assert y.shape == x.shape and y.dtype == torch.float32
             torch.testing.assert_close(y, reference_forward(cluster["model"], x, 1), rtol=1e-5, atol=1e-5)
+    view = _x(300, seed=1)[-1:]  # one row, but pickling a torch view sends its whole storage
+    response = moe.forward(view, 1)
+    assert response.by_reference is True
+    torch.testing.assert_close(response.result(), reference_forward(cluster["model"], view, 1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[T, 64\]"):  # by value too: the router's own error
         moe.forward(torch.zeros(2, 5), 0).result()
     with pytest.raises(ValueError, match="unknown layer 3"):
         moe.forward(np.zeros((2, 64), np.float32), 3).result()
     assert MoEHandle(cluster["handle"], by_value_max_bytes=2**40).by_value_max_bytes <= 4 * 2**20  # gRPC's limit
+    assert moe.transport.calls["by_value"] == 6 and moe.transport.calls["object_store"] == 5
 
 
 @pytest.mark.parametrize("x", [torch.zeros(2, 64, dtype=torch.float64), np.zeros((2, 64))],

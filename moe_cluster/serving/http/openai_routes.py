@@ -61,8 +61,8 @@ class OpenAIFace:
         self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs)
         self.created = int(time.time())
 
-    def close(self) -> None:
-        self.loop.close()
+    def close(self, wait: bool = True) -> None:
+        self.loop.close(wait)
 
     # --- requests -> generation ----------------------------------------------------------
 
