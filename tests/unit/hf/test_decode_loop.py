@@ -190,3 +190,33 @@ def test_every_family_decodes_in_one_batch_exactly(tmp_path, model_type):
     finally:
         loop.close()
     assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 10) for p in prompts]
+
+
+def test_a_step_is_counted_before_its_tokens_go_out_and_close_need_not_wait(tiny):
+    _, runner, _ = tiny
+    gate = threading.Event()  # holds the MoE call of a step, as a cluster call in flight would
+    slow_call = runner.model.model.layers[0].mlp.moe_call
+
+    def held(x_TD, layer):
+        gate.wait(30)
+        return slow_call(x_TD, layer)
+
+    loop = DecodeLoop(runner.model, held)
+    seen = []
+    got = Collector(2)
+    loop.submit(GenerationRequest([1, 5, 9], 1), lambda event: (seen.append(dict(loop.stats)), got.emit("a")(event)))
+    gate.set()
+    while not seen:
+        threading.Event().wait(0.001)
+    assert seen[0]["steps"] == 1 and seen[0]["moe_calls"] == 2  # whoever has the answer sees its step counted
+    gate.clear()
+    loop.submit(GenerationRequest([2, 7], 4), got.emit("b"))
+    while loop.stats["steps"] < 1 or not loop._active:  # b's step is in flight, held at the gate
+        threading.Event().wait(0.001)
+    loop.close(wait=False)  # returns at once, though a step is in flight
+    assert not got.ends.get("b")
+    gate.set()  # the step ends; then b ends with an error event, and nothing more is taken
+    assert got.all_done.wait(30)
+    assert "closed" in str(got.ends["b"].error)
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.submit(GenerationRequest([3], 1), got.emit("c"))
