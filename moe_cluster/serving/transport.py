@@ -34,7 +34,8 @@ from ray.serve.handle import DeploymentHandle
 
 from .tensors import to_wire
 
-__all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "TRANSPORTS"]
+__all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "word_checksum",
+           "TRANSPORTS"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,24 +56,52 @@ class AnswerLost(RuntimeError):
 @dataclass(frozen=True)
 class DirectRows:
     """Rows [N, D] (or an answer) as a torch tensor held in Ray's direct transport. The ref travels
-    nested in this object, so Ray hands it over unresolved; `get` fetches the tensor from its owner."""
+    nested in this object, so Ray hands it over unresolved; `get` fetches the tensor from its owner.
+
+    `checksum` (of the bytes, `word_checksum`) travels by value beside the ref and is checked on arrival:
+    a 15-minute soak with NIXL on CPU (Ray 2.60, nixl 1.5.1) got 171 of 8304 answers wrong (garbage
+    rows) while NIXL logged failed transfers and deregistrations, so a transfer is not trusted blindly.
+    A mismatch raises DirectTransportError: the call goes again through the object store, and so do
+    all later ones."""
 
     refs: list  # [ObjectRef]
     transport: str
+    checksum: int
 
     @classmethod
     def put(cls, t_ND: torch.Tensor, transport: str) -> "DirectRows":
-        return cls([ray.put(t_ND.contiguous(), _tensor_transport=transport)], transport)
+        t_ND = t_ND.contiguous()
+        return cls([ray.put(t_ND, _tensor_transport=transport)], transport, word_checksum(t_ND))
 
     async def get(self, retryable: bool = False) -> torch.Tensor:
-        """The tensor (on the device of this process's transport); ray.get blocks, so in a thread. A failure
-        raises AnswerLost if `retryable` (the router fetching an answer), else DirectTransportError."""
+        """The tensor (on the device of this process's transport); ray.get blocks, so in a thread. A failed
+        fetch raises AnswerLost if `retryable` (the router fetching an answer: the replica holding it may
+        have died), else DirectTransportError; bytes that differ from the sender's, DirectTransportError."""
+        what = "an answer" if retryable else "rows"
         try:
-            return await asyncio.to_thread(ray.get, self.refs[0])
+            t, checksum = await asyncio.to_thread(self._fetch)
         except Exception as exc:  # noqa: BLE001 - any failure of the transport itself
             error = AnswerLost if retryable else DirectTransportError
-            raise error(f"could not fetch {'an answer' if retryable else 'rows'} through {self.transport}: "
+            raise error(f"could not fetch {what} through {self.transport}: "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        if checksum != self.checksum:
+            raise DirectTransportError(f"{what} fetched through {self.transport} differ from what was sent "
+                                       f"(checksum {checksum} != {self.checksum})")
+        return t
+
+    def _fetch(self) -> tuple[torch.Tensor, int]:
+        t = ray.get(self.refs[0])
+        return t, word_checksum(t)
+
+
+def word_checksum(t: torch.Tensor) -> int:
+    """The sum of a contiguous tensor's 32-bit words (16-bit, or bytes, when its size does not divide) as int64,
+    wrapping: integer sums do not depend on order, so sender and receiver agree exactly on any device."""
+    data = t.contiguous().reshape(-1).view(torch.uint8)
+    for word in (torch.int32, torch.int16):
+        if data.numel() % (torch.iinfo(word).bits // 8) == 0:
+            return int(data.view(word).sum(dtype=torch.int64))
+    return int(data.sum(dtype=torch.int64))
 
 
 class Transport:

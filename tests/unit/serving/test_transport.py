@@ -1,9 +1,15 @@
-"""Which transport a call of a given size takes (serving/transport.py Transport), without a cluster."""
+"""Which transport a call of a given size takes (serving/transport.py Transport), and the direct
+transport's check of what arrived, without a cluster."""
+
+import asyncio
 
 import pytest
+import ray
+import torch
 
 from moe_cluster.serving.args import AppArgs
-from moe_cluster.serving.transport import Transport, by_value_limit
+from moe_cluster.serving.transport import (AnswerLost, DirectRows, DirectTransportError, Transport, by_value_limit,
+                                           word_checksum)
 
 
 def test_auto_sends_small_calls_by_value_and_large_ones_through_the_object_store():
@@ -69,3 +75,34 @@ def test_giving_up_a_direct_transport_is_logged_once(caplog, monkeypatch):
     transport.give_up_direct("again")
     assert transport.direct is None
     assert sum("failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_word_checksum_is_exact_across_dtypes_and_sees_one_changed_word():
+    x = torch.randn(37, 64)
+    assert word_checksum(x) == word_checksum(x.clone()) == word_checksum(x.T.contiguous().T.contiguous())
+    assert word_checksum(x.bfloat16()) == word_checksum(x.bfloat16().clone())
+    changed = x.clone()
+    changed[20, 5] += 1.0
+    assert word_checksum(changed) != word_checksum(x)
+    odd = torch.arange(7, dtype=torch.uint8)  # 7 bytes: neither 32- nor 16-bit words
+    assert word_checksum(odd) == 21
+
+
+def test_direct_rows_whose_bytes_changed_on_the_way_raise_direct_transport_error(monkeypatch):
+    sent = torch.randn(5, 8)
+    rows = DirectRows(["ref"], "nixl", word_checksum(sent))
+    monkeypatch.setattr(ray, "get", lambda ref: sent.clone())
+    torch.testing.assert_close(asyncio.run(rows.get()), sent)
+    garbage = sent.clone()
+    garbage[2] = 0.0
+    monkeypatch.setattr(ray, "get", lambda ref: garbage)
+    for retryable in (False, True):  # also for the router fetching an answer: not retried through nixl
+        with pytest.raises(DirectTransportError, match="differ from what was sent"):
+            asyncio.run(rows.get(retryable=retryable))
+
+    def lost(ref):
+        raise RuntimeError("The NIXL transfer failed")
+
+    monkeypatch.setattr(ray, "get", lost)
+    with pytest.raises(AnswerLost, match="could not fetch an answer through nixl"):
+        asyncio.run(rows.get(retryable=True))
