@@ -164,7 +164,7 @@ class DecodeLoop:
                  eos_ids: frozenset[int] | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        self.model, self.moe_call, self.max_num_seqs = model, moe_call, max_num_seqs
+        self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forwards = Forwards(model)
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0}

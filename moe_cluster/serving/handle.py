@@ -46,9 +46,7 @@ class MoEHandle:
 
     def handle_for(self, hidden_states: torch.Tensor | np.ndarray) -> DeploymentHandle:
         """The handle a request of these rows goes by: by value up to by_value_max_bytes, else by reference."""
-        by_value = self.transport.by_value(pickled_bytes(hidden_states))
-        self.transport.calls["by_value" if by_value else "object_store"] += 1
-        return self.transport.handle_for_path(self.handle, "router", by_value)
+        return self.transport.handle_for_size(self.handle, "router", pickled_bytes(hidden_states))
 
 
 def pickled_bytes(x: torch.Tensor | np.ndarray) -> int:

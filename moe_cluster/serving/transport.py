@@ -143,16 +143,20 @@ class Transport:
 
     def handle(self, handles: dict[str, DeploymentHandle], group: str, payload: Any) -> DeploymentHandle:
         """The handle to send `payload` (from pack) with, counting the path it takes."""
-        if isinstance(payload, DirectRows):
-            path = payload.transport  # the ref travels nested in an object-store call
-        else:
-            path = "by_value" if self.by_value(payload.nbytes) else "object_store"
-        self.calls[path] += 1
-        return self.handle_for_path(handles[group], group, path == "by_value")
+        if isinstance(payload, DirectRows):  # the ref travels nested in an object-store call
+            self.calls[payload.transport] += 1
+            return self._options(handles[group], group, by_value=False)
+        return self.handle_for_size(handles[group], group, payload.nbytes)
 
-    def handle_for_path(self, handle: DeploymentHandle, key: str, by_value: bool) -> DeploymentHandle:
-        """`handle` set to go by value or by reference (one options() handle per key, made on first use).
-        Both are set explicitly: Serve's default is by value under RAY_SERVE_THROUGHPUT_OPTIMIZED=1."""
+    def handle_for_size(self, handle: DeploymentHandle, key: str, nbytes: int) -> DeploymentHandle:
+        """`handle` set to send a call of `nbytes` by value or by reference (`by_value`), counting the path."""
+        by_value = self.by_value(nbytes)
+        self.calls["by_value" if by_value else "object_store"] += 1
+        return self._options(handle, key, by_value)
+
+    def _options(self, handle: DeploymentHandle, key: str, by_value: bool) -> DeploymentHandle:
+        """One options() handle per key and path, made on first use. Both paths are set explicitly:
+        Serve's default is by value under RAY_SERVE_THROUGHPUT_OPTIMIZED=1."""
         made = self._by_value if by_value else self._by_reference
         if key not in made:
             made[key] = handle.options(_by_reference=not by_value)

@@ -139,9 +139,9 @@ def _perplexity(args: argparse.Namespace) -> tuple[float, int]:
         return perplexity(logits_fn(AutoModelForCausalLM.from_pretrained(args.hf_model)), ids, length)
     if args.in_process:
         from ..hf.runner import HFMoERunner
+        from .evaluate import logits_fn
 
-        runner = HFMoERunner.in_process(args.hf_model, args.checkpoint)
-        return perplexity(lambda ids_BS: runner.model(input_ids=ids_BS).logits, ids, length)
+        return perplexity(logits_fn(HFMoERunner.in_process(args.hf_model, args.checkpoint).model), ids, length)
     from .cluster import perplexity_on_local_cluster
 
     return perplexity_on_local_cluster(args.hf_model, args.checkpoint, ids, length, args.num_cpus,

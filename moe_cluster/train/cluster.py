@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import load_config
 from ..hf.runner import HFMoERunner, check_compatible
-from .evaluate import perplexity
+from .evaluate import logits_fn, perplexity
 
 __all__ = ["deploy_scorer", "perplexity_on_local_cluster"]
 
@@ -32,7 +32,7 @@ def deploy_scorer(hf_dir: str | Path, checkpoint: str | Path,
     check_compatible(hf_dir, load_config(checkpoint))  # fail before anything is deployed
     router = serve.run(build_app({"checkpoint": str(checkpoint)}), name=APP_NAME, route_prefix=None)
     runner = HFMoERunner(hf_dir, lambda x_TD, layer: router.forward.remote(x_TD, layer).result(timeout_s=timeout_s))
-    return lambda ids_BS: runner.model(input_ids=ids_BS).logits
+    return logits_fn(runner.model)
 
 
 def perplexity_on_local_cluster(hf_dir: str | Path, checkpoint: str | Path, ids: list[int], context_length: int,

@@ -57,8 +57,7 @@ def _experts(plt, history: dict, path: Path) -> None:
     layers, experts = len(loads[0]), len(loads[0][0])
     fig, axes = plt.subplots(1, layers, figsize=(4 * layers, 3.8), squeeze=False)
     for layer, ax in enumerate(axes[0]):
-        shares = [[_smooth([s[layer][e] / max(1, sum(s[layer])) for s in loads])[i] for i in range(len(loads))]
-                  for e in range(experts)]
+        shares = [_smooth([s[layer][e] / max(1, sum(s[layer])) for s in loads]) for e in range(experts)]
         ax.stackplot(range(len(loads)), shares, labels=[f"e{e}" for e in range(experts)])
         ax.set_ylim(0, 1)
         ax.set_title(f"layer {layer}")

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ...hf.decode_loop import DecodeLoop, Event, GenerationRequest
+from ...hf.decode_loop import DecodeLoop, GenerationRequest
 from ...hf.runner import HFMoERunner
 from ...hf.sampling import SamplingParams
 from ...hf.text import TextStream, chat_prompt, load_tokenizer
@@ -34,12 +33,6 @@ __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
 logger = logging.getLogger("ray.serve")
 OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET"}
-
-
-@dataclass(frozen=True)
-class OpenAILimits:
-    max_input_tokens: int  # prompt tokens; more: 400 context_length_exceeded
-    max_new_tokens: int  # max_tokens above: 400
 
 
 class OpenAIFace:
@@ -55,7 +48,7 @@ class OpenAIFace:
             if tokenizer_dir:  # asked for explicitly: the runner does not start without it
                 raise
             self.no_tokenizer = str(exc)  # /v1/generate (ids) still works; the text API answers 503
-        self.limits = OpenAILimits(runner.limits.max_input_tokens, runner.limits.max_new_tokens)
+        self.limits = runner.limits  # prompt tokens above max_input_tokens, max_tokens above max_new_tokens: 400
         self.context = runner.max_positions  # None: the model sets no limit
         self.vocab_size = runner.vocab_size
         self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs)
