@@ -12,6 +12,11 @@ most `wait_s` or 5% of the last batch's run time if that is longer: concurrent c
 whose answers came back together send their next requests some ms apart, and should
 travel together again rather than split into alternating half batches.
 
+That expectation is a guess about clients that were active a moment ago, so a request that
+finds the layer idle waits for the others only while they keep arriving: at most twice the
+largest gap between arrivals seen in the last merged batch (+1 ms). A lone request after a
+burst thus starts (almost) at once instead of waiting `wait_s` for stragglers that never come.
+
 A merged batch is computed in the model's dtype and each request gets its answer in its
 own dtype, exactly as if it had run alone (the router casts a lone request to the model
 dtype too): an fp32 request merged behind an fp16 one is not computed in fp16.
@@ -42,6 +47,7 @@ class MergedBatchError(RuntimeError):
 class _Pending:
     x_TD: torch.Tensor
     future: asyncio.Future
+    arrived_s: float  # loop time of submit: the pace of arrivals bounds the wait after idle
     batch_task: asyncio.Task | None = None  # the merged batch it rides in, once taken
     batch: list["_Pending"] = field(default_factory=list)
 
@@ -61,13 +67,15 @@ class Coalescer:
         self._busy: set[int] = set()
         self._expected: dict[int, int] = collections.defaultdict(int)  # requests active last round
         self._last_batch_s: dict[int, float] = collections.defaultdict(float)
+        self._arrival_gap_s: dict[int, float] = collections.defaultdict(float)  # widest, last batch
         self.batches = 0  # merged batches run so far (for stats and tests)
         self.recent_sizes: collections.deque[int] = collections.deque(maxlen=32)  # requests per batch
         self.requests = 0
 
     async def submit(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, list[int]]:
         """(y_TD, rows per expert of this request), as if the request had run alone."""
-        pending = _Pending(x_TD, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        pending = _Pending(x_TD, loop.create_future(), loop.time())
         self._queues[layer].append(pending)
         if layer not in self._busy:
             self._busy.add(layer)
@@ -87,10 +95,14 @@ class Coalescer:
 
     async def _drain(self, layer: int) -> None:
         queue = self._queues[layer]
+        idle_gap_s = None  # the layer was idle: stragglers must keep coming within this gap
+        if self._expected[layer] > 1:
+            idle_gap_s = 2 * self._arrival_gap_s[layer] + 0.001
         try:
             while queue:
                 limit_s = max(self.wait_s, 0.05 * self._last_batch_s[layer])
-                await self._wait_for_stragglers(queue, self._expected[layer], limit_s)
+                await self._wait_for_stragglers(queue, self._expected[layer], limit_s, idle_gap_s)
+                idle_gap_s = None  # later rounds: the active clients are waiting for this batch's answers
                 batch = self._take(queue)
                 if not batch:
                     continue
@@ -98,17 +110,22 @@ class Coalescer:
                 await self._run_batch(batch, layer)
                 self._last_batch_s[layer] = asyncio.get_running_loop().time() - started
                 self._expected[layer] = len(batch) + len(queue)
+                self._arrival_gap_s[layer] = _widest_gap_s(batch)
         finally:
             self._busy.discard(layer)
 
     async def _wait_for_stragglers(self, queue: collections.deque[_Pending], expected: int,
-                                   limit_s: float) -> None:
-        """Under concurrency, wait (<= limit_s) until `expected` requests or a full batch are queued."""
+                                   limit_s: float, idle_gap_s: float | None) -> None:
+        """Under concurrency, wait (<= limit_s) until `expected` requests or a full batch are queued;
+        after idle (idle_gap_s set), also stop once no request arrived for idle_gap_s: the burst is over."""
         if expected <= 1 or self.wait_s <= 0:
             return  # a lone client never waits
-        deadline = asyncio.get_running_loop().time() + limit_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
         while (len(queue) < expected and self._queued_tokens(queue) < self.max_batch_tokens
-               and asyncio.get_running_loop().time() < deadline):
+               and loop.time() < deadline):
+            if idle_gap_s is not None and loop.time() - queue[-1].arrived_s > idle_gap_s:
+                return
             await asyncio.sleep(0.0005)
 
     def _take(self, queue: collections.deque[_Pending]) -> list[_Pending]:
@@ -164,6 +181,12 @@ class Coalescer:
         if len(batch) == 1:
             return batch[0].x_TD.to(self.dtype)
         return torch.cat([p.x_TD.to(self.dtype) for p in batch])
+
+
+def _widest_gap_s(batch: list[_Pending]) -> float:
+    """The largest time between consecutive arrivals of a batch's requests (0 for a lone one)."""
+    times = sorted(p.arrived_s for p in batch)
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
 
 def _check_batch_output(y_BD: torch.Tensor, x_BD: torch.Tensor, layer: int, requests: int) -> None:

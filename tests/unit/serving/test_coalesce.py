@@ -29,12 +29,14 @@ class FakeCluster:
     def __init__(self, fail=False, model=MODEL):
         self.batch_sizes = []
         self.batch_dtypes = []
+        self.run_started_s = []  # loop time each batch reached the "cluster"
         self.fail = fail
         self.model = model
 
     async def run(self, x, layer):
         self.batch_sizes.append(x.shape[0])
         self.batch_dtypes.append(x.dtype)
+        self.run_started_s.append(asyncio.get_running_loop().time())
         await asyncio.sleep(0.01)  # the expert round trip
         if self.fail:
             raise RuntimeError("expert deployment 'expert-1' failed")
@@ -61,15 +63,71 @@ def test_concurrent_requests_merge_and_get_their_own_answers():
 
 
 def test_batches_respect_max_tokens_and_layers_stay_apart():
+    """Every batch run gets rows of its own layer only, and every request its own layer's answer."""
     cluster = FakeCluster()
+    batches = []  # (layer the batch ran for, layers its rows came from)
+    layers = (0, 0, 0, 0, 1, 1)
+    # Column 0 tags each row with its request's layer (100 or 200): a row in the wrong batch shows.
+    inputs = [torch.cat([torch.full((4, 1), 100.0 * (layer + 1)), torch.randn(4, 15)], dim=1) for layer in layers]
+
+    async def run(x, layer):
+        batches.append((layer, set((x[:, 0] / 100 - 1).long().tolist())))
+        return await cluster.run(x, layer)
 
     async def main():
-        coalescer = Coalescer(cluster.run, F32, max_batch_tokens=10, wait_s=0.0)
-        jobs = [coalescer.submit(torch.randn(4, 16), layer) for layer in (0, 0, 0, 0, 1, 1)]
-        return await asyncio.gather(*jobs)
+        coalescer = Coalescer(run, F32, max_batch_tokens=10, wait_s=0.0)
+        return await asyncio.gather(*(coalescer.submit(x, layer) for x, layer in zip(inputs, layers)))
 
-    asyncio.run(main())
+    results = asyncio.run(main())
     assert sorted(cluster.batch_sizes) == [8, 8, 8]  # layer 0: 4+4 | 4+4 (max 10 tokens); layer 1: 4+4
+    assert sorted(batches) == [(0, {0}), (0, {0}), (1, {1})]
+    for x, layer, (y, _) in zip(inputs, layers, results):
+        torch.testing.assert_close(y, MODEL.forward(x, layer), rtol=1e-5, atol=1e-5)
+
+
+async def _lone_request_wait_s(coalescer, cluster):
+    """Seconds a lone request waits in `coalescer` before its batch starts to run in `cluster`."""
+    started = asyncio.get_running_loop().time()
+    await coalescer.submit(torch.randn(2, 16), 0)
+    return cluster.run_started_s[-1] - started
+
+
+def test_a_lone_request_after_a_burst_does_not_wait_for_stragglers():
+    """After 8 concurrent requests the coalescer expects 8 again; a lone request must not sit out
+    wait_s (0.2 s) for stragglers that never come, but start as on a fresh router (at once)."""
+    async def main():
+        fresh = FakeCluster()
+        fresh_s = await _lone_request_wait_s(Coalescer(fresh.run, F32, max_batch_tokens=100, wait_s=0.2), fresh)
+        cluster = FakeCluster()
+        coalescer = Coalescer(cluster.run, F32, max_batch_tokens=100, wait_s=0.2)
+        await asyncio.gather(*(coalescer.submit(torch.randn(2, 16), 0) for _ in range(8)))
+        assert list(coalescer.recent_sizes) == [8]  # one merged batch: the coalescer expects 8 again
+        return fresh_s, await _lone_request_wait_s(coalescer, cluster)
+
+    fresh_s, after_burst_s = asyncio.run(main())
+    # Before the fix it waited the whole 0.2 s; now ~1 ms (the pace the burst's requests came at).
+    assert after_burst_s < 0.1, f"waited {after_burst_s:.3f} s after a burst vs {fresh_s:.3f} s fresh"
+
+
+def test_clients_in_a_closed_loop_still_travel_together():
+    """4 clients each send their next request when their answer comes, 2 ms apart: after the first
+    round their requests ride in one batch every round, although the layer is idle in between
+    (a coalescer that forgot them at idle would split them into 1 + 3 every round)."""
+    cluster = FakeCluster()
+
+    async def client(coalescer, i):
+        for _ in range(5):
+            await asyncio.sleep(0.002 * i)  # the client's own turnaround
+            await coalescer.submit(torch.randn(2, 16), 0)
+
+    async def main():
+        coalescer = Coalescer(cluster.run, F32, max_batch_tokens=100, wait_s=0.2)
+        await asyncio.gather(*(client(coalescer, i) for i in range(4)))
+        return list(coalescer.recent_sizes)
+
+    sizes = asyncio.run(main())
+    # The first client starts alone, the 3 others ride with its second request; it finishes first.
+    assert sizes == [1, 4, 4, 4, 4, 3], sizes
 
 
 def test_a_failed_batch_fails_every_request_in_it():
