@@ -112,11 +112,11 @@ def test_a_lone_request_after_a_burst_does_not_wait_for_stragglers():
 def test_clients_in_a_closed_loop_still_travel_together():
     """4 clients each send their next request when their answer comes, 2 ms apart: after the first
     round their requests ride in one batch every round, although the layer is idle in between
-    (a coalescer that forgot them at idle would split them into 1 + 3 every round)."""
+    (a coalescer that forgot them at idle would split them into 1 + 3 every round: ~20 batches)."""
     cluster = FakeCluster()
 
     async def client(coalescer, i):
-        for _ in range(5):
+        for _ in range(10):
             await asyncio.sleep(0.002 * i)  # the client's own turnaround
             await coalescer.submit(torch.randn(2, 16), 0)
 
@@ -126,8 +126,9 @@ def test_clients_in_a_closed_loop_still_travel_together():
         return list(coalescer.recent_sizes)
 
     sizes = asyncio.run(main())
-    # The first client starts alone, the 3 others ride with its second request; it finishes first.
-    assert sizes == [1, 4, 4, 4, 4, 3], sizes
+    # Ideally [1, 4 x 9, 3]: the first client starts alone, the others ride with its second request, it
+    # finishes first. A busy machine may split a round now and then (a client later than the pace).
+    assert sizes[:2] == [1, 4] and len(sizes) <= 13, sizes
 
 
 def test_a_failed_batch_fails_every_request_in_it():
