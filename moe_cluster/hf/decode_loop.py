@@ -15,9 +15,20 @@ So each MoE layer costs one call per step whatever the number of sequences, and 
 weights are read once per step for all decoding sequences. Greedy output equals transformers'
 `model.generate` of that prompt alone, token for token (tested: padding is masked out, and a
 row's result does not depend on the rows beside it beyond float rounding, as in the router's
-merged MoE batches). A forward that fails leaves the gather (the others go on) and its
-requests end with the error. Requests join and leave only at step boundaries; a prompt joins
-in one piece (no chunked prefill).
+merged MoE batches). Requests join and leave only at step boundaries; a prompt joins in one
+piece (no chunked prefill).
+
+What one request does stays with that request, and nothing waits forever:
+  - a forward that fails leaves the gather (the others go on) and its requests end with the error;
+  - choosing a token, decoding its text or emitting it (a sampler, tokenizer or callback that
+    raises) ends that request alone with an error event; the step goes on for the others;
+  - a failure of the step itself (a bug here) ends every request of the step with an error, is
+    logged with its traceback, and the loop goes on with the next step (`stats["loop_failures"]`);
+  - a cancelled request (its client went away: `SequenceHandle.cancel`, or leaving `events()`)
+    leaves at the next step boundary and frees its KV cache (`stats["cancelled"]`);
+  - `events()` never waits on a loop that cannot answer: when the scheduler thread is dead or a
+    step has run longer than `step_timeout_s`, the request ends with an error, and `failure()`
+    says why (the runner's /healthz then answers 503 and Serve replaces the replica).
 
 Requests come from any thread (an asyncio event loop: `events()`); what happens to a request
 is told through its `emit` callback, called in the scheduler thread.
@@ -27,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +54,13 @@ from .runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler, SamplingParams
 from .text import TextStream
 
-__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "eos_token_ids"]
+__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure", "eos_token_ids"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class DecodeLoopFailure(RuntimeError):
+    """The loop itself failed (not one request): every request of the step, or every waiting one, gets it."""
 
 
 @dataclass
@@ -161,17 +180,23 @@ class DecodeLoop:
     """The scheduler thread of one model: steps over every active sequence (see the module doc)."""
 
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
-                 eos_ids: frozenset[int] | None = None) -> None:
+                 eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
+        self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forwards = Forwards(model)
-        self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0}
+        self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
+                      "request_failures": 0, "loop_failures": 0}
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._cv = threading.Condition()
         self._closed = False
+        self._step_started: float | None = None  # time.monotonic() of the step in flight; None between steps
+        self._died: BaseException | None = None  # what ended the scheduler thread, if not close()
         # Every member of a step must run at once (they meet in the gather): one thread each.
         self._pool = ThreadPoolExecutor(max_workers=max_num_seqs, thread_name_prefix="decode-seq")
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
@@ -185,6 +210,9 @@ class DecodeLoop:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the decode loop is closed")
+            if self._died is not None:
+                raise DecodeLoopFailure(f"the decode loop has stopped ({self.failure()}); the replica must be "
+                                        "replaced: its /healthz answers 503")
             self._waiting.append(sequence)
             self._cv.notify()
         return SequenceHandle(sequence)
@@ -196,12 +224,34 @@ class DecodeLoop:
         handle = self.submit(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             while True:
-                event = await queue.get()
+                event = await self._next_event(queue, request)
                 yield event
                 if event.last:
                     return
         finally:
             handle.cancel()
+
+    async def _next_event(self, queue: asyncio.Queue[Event], request: GenerationRequest) -> Event:
+        """The next event of a request, or an error event once the loop cannot answer any more."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=min(1.0, self.step_timeout_s))
+            except asyncio.TimeoutError:
+                failure = self.failure()
+                if failure is not None:
+                    return Event(None, error=DecodeLoopFailure(failure), prompt_tokens=len(request.prompt_ids))
+
+    def failure(self) -> str | None:
+        """Why the loop cannot answer (its thread ended, or a step is stuck), or None while it works."""
+        if self._died is not None:
+            return f"the scheduler thread died: {type(self._died).__name__}: {self._died}"
+        if not self._thread.is_alive() and not self._closed:
+            return "the scheduler thread is not running"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.step_timeout_s:
+            return (f"a decode step has run for {time.monotonic() - started:.0f}s, over step_timeout_s="
+                    f"{self.step_timeout_s:g}s: a forward or MoE call is stuck")
+        return None
 
     def close(self, wait: bool = True) -> None:
         """Stop after the current step; requests still waiting or active get an error event. `wait`: until
@@ -216,24 +266,54 @@ class DecodeLoop:
     # --- the scheduler thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        while self._admit():
+        try:
+            while self._admit():
+                self._guarded_step()
+            ending: BaseException = RuntimeError("the decode loop was closed")
+        except BaseException as exc:  # noqa: BLE001 - a bug outside a step: nobody may wait on this loop
+            logger.exception("the decode loop died; its requests fail and /healthz answers 503")
+            self._died = ending = DecodeLoopFailure(f"the decode loop died: {type(exc).__name__}: {exc}")
+        with self._cv:
+            left, self._waiting = [*self._active, *self._waiting], deque()
+        for sequence in left:
+            if not sequence.done:
+                self._end(sequence, error=ending)
+
+    def _guarded_step(self) -> None:
+        """One step; if it fails as a whole (not one request: a bug), its requests fail and the loop goes on."""
+        self._step_started = time.monotonic()
+        try:
             self._step()
-        closed = RuntimeError("the decode loop was closed")
-        for sequence in [*self._active, *self._waiting]:
-            self._end(sequence, error=closed)
+        except Exception as exc:  # noqa: BLE001 - the loop must go on for the requests after these
+            self.stats["loop_failures"] += 1
+            logger.exception("a decode step failed; its %d request(s) fail, the loop goes on", len(self._active))
+            failure = DecodeLoopFailure(f"the decode step failed: {type(exc).__name__}: {exc}")
+            for sequence in self._active:
+                if not sequence.done:
+                    self._end(sequence, error=failure)
+            self._active = []
+        finally:
+            self._step_started = None
 
     def _admit(self) -> bool:
-        """Drop cancelled sequences, let waiting ones join; False once closed."""
+        """Drop cancelled sequences (freeing their caches), let waiting ones join; False once closed."""
         with self._cv:
             while True:
-                self._active = [s for s in self._active if not s.cancelled]
+                self._active = [s for s in self._active if not self._drop_if_cancelled(s)]
                 while self._waiting and len(self._active) < self.max_num_seqs:
                     sequence = self._waiting.popleft()
-                    if not sequence.cancelled:
+                    if not self._drop_if_cancelled(sequence):
                         self._active.append(sequence)
                 if self._closed or self._active:
                     return not self._closed
                 self._cv.wait()
+
+    def _drop_if_cancelled(self, sequence: _Sequence) -> bool:
+        if not sequence.cancelled:
+            return False
+        sequence.kv, sequence.done = None, True
+        self.stats["cancelled"] += 1
+        return True
 
     def _step(self) -> None:
         """One forward per member of the step: each joining sequence's prefill, and the decoding
@@ -257,6 +337,7 @@ class DecodeLoop:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
         for group, result in zip(groups, results):
             if isinstance(result, BaseException):
+                self.stats["request_failures"] += len(group)
                 for sequence in group:
                     self._end(sequence, error=result)
                 continue
@@ -280,9 +361,17 @@ class DecodeLoop:
             gather.leave(member)
 
     def _advance(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
+        """The sequence's next token: sampled, its text decoded, told. Whatever raises ends this request alone."""
         if sequence.cancelled:
-            sequence.done = True
-            return
+            return  # leaves at the next step boundary (_admit), counted there
+        try:
+            self._choose(sequence, logits_V)
+        except Exception as exc:  # noqa: BLE001 - a sampler, tokenizer or emit that raises: this request only
+            if not sequence.done:
+                self.stats["request_failures"] += 1
+                self._end(sequence, error=exc)
+
+    def _choose(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
         token_id = sequence.sampler(logits_V)
         sequence.generated += 1
         sequence.pending = [token_id]
@@ -303,4 +392,8 @@ class DecodeLoop:
         sequence.done = True
         sequence.kv = None
         self.stats["sequences"] += 1
-        sequence.emit(Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated))
+        event = Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated)
+        try:
+            sequence.emit(event)
+        except Exception:  # noqa: BLE001 - its receiver is gone or broken: nobody else is concerned
+            logger.exception("the last event of a request could not be told; the request is dropped")

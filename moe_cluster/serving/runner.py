@@ -28,7 +28,8 @@ replica's loop (its expert calls are asyncio tasks there); the thread waits for 
     GET  /v1/info      the model, its MoE layers, the limits
     GET  /v1/stats     the decode loop's steps, MoE calls, sequences, largest batch; routing for itself,
                        also rows per expert, calls, latency and transport paths of its MoE calls
-    GET  /healthz      200 once the MoE app's router and every expert deployment answer, else 503
+    GET  /healthz      200 once the MoE app's router and every expert deployment answer and the decode
+                       loop works, else 503 (Serve's own health check replaces a replica whose loop is dead)
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ class RunnerArgs(BaseModel):
     tokenizer: str | None = Field(default=None, description="tokenizer directory (default: hf_model); local files only")
     max_num_seqs: int = Field(default=64, ge=1, le=1024,
                               description="OpenAI API: sequences decoded together in one step; more wait")
+    step_timeout_s: float = Field(default=600.0, gt=0,
+                                  description="OpenAI API: a decode step running longer is stuck: its requests "
+                                              "fail (500), /healthz answers 503 and Serve replaces the replica")
     runner: DeploymentOptions = DeploymentOptions()
 
     @model_validator(mode="after")
@@ -147,7 +151,8 @@ class ModelRunner:
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
                                               limits)
         self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
-                                              self.args.tokenizer, self.args.max_num_seqs)  # the OpenAI API
+                                              self.args.tokenizer, self.args.max_num_seqs,
+                                              self.args.step_timeout_s)  # the OpenAI API
 
     async def _direct_moe(self) -> ClusterMoE:
         """The MoE app's layers, routed here: the router tells which args and app (moe_spec), so the
@@ -205,12 +210,18 @@ class ModelRunner:
     def __del__(self) -> None:
         close_decode_loop(self)
 
+    def check_health(self) -> None:
+        check_decode_loop(self)
+
     async def __call__(self, request: Request) -> Response:
         return await handle_runner_http(self, request)
 
     async def healthz(self) -> Response:
-        """200 only when the MoE app really serves: its router answers and every expert deployment
-        answers a ping (MoERouter.check_experts); else 503 naming what does not answer."""
+        """200 only when the runner really serves: its decode loop works, the MoE app's router answers and
+        every expert deployment answers a ping (MoERouter.check_experts); else 503 naming what does not."""
+        broken = decode_loop_unhealthy(self)
+        if broken is not None:
+            return broken
         try:
             # check_experts waits at most 5 s per ping (all in parallel); 10 s bounds a router that hangs.
             failed = await asyncio.wait_for(_await(self.moe.check_experts.remote()), 10.0)
@@ -242,6 +253,23 @@ async def _healthz(runner: ModelRunner, request: Request) -> Response:
 
 _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/v1/stats": ("GET", _stats),
            "/healthz": ("GET", _healthz)}
+
+
+def decode_loop_unhealthy(runner) -> Response | None:
+    """A 503 naming why the runner's decode loop cannot answer (hf/decode_loop.py `failure`), or None."""
+    failure = runner.openai.loop.failure()
+    if failure is None:
+        return None
+    return error_response(503, f"the OpenAI API's decode loop cannot answer: {failure}; Serve replaces this "
+                               "replica (its health check fails)")
+
+
+def check_decode_loop(runner) -> None:
+    """Serve's health check of a runner replica: raises while its decode loop cannot answer, so that Serve
+    replaces the replica rather than leave every request to fail."""
+    failure = runner.openai.loop.failure()
+    if failure is not None:
+        raise RuntimeError(f"the OpenAI API's decode loop cannot answer: {failure}")
 
 
 def close_decode_loop(runner) -> None:

@@ -22,7 +22,8 @@ from .args import DEPLOYMENT_DEFAULTS, merge_options
 from .http.auth import BearerAuth
 from .http.common import json_response
 from .http.openai_routes import OpenAIFace
-from .runner import RUNNER_NAME, RunnerArgs, close_decode_loop, handle_runner_http
+from .runner import (RUNNER_NAME, RunnerArgs, check_decode_loop, close_decode_loop, decode_loop_unhealthy,
+                     handle_runner_http)
 from .runtime import set_torch_threads
 
 __all__ = ["InProcessRunner", "build_in_process_runner_app"]
@@ -46,7 +47,7 @@ class InProcessRunner:
         self.runner = await asyncio.to_thread(HFMoERunner.in_process, self.args.hf_model, self.args.moe["checkpoint"],
                                               dtype=self.args.dtype, limits=limits)
         self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
-                                              self.args.tokenizer, self.args.max_num_seqs)
+                                              self.args.tokenizer, self.args.max_num_seqs, self.args.step_timeout_s)
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
@@ -60,8 +61,11 @@ class InProcessRunner:
     def __del__(self) -> None:
         close_decode_loop(self)
 
+    def check_health(self) -> None:
+        check_decode_loop(self)
+
     async def healthz(self) -> Response:
-        return json_response({"status": "ok"})
+        return decode_loop_unhealthy(self) or json_response({"status": "ok"})
 
     async def __call__(self, request: Request) -> Response:
         return await handle_runner_http(self, request)

@@ -9,7 +9,9 @@ would get alone; bad requests get OpenAI's error objects with the documented sta
 
 import json
 import os
+import socket
 import subprocess
+import time
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -121,9 +123,10 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
     loop, loop0 = after["decode_loop"], before["decode_loop"]
     steps, layers = loop["steps"] - loop0["steps"], server["model"].config.num_hidden_layers
     assert loop["sequences"] - loop0["sequences"] == 8
-    # Each step gives every sequence in it one token: fewer steps than tokens means they shared steps;
-    # and each step is one MoE call per layer for all of them.
-    assert 0 < steps < sum(usage.completion_tokens for _, _, usage in answers)
+    # Each step gives every sequence in it one token, so steps >= the longest answer; 8 requests sent at
+    # once share steps: at least 3 sequences per step on average (alone, each would take its own steps).
+    tokens = [usage.completion_tokens for _, _, usage in answers]
+    assert max(tokens) <= steps <= sum(tokens) / 3, (steps, tokens)
     assert loop["moe_calls"] - loop0["moe_calls"] == steps * layers
     moe, moe0 = after["moe"], before["moe"]  # the runner routes for itself (moe_calls: direct)
     assert after["moe_calls"] == "direct" and moe["transport"]["mode"] == "auto"
@@ -180,3 +183,57 @@ def test_auth_applies_and_generate_stays(server):
     expected = server["model"].generate(torch.tensor([[1, 5, 9]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                                         max_new_tokens=3, do_sample=False)
     assert ids == expected.tolist()
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1e-39), dict(temperature=1.0, top_p=1e-30),
+                                      dict(temperature=1e-30, top_p=1e-30, extra_body={"top_k": 1})])
+def test_degenerate_sampling_is_answered_as_greedy_and_the_api_keeps_serving(server, sampling):
+    """A temperature that overflows the logits, or a top_p that keeps no token, once froze the decode loop."""
+    started = time.monotonic()
+    text = complete(server["client"], PROMPTS[0], **sampling)[0]
+    assert time.monotonic() - started < 30
+    assert text == complete(server["client"], PROMPTS[0])[0] == hf_text(server, server["tokenizer"](PROMPTS[0])["input_ids"], 12)
+
+
+def raw_request(server, body: dict) -> socket.socket:
+    """A raw HTTP/1.1 POST to /v1/completions (a client that may hang up at any byte); returns the socket."""
+    host, port = server["base"].removeprefix("http://").split("/")[0].split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    seen = b""
+    while marker not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unstreamed"])
+def test_a_client_that_hangs_up_is_let_go_while_eight_others_answer_right(server, stream):
+    client, tokenizer = server["client"], server["tokenizer"]
+    before = runner_stats(server)["decode_loop"]
+    cases = [(PROMPTS[i % 3], 6 + i, i % 2 == 0) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        sock = raw_request(server, {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0,
+                                    "stream": stream})
+        if stream:
+            read_until(sock, b"data: ")  # the first chunk came; then the client goes away
+        else:
+            wait_until(lambda: runner_stats(server)["decode_loop"]["steps"] > before["steps"], 30, 0.05,
+                       "the abandoned request decoding")
+        sock.close()
+        answers = pool.map(lambda c: complete(client, c[0], stream=c[2], max_tokens=c[1]), cases)
+        dropped = wait_until(lambda: (s := runner_stats(server)["decode_loop"])["cancelled"] > before["cancelled"]
+                             and s, 60, 0.05, "the abandoned request leaving the decode loop")
+        answers = list(answers)
+    assert [text for text, _, _ in answers] == [hf_text(server, tokenizer(p)["input_ids"], n) for p, n, _ in cases]
+    assert dropped["cancelled"] == before["cancelled"] + 1
+    # It left long before its 200 tokens: all 8 others ended (each <= 13 tokens) and it is not among them.
+    after = runner_stats(server)["decode_loop"]
+    assert after["sequences"] - before["sequences"] == 8 and after["steps"] - before["steps"] < 100

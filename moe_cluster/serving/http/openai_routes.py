@@ -39,7 +39,7 @@ class OpenAIFace:
     """The tokenizer and decode loop of one runner, and the answers of the OpenAI endpoints."""
 
     def __init__(self, runner: HFMoERunner, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
-                 max_num_seqs: int = 64) -> None:
+                 max_num_seqs: int = 64, step_timeout_s: float = 600.0) -> None:
         self.model_name = model_name or Path(runner.hf_dir).name
         self.tokenizer, self.no_tokenizer = None, ""
         try:
@@ -51,7 +51,7 @@ class OpenAIFace:
         self.limits = runner.limits  # prompt tokens above max_input_tokens, max_tokens above max_new_tokens: 400
         self.context = runner.max_positions  # None: the model sets no limit
         self.vocab_size = runner.vocab_size
-        self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs)
+        self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s)
         self.created = int(time.time())
 
     def close(self, wait: bool = True) -> None:

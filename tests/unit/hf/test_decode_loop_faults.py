@@ -1,0 +1,195 @@
+"""The decode loop under bad luck (no Ray): what one request does stays with that request, a step that
+fails as a whole fails only its requests, a stuck or dead loop is reported instead of waited on, and a
+request that is cancelled leaves. After each fault, the next requests are answered right."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from moe_cluster.hf.decode_loop import DecodeLoop, DecodeLoopFailure, GenerationRequest
+from moe_cluster.hf.sampling import SamplingParams
+from moe_cluster.hf.text import TextStream
+
+from .test_decode_loop import VOCAB, Collector, hf_greedy, tiny  # noqa: F401 - `tiny` is a fixture
+
+PROMPT = [1, 5, 9, 17, 33]
+
+
+def moe_of(runner):
+    return runner.model.model.layers[0].mlp.moe_call
+
+
+def run_events(loop, request):
+    """Every event of `request` through `loop.events` (the OpenAI face's way), on a fresh event loop."""
+    async def collect():
+        return [event async for event in loop.events(request)]
+    return asyncio.run(collect())
+
+
+def tokens_of(events):
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def assert_answered_right(loop, hf_model, prompt=PROMPT, new=6):
+    events = run_events(loop, GenerationRequest(prompt, new))
+    assert events[-1].error is None and tokens_of(events) == hf_greedy(hf_model, prompt, new)
+
+
+@pytest.fixture
+def loop(tiny):  # noqa: F811
+    loop = DecodeLoop(tiny[1].model, moe_of(tiny[1]), max_num_seqs=8)
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1e-39), SamplingParams(temperature=1e-6, seed=1),
+                                    SamplingParams(temperature=1.0, top_p=1e-30, seed=2),
+                                    SamplingParams(temperature=1e-30, top_p=1e-30, top_k=1)])
+def test_degenerate_sampling_parameters_are_answered_as_greedy(tiny, loop, params):  # noqa: F811
+    """Temperatures below 1e-5 are greedy; a top_p that keeps no token keeps the most likely one."""
+    hf_model = tiny[0]
+    events = run_events(loop, GenerationRequest(PROMPT, 8, params))
+    assert events[-1].error is None and tokens_of(events) == hf_greedy(hf_model, PROMPT, 8)
+    assert_answered_right(loop, hf_model)
+
+
+class RaisingTokenizer:
+    """A tokenizer whose decode raises from its `fail_at`-th call on (a broken or hostile tokenizer)."""
+
+    def __init__(self, tokenizer, fail_at):
+        self.tokenizer, self.fail_at, self.calls = tokenizer, fail_at, 0
+
+    def decode(self, ids, **kwargs):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise RuntimeError("tokenizer exploded")
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_tokenizer_or_emit_that_raises_fails_its_own_request_only(tiny, loop):  # noqa: F811
+    hf_model, _, tokenizer = tiny
+    got = Collector(2)
+    told = []  # what the broken callback was handed
+
+    def emit_that_raises(event):
+        told.append(event)
+        raise ValueError("the client's callback is broken")
+
+    loop.submit(GenerationRequest(PROMPT, 10), got.emit("good"))
+    loop.submit(GenerationRequest([2, 127], 10, text=TextStream(RaisingTokenizer(tokenizer, 3))), got.emit("tok"))
+    loop.submit(GenerationRequest([7], 10), emit_that_raises)
+    assert got.all_done.wait(60)
+    assert got.ends["good"].error is None and got.tokens["good"] == hf_greedy(hf_model, PROMPT, 10)
+    assert "tokenizer exploded" in str(got.ends["tok"].error)
+    # its first token raised: the request ended there (its end event raised too, and was only logged)
+    assert len(told) == 2 and isinstance(told[-1].error, ValueError)
+    assert loop.stats["request_failures"] == 2 and loop.stats["loop_failures"] == 0
+    assert_answered_right(loop, hf_model)
+    assert loop.failure() is None and not loop._active
+
+
+def test_a_failed_forward_fails_its_request_only(tiny, loop):  # noqa: F811
+    """A prefill that fails (a token id outside the embedding) in the step where another sequence decodes:
+    that request ends with the error, the decoding one goes on to the exact greedy tokens."""
+    hf_model = tiny[0]
+    got = Collector(2)
+    loop.submit(GenerationRequest(PROMPT, 12), got.emit("good"))
+    while loop.stats["steps"] < 2:  # "good" is decoding when "bad" joins
+        threading.Event().wait(0.001)
+    loop.submit(GenerationRequest([VOCAB + 5], 4), got.emit("bad"))
+    assert got.all_done.wait(60)
+    assert isinstance(got.ends["bad"].error, IndexError) and "bad" not in got.tokens
+    assert got.ends["good"].error is None and got.tokens["good"] == hf_greedy(hf_model, PROMPT, 12)
+    assert loop.stats["request_failures"] == 1 and loop.stats["max_batch"] == 2
+    assert_answered_right(loop, hf_model)
+
+
+def test_a_step_that_fails_as_a_whole_fails_its_requests_and_the_loop_goes_on(tiny, loop):  # noqa: F811
+    hf_model = tiny[0]
+    real_step, failed = loop._step, []
+
+    def step_with_a_bug():
+        if not failed:
+            failed.append(True)
+            raise KeyError("a bug in the scheduler")
+        real_step()
+
+    loop._step = step_with_a_bug
+    events = run_events(loop, GenerationRequest(PROMPT, 4))
+    assert isinstance(events[-1].error, DecodeLoopFailure) and "a bug in the scheduler" in str(events[-1].error)
+    assert loop.stats["loop_failures"] == 1 and loop.failure() is None
+    assert_answered_right(loop, hf_model)
+
+
+def test_a_stuck_step_ends_its_requests_and_is_reported(tiny):  # noqa: F811
+    hf_model, runner, _ = tiny
+    held = threading.Event()
+
+    def stuck(x_TD, layer):
+        held.wait(60)
+        return moe_of(runner)(x_TD, layer)
+
+    loop = DecodeLoop(runner.model, stuck, step_timeout_s=0.5)
+    try:
+        events = run_events(loop, GenerationRequest(PROMPT, 4))
+        assert isinstance(events[-1].error, DecodeLoopFailure) and "stuck" in str(events[-1].error)
+        assert "step_timeout_s" in loop.failure()
+        held.set()  # the step ends after all: the loop works again, the abandoned request leaves it
+        while loop.failure() is not None or loop._active:
+            threading.Event().wait(0.01)
+        assert_answered_right(loop, hf_model)
+        assert loop.stats["cancelled"] == 1
+    finally:
+        held.set()
+        loop.close()
+
+
+def test_a_dead_scheduler_thread_fails_every_request_and_refuses_new_ones(tiny):  # noqa: F811
+    runner = tiny[1]
+    loop = DecodeLoop(runner.model, moe_of(runner))
+    real_admit, calls = loop._admit, []
+
+    def admit_then_die():
+        calls.append(True)
+        if len(calls) > 1:
+            raise MemoryError("out of memory in the scheduler")
+        return real_admit()
+
+    loop._admit = admit_then_die
+    events = run_events(loop, GenerationRequest(PROMPT, 3))
+    assert isinstance(events[-1].error, DecodeLoopFailure) and "out of memory" in str(events[-1].error)
+    loop._thread.join(10)
+    assert "died" in loop.failure()
+    with pytest.raises(DecodeLoopFailure, match="healthz"):
+        loop.submit(GenerationRequest(PROMPT, 3), lambda event: None)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step(tiny, loop):  # noqa: F811
+    hf_model = tiny[0]
+    got = Collector(2)
+    abandoned = Collector(1)
+    loop.submit(GenerationRequest(PROMPT, 30), got.emit("a"))
+    handle = loop.submit(GenerationRequest([2, 127], 200), abandoned.emit("gone"))
+    loop.submit(GenerationRequest([7], 30), got.emit("b"))
+    while len(abandoned.tokens.get("gone", [])) < 1:
+        threading.Event().wait(0.001)
+    handle.cancel()
+    assert got.all_done.wait(60)
+    assert len(abandoned.tokens["gone"]) <= 3  # gone within a step or two, not 200 tokens later
+    assert not abandoned.ends and loop.stats["cancelled"] == 1
+    assert got.tokens["a"] == hf_greedy(hf_model, PROMPT, 30) and got.tokens["b"] == hf_greedy(hf_model, [7], 30)
+
+
+def test_sampling_error_on_nan_logits_is_the_requests_own():
+    """Logits with NaN (a model that computed garbage for one sequence) end that request with a clear error."""
+    from moe_cluster.hf.sampling import Sampler, SamplingError
+
+    with pytest.raises(SamplingError, match="NaN"):
+        Sampler(SamplingParams())(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(SamplingError, match="NaN"):
+        Sampler(SamplingParams(temperature=1.0, seed=0))(torch.tensor([0.0, float("nan")]))
