@@ -5,9 +5,9 @@
     model = load_model("ckpt")
 """
 
-from .format import FORMAT, CheckpointError, expert_file
-from .reader import load_config, load_experts, load_model, load_router_layers
+from .format import FORMAT, CheckpointChanged, CheckpointError, expert_file
+from .reader import load_config, load_digests, load_experts, load_model, load_router_layers
 from .writer import CheckpointWriter, save_model
 
-__all__ = ["FORMAT", "CheckpointError", "CheckpointWriter", "expert_file", "load_config", "load_experts",
-           "load_model", "load_router_layers", "save_model"]
+__all__ = ["FORMAT", "CheckpointChanged", "CheckpointError", "CheckpointWriter", "expert_file", "load_config",
+           "load_digests", "load_experts", "load_model", "load_router_layers", "save_model"]

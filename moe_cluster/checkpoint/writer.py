@@ -5,6 +5,8 @@
         writer.write_expert(e, {layer_key(L, "w1"): w1_FD, ...})     # one file per expert
     # leaving the block without an exception writes config.json, last: the checkpoint is complete
 
+config.json records the sha256 of every file written (read back once, right after writing it):
+the weights' identity, checked by every replica that loads them (format.py).
 Tensors are written as given (contiguous copies where needed); the caller picks their dtypes.
 """
 
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 from ..core.config import ModelConfig
 from ..core.layers import GateAndShared
 from ..core.model import MoEModel
-from .format import FORMAT, config_file, expert_file, layer_key, router_file
+from .format import FORMAT, config_file, expert_file, file_digest, layer_key, relative_name, router_file
 
 __all__ = ["CheckpointWriter", "save_model"]
 
@@ -30,6 +32,7 @@ class CheckpointWriter:
     def __init__(self, directory: str | Path, config: ModelConfig) -> None:
         self.directory = Path(directory)
         self.config = config
+        self.digests: dict[str, str] = {}  # sha256 of each file written, by its name in the directory
         (self.directory / "experts").mkdir(parents=True, exist_ok=True)
         config_file(self.directory).unlink(missing_ok=True)  # no config.json = incomplete, until the end
 
@@ -40,8 +43,8 @@ class CheckpointWriter:
         """config.json, last, once every file is written: its presence marks a complete checkpoint.
         An exception leaves the directory without it."""
         if exc_type is None:
-            config_file(self.directory).write_text(json.dumps({"format": FORMAT, "model": self.config.to_dict()},
-                                                              indent=2))
+            manifest = {"format": FORMAT, "model": self.config.to_dict(), "files": dict(sorted(self.digests.items()))}
+            config_file(self.directory).write_text(json.dumps(manifest, indent=2))
 
     def write_router(self, tensors: dict[str, torch.Tensor]) -> Path:
         return self._write(router_file(self.directory), tensors)
@@ -49,9 +52,10 @@ class CheckpointWriter:
     def write_expert(self, expert: int, tensors: dict[str, torch.Tensor]) -> Path:
         return self._write(expert_file(self.directory, expert), tensors)
 
-    @staticmethod
-    def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> Path:
         save_file({k: t.detach().contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT})
+        # Digested once here (the file is in the page cache) so that serving never hashes the whole checkpoint.
+        self.digests[relative_name(self.directory, path)] = file_digest(path)
         return path
 
 

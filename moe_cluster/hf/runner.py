@@ -39,7 +39,7 @@ from ..dtypes import DTYPE_NAMES
 from ..protocol.errors import WireError
 from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
-from ..checkpoint import load_model
+from ..checkpoint import load_config, load_model, load_router_layers
 
 __all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "check_compatible"]
 
@@ -199,14 +199,36 @@ def _load_parameters(model: nn.Module, hf_dir: Path, hf_config: dict) -> None:
                          "are all shards there?")
 
 
-def check_compatible(hf_dir: str | Path, moe: ModelConfig) -> None:
-    """ValueError unless the MoE checkpoint `moe` was imported from a model shaped like hf_dir's."""
+def check_compatible(hf_dir: str | Path, moe: ModelConfig, checkpoint: str | Path | None = None) -> None:
+    """ValueError unless the MoE checkpoint `moe` was imported from a model shaped like hf_dir's; given the
+    checkpoint's directory, also unless every MoE gate equals hf_dir's: the same shapes do not make the
+    same model, and another model's experts behind this model's dense layers would answer nonsense."""
     hf_config = read_hf_config(Path(hf_dir))
     layers, d_model = tuple(moe_layer_ids(hf_config)), int(hf_config["hidden_size"])
     if moe.moe_layer_ids != layers or moe.d_model != d_model:
         raise ValueError(f"the MoE checkpoint (layers {list(moe.moe_layer_ids)}, D={moe.d_model}) does not match "
                          f"{hf_dir} (MoE layers {list(layers)}, D={d_model}): serve the checkpoint that "
                          f"`moe-cluster import-hf {hf_dir} DST` wrote")
+    if checkpoint is not None:
+        _check_same_gates(Path(hf_dir), hf_config, Path(checkpoint), layers)
+
+
+def _check_same_gates(hf_dir: Path, hf_config: dict, checkpoint: Path, layer_ids: tuple[int, ...]) -> None:
+    """ValueError naming both directories unless each MoE layer's gate in `checkpoint` equals hf_dir's (the
+    importer keeps the stored values, or makes them float32: compared in float32, exactly). Reads only the
+    gates: E x D per layer."""
+    from .importer import _block_prefix  # how the importer finds a layer's MoE block
+
+    ours = load_router_layers(checkpoint, load_config(checkpoint))
+    with HFCheckpoint(hf_dir, hf_config) as hf:
+        family = family_for(hf_config)
+        for layer_id, parts in zip(layer_ids, ours):
+            hf_key = f"{_block_prefix(hf, family, layer_id)}.gate.weight"
+            if not torch.equal(hf.get(hf_key).float(), parts.gate.weight_ED.float()):
+                raise ValueError(f"the MoE checkpoint {checkpoint} was not imported from {hf_dir}: the gate of MoE "
+                                 f"layer {layer_id} differs from {hf_key} there (another model, or a checkpoint "
+                                 f"rewritten since). Serve {hf_dir} with the checkpoint that `moe-cluster import-hf "
+                                 f"{hf_dir} DST` wrote, or import it again")
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -235,7 +257,7 @@ class HFMoERunner:
     def in_process(cls, hf_dir: str | Path, checkpoint: str | Path, **kwargs) -> "HFMoERunner":
         """The correctness baseline: MoE blocks computed by `load_model(checkpoint)` in this process."""
         moe = load_model(checkpoint)
-        check_compatible(hf_dir, moe.config)
+        check_compatible(hf_dir, moe.config, checkpoint)
         return cls(hf_dir, moe.forward, **kwargs)
 
     def info(self) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checkpoint import load_config
+from ..checkpoint import load_config, load_digests
 from ..core.config import ModelConfig, preset_config
 from ..core.placement import GroupSpec, Placement, resolve_placement
 
@@ -162,13 +162,17 @@ class ResolvedApp:
     args: AppArgs
     config: ModelConfig  # the model: the checkpoint's config.json, or the preset
     placement: Placement  # which deployment hosts each (layer, expert)
+    # sha256 of each checkpoint file, taken when the app was built: every replica that loads a file checks
+    # it against these (CheckpointChanged), so weights rewritten in place are refused, never mixed in.
+    digests: tuple[tuple[str, str], ...] = ()
 
     @property
     def fingerprint(self) -> str:
         """What the weights and the placement are (not replicas or other options), in 16 hex digits. Every
         expert call carries its caller's; an expert deployment refuses rows routed by another version of
-        the app (MoEAppChanged), so a runner routing for itself never combines answers of other weights."""
-        source = {"checkpoint": self.args.checkpoint} if self.args.checkpoint else \
+        the app (MoEAppChanged), so a runner routing for itself never combines answers of other weights.
+        A checkpoint counts by its files' digests, not its path: rewritten in place, it is another version."""
+        source = {"digests": dict(self.digests)} if self.args.checkpoint else \
             {"preset": self.args.preset, "seed": self.args.seed}
         what = {"model": self.config.to_dict(), "source": source, "placement": self.placement.describe()}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -178,7 +182,8 @@ def resolve_app(args: AppArgs | dict[str, Any] | None) -> ResolvedApp:
     """Validate the args (dict from a config file) and resolve the model config and the placement."""
     app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     config = app_args.load_model_config()
-    return ResolvedApp(app_args, config, app_args.resolve_placement(config))
+    digests = tuple(sorted(load_digests(app_args.checkpoint).items())) if app_args.checkpoint else ()
+    return ResolvedApp(app_args, config, app_args.resolve_placement(config), digests)
 
 
 def merge_options(defaults: DeploymentOptions | dict[str, Any],

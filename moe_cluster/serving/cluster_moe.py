@@ -71,7 +71,8 @@ class ClusterMoE:
 
 
 def load_gates_and_shared(app: ResolvedApp) -> list[GateAndShared]:
-    """The gate (and shared experts) of every MoE layer: the checkpoint's, or the preset's seeded ones."""
+    """The gate (and shared experts) of every MoE layer: the checkpoint's, or the preset's seeded ones.
+    CheckpointChanged if the router file is not the one the app was built with (rewritten since)."""
     if app.args.checkpoint:
-        return load_router_layers(app.args.checkpoint, app.config)
+        return load_router_layers(app.args.checkpoint, app.config, dict(app.digests))
     return [random_gate_and_shared(app.config, app.args.seed, layer) for layer in app.config.moe_layer_ids]

@@ -43,7 +43,8 @@ class ExpertServer:
         self.device = pick_device()
         self.dtype = app.config.dtype
         self.experts = {pair: module.to(self.device)
-                        for pair, module in _build_experts(app.args, app.config, list(group.hosted)).items()}
+                        for pair, module in _build_experts(app.args, app.config, list(group.hosted),
+                                                           dict(app.digests)).items()}
         self.calls: collections.Counter[tuple[int, int]] = collections.Counter()
         self.rows: collections.Counter[tuple[int, int]] = collections.Counter()
         self.row_rate = RowRate(window_s=2.0)
@@ -113,14 +114,19 @@ class ExpertServer:
         }
 
 
-def _build_experts(args: AppArgs, config: ModelConfig, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], torch.nn.Module]:
+def _build_experts(args: AppArgs, config: ModelConfig, pairs: list[tuple[int, int]],
+                   digests: dict[str, str] | None = None) -> dict[tuple[int, int], torch.nn.Module]:
+    """The hosted (layer, expert) modules. From a checkpoint, each file is checked against `digests` (the
+    app's, taken when it was built) before it is read: a replica started after the directory was rewritten
+    (a replacement, a scale-up) raises CheckpointChanged, so Serve reports it unhealthy with that message,
+    instead of serving other weights than its app's."""
     if args.checkpoint:
         out = {}
         by_expert: dict[int, list[int]] = collections.defaultdict(list)
         for layer, expert in pairs:
             by_expert[expert].append(layer)
         for expert, layers in by_expert.items():
-            out.update(load_experts(args.checkpoint, config, [expert], layers))
+            out.update(load_experts(args.checkpoint, config, [expert], layers, digests=digests))
         return out
     return {(layer, expert): random_expert(config, args.seed, layer, expert) for layer, expert in pairs}
 

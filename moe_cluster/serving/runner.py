@@ -122,7 +122,7 @@ def build_runner_app(args: dict[str, Any] | RunnerArgs) -> Application:
     moe = None
     if runner_args.moe is not None:
         moe_app = resolve_app(runner_args.moe)
-        check_compatible(runner_args.hf_model, moe_app.config)  # fail before anything is deployed
+        check_compatible(runner_args.hf_model, moe_app.config, moe_app.args.checkpoint)  # fail before deploying
         moe = build_app(moe_app)
     options = merge_options(DEPLOYMENT_DEFAULTS["runner"], runner_args.runner)
     return ModelRunner.options(name=RUNNER_NAME, **options).bind(runner_args.model_dump(mode="json"), moe)
@@ -143,7 +143,7 @@ class ModelRunner:
                                  "that name first, or give `moe` to deploy one with the runner") from exc
         self.moe = moe
         info = await self.moe.info.remote()
-        check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]))
+        check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]), info["source"].get("checkpoint"))
         self.loop = asyncio.get_running_loop()  # where direct MoE calls run (their expert calls are its tasks)
         self.direct = await self._direct_moe() if self.args.moe_calls == "direct" else None
         self.reload_lock = asyncio.Lock()

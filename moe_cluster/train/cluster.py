@@ -29,7 +29,7 @@ def deploy_scorer(hf_dir: str | Path, checkpoint: str | Path,
 
     from ..serving.app import build_app
 
-    check_compatible(hf_dir, load_config(checkpoint))  # fail before anything is deployed
+    check_compatible(hf_dir, load_config(checkpoint), checkpoint)  # fail before anything is deployed
     router = serve.run(build_app({"checkpoint": str(checkpoint)}), name=APP_NAME, route_prefix=None)
     runner = HFMoERunner(hf_dir, lambda x_TD, layer: router.forward.remote(x_TD, layer).result(timeout_s=timeout_s))
     return logits_fn(runner.model)
