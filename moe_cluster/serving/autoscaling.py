@@ -1,10 +1,24 @@
-"""Per-expert autoscaling on token load.
+"""Per-expert autoscaling on token load and on the work waiting.
 
-Each expert replica reports `rows_per_s`: the token rows it computed per second over the
-last `RowRate.window_s` seconds (`ExpertServer.record_autoscaling_stats`). `TokenLoadPolicy`
-sizes an expert deployment from the sum over its replicas:
+Each expert replica reports two custom metrics (`ExpertServer.record_autoscaling_stats`):
+`rows_per_s`, the token rows it computed per second over the last `RowRate.window_s`
+seconds, and `rows_waiting`, the rows of the calls it has received and not yet answered.
+Serve itself counts the calls of a deployment: queued at the callers' handles and ongoing
+in its replicas (`AutoscalingContext.total_num_requests`). `TokenLoadPolicy` asks for
+enough replicas for whichever demand is larger:
 
-    replicas = ceil(sum of rows_per_s / target_rows_per_s)
+    by rows  = ceil((sum of rows_per_s + sum of rows_waiting / drain_s) / target_rows_per_s)
+    by calls = ceil(calls queued or ongoing / target_ongoing_requests)
+    replicas = max(by rows, by calls)
+
+So a saturated deployment (calls waiting beyond `target_ongoing_requests` per replica, Serve's
+own autoscaling_config field, default 2) grows whatever rows per second its replicas manage,
+and a deployment never drops to 0 replicas while a call waits for it. With
+`min_replicas: 0`, the first call to an idle deployment waits at the router's handle; Serve
+sees it queued and starts a replica (its cold-start path, then this rule keeps it), and the
+call is answered once the replica is up, or fails with 504 at the request's deadline
+(`request_timeout_s`: give it room for a replica's start). Without reports yet (replicas
+starting) the rows part keeps the current target.
 
 Serve applies min_replicas/max_replicas, the up/down scaling factors and the delays on
 top. Every expert deployment carries its own autoscaling_config, so a hot expert grows
@@ -13,13 +27,14 @@ while cold ones stay at their minimum. In a Serve config:
     autoscaling_config:
       min_replicas: 1
       max_replicas: 4
+      target_ongoing_requests: 2       # calls per replica (queued or computing) before it grows
       metrics_interval_s: 0.5          # custom metrics lag ~10 s at the default
       look_back_period_s: 2
       upscale_delay_s: 1
       downscale_delay_s: 5
       policy:
         policy_function: moe_cluster.serving.autoscaling:TokenLoadPolicy
-        policy_kwargs: {target_rows_per_s: 4000}
+        policy_kwargs: {target_rows_per_s: 4000, drain_s: 1.0}
 """
 
 from __future__ import annotations
@@ -30,9 +45,11 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["RowRate", "TokenLoadPolicy", "ROWS_PER_S", "POLICY_PATH"]
+__all__ = ["RowRate", "TokenLoadPolicy", "ROWS_PER_S", "ROWS_WAITING", "POLICY_PATH"]
 
 ROWS_PER_S = "rows_per_s"
+ROWS_WAITING = "rows_waiting"
+DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Serve's own default for autoscaling_config.target_ongoing_requests
 POLICY_PATH = "moe_cluster.serving.autoscaling:TokenLoadPolicy"
 
 
@@ -68,24 +85,44 @@ class RowRate:
 
 
 class TokenLoadPolicy:
-    """Serve autoscaling policy: enough replicas that each handles `target_rows_per_s`.
+    """Serve autoscaling policy: enough replicas for the rows computed and the work waiting.
 
     Serve instantiates it once per deployment with `policy_kwargs` and calls it with an
-    `AutoscalingContext` every control-loop tick.
+    `AutoscalingContext` every control-loop tick. `target_rows_per_s`: the rows one replica
+    should compute per second; `drain_s`: how soon rows waiting in the replicas should be done,
+    at that rate. The calls per replica come from the autoscaling_config's
+    `target_ongoing_requests`. The rule is in the module docstring.
     """
 
-    def __init__(self, target_rows_per_s: float = 4000.0) -> None:
+    def __init__(self, target_rows_per_s: float = 4000.0, drain_s: float = 1.0) -> None:
         if target_rows_per_s <= 0:
             raise ValueError(f"target_rows_per_s must be > 0, got {target_rows_per_s}")
+        if drain_s <= 0:
+            raise ValueError(f"drain_s must be > 0, got {drain_s}")
         self.target_rows_per_s = float(target_rows_per_s)
+        self.drain_s = float(drain_s)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        per_replica = (ctx.aggregated_metrics or {}).get(ROWS_PER_S)
-        if not per_replica:
-            # No report yet (replicas starting): keep the current decision.
-            return ctx.target_num_replicas, ctx.policy_state
-        total = float(sum(per_replica.values()))
-        desired = math.ceil(total / self.target_rows_per_s)  # Serve clamps it to min..max_replicas
+        by_rows, rows_demand = self._by_rows(ctx)
+        calls = float(ctx.total_num_requests or 0.0)
+        by_calls = math.ceil(calls / _target_ongoing_requests(ctx))
         state = dict(ctx.policy_state)
-        state["last_rows_per_s"] = total
-        return desired, state
+        state.update(last_rows_demand=rows_demand, last_calls=calls)
+        # Serve clamps it to min..max_replicas and applies the factors and delays.
+        return max(by_rows, by_calls), state
+
+    def _by_rows(self, ctx: Any) -> tuple[int, float | None]:
+        """(replicas for the rows computed and waiting, that demand in rows/s); without any report
+        yet (replicas starting) the current target, and None."""
+        metrics = ctx.aggregated_metrics or {}
+        computed, waiting = metrics.get(ROWS_PER_S), metrics.get(ROWS_WAITING)
+        if not computed and not waiting:
+            return ctx.target_num_replicas, None
+        demand = sum((computed or {}).values()) + sum((waiting or {}).values()) / self.drain_s
+        return math.ceil(demand / self.target_rows_per_s), float(demand)
+
+
+def _target_ongoing_requests(ctx: Any) -> float:
+    """Calls one replica should hold (queued or computing): the deployment's autoscaling_config."""
+    target = getattr(ctx.config, "target_ongoing_requests", None)
+    return float(target) if target else DEFAULT_TARGET_ONGOING_REQUESTS

@@ -9,9 +9,11 @@ CUDA is available, else on the CPU.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -23,7 +25,7 @@ from ..core.config import ModelConfig
 from ..core.init import random_expert
 from ..core.placement import ExpertGroup
 from .args import AppArgs, ResolvedApp
-from .autoscaling import ROWS_PER_S, RowRate
+from .autoscaling import ROWS_PER_S, ROWS_WAITING, RowRate
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
@@ -51,37 +53,71 @@ class ExpertServer:
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
         self.requests = 0  # calls received (each may carry several experts' rows)
 
+    # Set on first use by forward, on the event loop (so __init__ needs no part of it).
+    rows_waiting: int = 0  # rows of calls received and not yet answered (autoscaling: work waiting)
+    _math: ThreadPoolExecutor | None = None  # the one thread that runs the expert math
+
     async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray | DirectRows,
                       fingerprint: str | None = None) -> np.ndarray | DirectRows:
         """out_ND for rows x_ND [N, D] in the model dtype (bf16 as uint16): the rows of each (expert, rows)
         span of `spans`, one after the other (N = the sum of rows), through that expert of `layer`.
         `fingerprint`: the caller's `ResolvedApp.fingerprint`; another one than this replica's raises
         MoEAppChanged (the rows were routed with other gates). Rows sent through a direct transport
-        (DirectRows: a torch tensor, serving/transport.py) are answered the same way."""
+        (DirectRows: a torch tensor, serving/transport.py) are answered the same way.
+
+        The math runs on this replica's math thread, never on its event loop: a call that computes
+        for seconds must not hold up `ping` (the router's health check), `stats` or Serve's own calls."""
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise MoEAppChanged(f"deployment {self.group_name} serves app version {self.fingerprint}, the rows were "
                                 f"routed for version {fingerprint}: its app was redeployed with other weights or "
                                 "placement")
         modules = [self._module(layer, expert) for expert, _ in spans]
         direct = isinstance(x_ND, DirectRows)  # a torch tensor in Ray's direct transport (NIXL, CUDA IPC)
-        x_direct = await x_ND.get() if direct else None
-        n = x_direct.shape[0] if direct else x_ND.shape[0]
+        x = await x_ND.get() if direct else x_ND
+        n = x.shape[0]
         if sum(rows for _, rows in spans) != n:
             raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {n} were sent")
+        # Counted on the event loop only (Serve reads it from another thread: an int read is atomic).
+        # A call cancelled by its caller stops counting here although its math may still finish.
+        self.rows_waiting += n
+        try:
+            y, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._math_thread(), self._compute, modules, spans, x, direct)
+        finally:
+            self.rows_waiting -= n
+        self._count(layer, spans, n, seconds)
+        return DirectRows.put(y, x_ND.transport) if direct else y
+
+    def _math_thread(self) -> ThreadPoolExecutor:
+        """One thread per replica: calls compute one at a time, as they did on the event loop, so
+        torch's intra-op threads (set_torch_threads: a process-wide setting that new threads adopt)
+        keep their meaning and concurrent calls do not oversubscribe the replica's cores."""
+        if self._math is None:
+            self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{self.group_name}")
+        return self._math
+
+    def _compute(self, modules: list[torch.nn.Module], spans: list[tuple[int, int]],
+                 x_ND: np.ndarray | torch.Tensor, direct: bool) -> tuple[np.ndarray | torch.Tensor, float]:
+        """(the answer, seconds of math), on the math thread: a torch tensor for a direct-transport
+        call, else the wire array. Touches no counter (they belong to the event loop)."""
         started = time.perf_counter()
         with torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
-            x = x_direct if direct else from_wire(np.asarray(x_ND), self.dtype)
+            x = x_ND if direct else from_wire(np.asarray(x_ND), self.dtype)
             x = x.to(self.device, non_blocking=True)
             y = torch.cat([module(part) for module, part in zip(modules, _split(x, spans))])
-        self.compute_s += time.perf_counter() - started
+            out = y if direct else to_wire(y.cpu())
+        return out, time.perf_counter() - started
+
+    def _count(self, layer: int, spans: list[tuple[int, int]], rows: int, seconds: float) -> None:
+        """Record one answered call (on the event loop, like every reader of these counters but Serve's)."""
+        self.compute_s += seconds
         self.requests += 1
         for expert, count in spans:
             self.calls[(layer, expert)] += 1
             self.rows[(layer, expert)] += count
-        self.row_rate.add(int(n))
-        return DirectRows.put(y, x_ND.transport) if direct else to_wire(y.cpu())
+        self.row_rate.add(int(rows))
 
     def _module(self, layer: int, expert: int) -> torch.nn.Module:
         module = self.experts.get((layer, expert))
@@ -91,10 +127,13 @@ class ExpertServer:
         return module
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metric: token rows computed per second (see autoscaling.py)."""
-        return {ROWS_PER_S: self.row_rate.per_second()}
+        """Custom autoscaling metrics (see autoscaling.py): token rows computed per second, and rows
+        received but not yet answered. Serve calls it from a threadpool: RowRate has a lock, and
+        rows_waiting is an int that only the event loop writes."""
+        return {ROWS_PER_S: self.row_rate.per_second(), ROWS_WAITING: float(self.rows_waiting)}
 
     async def ping(self) -> str:
+        """The router's health check: answered on the event loop, which the expert math never holds."""
         return self.group_name
 
     async def stats(self) -> dict:
@@ -108,6 +147,7 @@ class ExpertServer:
             "calls": [[layer, expert, n] for (layer, expert), n in sorted(self.calls.items())],
             "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
             ROWS_PER_S: self.row_rate.per_second(),
+            ROWS_WAITING: self.rows_waiting,
             "compute_s": self.compute_s,
             "requests": self.requests,
             "time": time.time(),

@@ -4,6 +4,12 @@ A small top-1 model (4 experts) so that skewed traffic really lands on one exper
 traffic aimed at the hot expert plus light uniform traffic for all. Only the hot expert's
 deployment may grow; the others must stay at min_replicas; the hot one shrinks back after.
 Every answer of that load, sent while replicas start, is compared with the oracle.
+
+A second app of the same model, `demand`, has one deployment of slow experts
+(tests/support/broken_experts.py:Slow: each expert sleeps DEMAND_DELAY_S per call, then answers
+right) that scales between 0 and 2 replicas with a rows target no load here can reach: it may
+only grow because calls wait for it. From 0 replicas a call must wake it and be answered;
+under concurrent calls it must grow to 2 although it computes a few rows per second.
 """
 
 import itertools
@@ -23,10 +29,25 @@ from moe_cluster.core.routing import route
 from moe_cluster.serving.autoscaling import POLICY_PATH
 
 from .conftest import free_port, start_local_serve, stop_local_serve, wait_until
+from ..support.broken_experts import Slow, expert_app
 from moe_cluster.checkpoint import load_model, save_model
 
 HOT = 2
 CONFIG = ModelConfig(d_model=32, d_ff=64, num_experts=4, top_k=1, num_layers=1, expert_kind="mlp")
+DEMAND_DELAY_S = 2.0  # each expert of the demand app sleeps this long per call
+DEMAND = {
+    "torch_threads": 1, "max_batch_tokens": None,  # no merging: concurrent requests are concurrent calls
+    "request_timeout_s": 90,  # room for a replica's start on a busy 2-core machine (12-30 s)
+    "router": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+    # A replica told to stop gets 1 s to finish its calls (Serve's default is 20 s): a policy that
+    # stops the replica of a call still computing loses that call, as it would with longer calls.
+    "experts": {"ray_actor_options": {"num_cpus": 0}, "graceful_shutdown_timeout_s": 1, "autoscaling_config": {
+        "min_replicas": 0, "initial_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
+        "metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 3,
+        "downscale_to_zero_delay_s": 3,
+        # far above what this app computes (a few rows/s): only the work waiting can grow it
+        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {"target_rows_per_s": 1e9}}}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +67,16 @@ def cluster(tmp_path_factory):
                          "router": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
                          "experts": {"autoscaling_config": autoscaling, "ray_actor_options": {"num_cpus": 0}}}),
               name="moe", route_prefix="/")
+    serve.run(expert_app({**DEMAND, "checkpoint": str(checkpoint)}, "slow-experts", Slow, DEMAND_DELAY_S),
+              name="demand", route_prefix="/demand")
     yield {"local": local, "model": load_model(checkpoint), "metrics_port": metrics_port}
     stop_local_serve()
 
 
-def _running_replicas():
+def _running_replicas(app: str = "moe"):
     from ray import serve
 
-    deployments = serve.status().applications["moe"].deployments
+    deployments = serve.status().applications[app].deployments
     return {name: sum(n for state, n in d.replica_states.items() if str(state).endswith("RUNNING"))
             for name, d in deployments.items()}
 
@@ -147,3 +170,73 @@ def test_prometheus_export_has_per_expert_metrics(cluster):
 
     text = wait_until(scraped, timeout=60, interval=2, what="moe metrics in the Prometheus export")
     assert 'deployment="expert-' in text
+
+
+# --- the demand app: growing on calls that wait ---------------------------------------------------
+
+def _slow_replicas() -> int:
+    return _running_replicas("demand")["slow-experts"]
+
+
+def _one_token_per_expert(model, rng):
+    """[E, D] float32: token e routes to expert e (top-1), so one call carries rows of every expert."""
+    x = torch.from_numpy(rng.standard_normal((256, CONFIG.d_model)).astype(np.float32))
+    _, ids = route(x, model.layers[0].gate_and_shared.gate, CONFIG)
+    return torch.stack([x[(ids[:, 0] == e).nonzero()[0, 0]] for e in range(CONFIG.num_experts)]).numpy()
+
+
+def test_a_deployment_at_zero_replicas_wakes_for_a_call_and_keeps_its_replica(cluster):
+    """min_replicas 0: the call waits at the router while Serve starts a replica, keeps that replica
+    while it computes (4 experts x DEMAND_DELAY_S, longer than look_back_period_s plus
+    downscale_to_zero_delay_s, while no row is done yet) and is answered right."""
+    wait_until(lambda: _slow_replicas() == 0, timeout=90, what="the demand app's experts at 0 replicas")
+    time.sleep(3)  # and it stays there while idle
+    assert _slow_replicas() == 0
+    ((x_TD, expected_TD),) = _with_oracle(cluster["model"], [_one_token_per_expert(cluster["model"],
+                                                                                     np.random.default_rng(1))])
+    seen, done = [], threading.Event()
+
+    def watch():  # replicas running, every 0.2 s, while the call is in flight
+        while not done.is_set():
+            seen.append(_slow_replicas())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    started = time.monotonic()
+    watcher.start()
+    try:
+        answer = MoEClient(cluster["local"].url("/demand"), timeout=150).forward(x_TD)
+    finally:
+        waited_s = time.monotonic() - started
+        done.set()
+        watcher.join()
+    awake = seen[seen.index(1):] if 1 in seen else []
+    print(f"\na call to a deployment at 0 replicas answered after {waited_s:.1f}s "
+          f"({CONFIG.num_experts * DEMAND_DELAY_S:.0f}s of it computing); replicas seen: {sorted(set(seen))}")
+    np.testing.assert_allclose(answer, expected_TD, rtol=1e-5, atol=1e-5)
+    assert awake and min(awake) >= 1, f"the replica was stopped while the call computed on it: {seen}"
+
+
+def test_a_saturated_deployment_grows_whatever_its_rows_per_s(cluster):
+    """Four clients keep four 1-row calls of DEMAND_DELAY_S each in flight: 1 / DEMAND_DELAY_S rows/s
+    against a target of 1e9 rows/s, but 4 calls waiting against target_ongoing_requests 1: it must grow to 2."""
+    rng = np.random.default_rng(2)
+    requests = _with_oracle(cluster["model"], [rng.standard_normal((1, CONFIG.d_model)).astype(np.float32)
+                                               for _ in range(8)])
+    stop, outcomes = threading.Event(), []
+    workers = [threading.Thread(target=_load, args=(cluster["local"].url("/demand"), requests, 0.0, stop, outcomes))
+               for _ in range(4)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(lambda: _slow_replicas() >= 2, timeout=120, what="the saturated deployment growing to 2")
+        grew_s = time.monotonic() - started
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    failures = [o for o in outcomes if o != "ok"]
+    print(f"\nsaturated at {1 / DEMAND_DELAY_S:g} rows/s per replica: 2 replicas after {grew_s:.1f}s, "
+          f"{len(outcomes)} answers")
+    assert outcomes and not failures, f"{len(failures)} failed or wrong of {len(outcomes)}: {failures[:3]}"

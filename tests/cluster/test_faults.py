@@ -10,6 +10,9 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
   limits: a router that runs 1 request and queues 1 more (Serve answers the rest with
           503 at once), a 3 s request deadline, and expert calls of at most 4 rows, so a
           large request is slow enough to miss its deadline.
+  busy:   a router and one deployment of slow experts (tests/support/broken_experts.py:Slow),
+          so that one call keeps an expert replica computing for 6 s while the health
+          endpoints are asked.
 
 `pytest -s` prints the measured recovery times and success rates. The faults app uses the
 default transport (`auto`: these small calls go by value); `MOE_FAULTS_TRANSPORT=object_store`
@@ -34,6 +37,7 @@ from moe_cluster import MoEModel, preset_config
 from moe_cluster.core.reference import reference_forward
 
 from .conftest import start_local_serve, stop_local_serve, wait_until
+from ..support.broken_experts import Slow, expert_app
 from ..support.loadgen import Load, first_success_after, request_pool, summarize
 from moe_cluster.checkpoint import load_model, save_model
 
@@ -59,6 +63,8 @@ LIMITS = {
     "experts": {"ray_actor_options": {"num_cpus": 0}},
     "placement": [{"name": "all-experts", "experts": list(range(8))}],
 }
+BUSY_S = 6.0  # one call keeps the busy app's expert replica computing this long
+BUSY = {"torch_threads": 1, "request_timeout_s": 60, "router": {"ray_actor_options": {"num_cpus": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +79,10 @@ def cluster(tmp_path_factory):
     try:
         serve.run(build_app({**FAULTS, "checkpoint": str(checkpoint)}), name="faults", route_prefix="/faults")
         serve.run(build_app({**LIMITS, "checkpoint": str(checkpoint)}), name="limits", route_prefix="/limits")
+        # A 1-token call carries rows for top_k experts, each of which sleeps BUSY_S / top_k.
+        delay_s = BUSY_S / preset_config("tiny").top_k
+        serve.run(expert_app({**BUSY, "checkpoint": str(checkpoint)}, "slow-experts", Slow, delay_s),
+                  name="busy", route_prefix="/busy")
         yield {"model": load_model(checkpoint), "local": local}
     finally:
         stop_local_serve()
@@ -285,3 +295,41 @@ def test_missed_deadline_is_a_504_with_a_clear_message(cluster):
                what="a small request answered after the missed deadline")
     print(f"answering again {time.monotonic() - missed:.2f}s after the 504")
     _check_serves(cluster, "/limits")
+
+
+# --- health checks while an expert computes ---------------------------------------------------------
+
+def _get(url: str) -> tuple[int, float]:
+    """(status, seconds) of one GET."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            response.read()
+            return response.status, time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, time.monotonic() - started
+
+
+def test_health_answers_while_an_expert_computes(cluster):
+    """The router pings every expert deployment (5 s timeout) for /healthz and /v2/health/ready: an
+    expert replica in the middle of a 6 s computation must still answer at once."""
+    url = cluster["local"].url("/busy")
+    x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+    expected = reference_forward(cluster["model"], torch.from_numpy(x), 0).numpy()
+    assert _get(url + "/healthz")[0] == 200, "the busy app is not healthy before the test"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(_post, url + "/v1/forward", _msgpack_request(x, 0))
+        time.sleep(1.0)  # the call reaches the expert within milliseconds; then it computes for BUSY_S
+        probes = []
+        while not busy.done() and len(probes) < 40:
+            for path in ("/healthz", "/v2/health/ready"):
+                probes.append((path, *_get(url + path), busy.done()))
+            time.sleep(0.3)
+        status, _, body, seconds = busy.result()
+    print(f"\nan expert computing for {seconds:.1f}s; health probes meanwhile (path, status, s): "
+          f"{[(p, s, round(t, 3)) for p, s, t, _ in probes]}")
+    assert status == 200 and seconds >= BUSY_S, (status, seconds, body[:300])
+    np.testing.assert_allclose(_output(body), expected, rtol=1e-5, atol=1e-5)
+    during = [p for p in probes if not p[3]]  # answered before the busy call was
+    assert all(status == 200 and t < 1.0 for _, status, t, _ in during), during
+    assert len(during) >= 4, f"too few probes while the expert computed: {probes}"

@@ -305,6 +305,61 @@ def test_gpu_worker_group_fits_the_replicas():
     assert group["minReplicas"] <= floor, f"minReplicas {group['minReplicas']} > {floor} GPUs at the floor"
 
 
+def _context(config: Any, current: int, calls: float = 0.0, rows_per_s: float | None = None) -> Any:
+    """The AutoscalingContext fields TokenLoadPolicy and Serve's wrapper read, for one deployment."""
+    import types
+
+    from moe_cluster.serving.autoscaling import ROWS_PER_S, ROWS_WAITING
+
+    metrics = {ROWS_PER_S: {0: rows_per_s}, ROWS_WAITING: {0: 0.0}} if rows_per_s is not None else {}
+    return types.SimpleNamespace(aggregated_metrics=metrics, total_num_requests=calls, target_num_replicas=current,
+                                 current_num_replicas=current, policy_state={}, config=config)
+
+
+def test_gpu_experts_scale_on_token_load_as_documented():
+    """What the GPU manifest's expert autoscaling really does, not only its schema: every expert
+    deployment names the real TokenLoadPolicy with kwargs its constructor takes, min/max are what the
+    README says (1..4, expert-0 up to 8), custom metrics arrive in time, and Serve's own wrapper of
+    the policy, fed this config, grows a deployment on rows, on calls waiting, and shrinks it idle."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingConfig
+
+    from moe_cluster.serving.app import ROUTER_NAME
+    from moe_cluster.serving.autoscaling import POLICY_PATH, TokenLoadPolicy
+
+    experts = {name: options for name, options in _deployments(*_our_app(GPU_MANIFEST)).items() if name != ROUTER_NAME}
+    assert experts
+    for name, options in experts.items():
+        config = AutoscalingConfig(**options["autoscaling_config"])
+        assert config.policy.policy_function == POLICY_PATH, f"{name} does not scale on token load"
+        policy = _resolve_policy_callable(config.policy)  # Serve's own import and constructor call
+        assert type(policy) is TokenLoadPolicy, f"{name}: {POLICY_PATH} resolved to {policy!r}"
+        for key, value in config.policy.policy_kwargs.items():
+            assert getattr(policy, key) == value, f"{name}: policy_kwargs {key} did not reach the policy"
+        assert (config.min_replicas, config.max_replicas) == (1, 8 if name == "expert-0" else 4), name
+        assert config.metrics_interval_s <= 2, f"{name}: custom metrics would lag ~10 s at Serve's default"
+
+        decide = _apply_autoscaling_config(policy)
+        target = policy.target_rows_per_s
+        assert decide(_context(config, 1, rows_per_s=2.5 * target))[0] == 1, f"{name}: upscale_delay_s ignored"
+        assert _after_delay(decide, _context(config, 1, rows_per_s=2.5 * target)) == 3, f"{name}: no growth on rows"
+        busy = 3 * config.get_target_ongoing_requests()  # calls waiting, a trickle of rows done
+        assert _after_delay(decide, _context(config, 1, calls=busy, rows_per_s=1.0)) == 3, \
+            f"{name}: no growth when saturated"
+        assert decide(_context(config, 2, rows_per_s=0.0))[0] == 2, f"{name}: downscale_delay_s ignored"
+        assert _after_delay(decide, _context(config, 2, rows_per_s=0.0)) == 1, f"{name}: no shrinking when idle"
+
+
+def _after_delay(decide: Callable, ctx: Any) -> int:
+    """The decision of Serve's wrapped policy once its up/down delay has passed for `ctx`'s demand."""
+    from ray.serve._private.constants import SERVE_AUTOSCALING_DECISION_TIMESTAMP_KEY
+
+    ctx.policy_state = decide(ctx)[1]
+    ctx.policy_state[SERVE_AUTOSCALING_DECISION_TIMESTAMP_KEY] = 0.0  # the first such decision: long ago
+    return decide(ctx)[0]
+
+
 # ---------------------------------------------------------------- drift: render-k8s
 
 

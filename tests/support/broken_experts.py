@@ -1,7 +1,8 @@
-"""Test-only expert deployments that answer wrongly, raise or die, and an app that binds one.
+"""Test-only expert deployments that answer wrongly, raise, die or compute slowly, and an app that binds one.
 
 Each class is the real ExpertServer (same weights, same bind arguments) with `forward`
-changed: it computes the right answer, then breaks it. `expert_app` binds the router to one
+changed: it computes the right answer, then breaks it (`Slow` changes its expert modules instead:
+they sleep before computing, inside the real forward's math). `expert_app` binds the router to one
 such deployment hosting every (layer, expert), the way `serving/app.py:build_app` binds the
 real app.
 
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
+import torch
 from ray import cloudpickle, serve
 from ray.serve import Application
 
@@ -28,7 +31,7 @@ from moe_cluster.serving.args import AppArgs, ResolvedApp, resolve_app
 from moe_cluster.serving.expert import ExpertServer
 from moe_cluster.serving.router import MoERouter
 
-__all__ = ["ShortRows", "WrongD", "WrongDtype", "Raises", "DiesOnce", "expert_app", "DIED_MARKER"]
+__all__ = ["ShortRows", "WrongD", "WrongDtype", "Raises", "DiesOnce", "Slow", "expert_app", "DIED_MARKER"]
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -95,6 +98,29 @@ class DiesOnce(_ExpertClass):
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)
+
+
+class _SlowModule(torch.nn.Module):
+    """An expert that sleeps `delay_s` and then computes right: a stand-in for math that takes that
+    long. Like a long matmul, the sleep holds whichever thread runs the expert math."""
+
+    def __init__(self, module: torch.nn.Module, delay_s: float) -> None:
+        super().__init__()
+        self.module, self.delay_s = module, delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.module(x)
+
+
+@serve.deployment(**_OPTIONS)
+class Slow(_ExpertClass):
+    """The real ExpertServer whose every expert takes `delay_s` per span of a call (a call carrying
+    rows for k experts computes for k * delay_s), and answers right."""
+
+    def __init__(self, app: ResolvedApp, group: ExpertGroup, delay_s: float) -> None:
+        super().__init__(app, group)
+        self.experts = {pair: _SlowModule(module, delay_s) for pair, module in self.experts.items()}
 
 
 def expert_app(args: dict, name: str, expert_class: serve.Deployment, *extra_bind_args,

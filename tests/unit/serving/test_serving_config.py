@@ -1,6 +1,5 @@
-"""App arguments, placement and the autoscaling policy: no Ray cluster needed."""
-
-import types
+"""App arguments, placement and the rows_per_s metric (the policy: test_autoscaling_policy.py): no Ray
+cluster needed."""
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from pydantic import ValidationError
 from moe_cluster import ModelConfig
 from moe_cluster.core.placement import GroupSpec, resolve_placement
 from moe_cluster.serving.args import AppArgs
-from moe_cluster.serving.autoscaling import RowRate, TokenLoadPolicy
+from moe_cluster.serving.autoscaling import RowRate
 
 CONFIG = ModelConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, num_layers=2)
 
@@ -82,19 +81,3 @@ def test_row_rate_counts_rows_in_the_window():
     assert rate.per_second(now=11.5) == 200.0
     assert rate.per_second(now=12.5) == 150.0  # the first event left the window
     assert rate.per_second(now=20.0) == 0.0
-
-
-def _ctx(rows_per_replica, target=1, state=None):
-    metrics = {"rows_per_s": dict(enumerate(rows_per_replica))} if rows_per_replica is not None else {}
-    return types.SimpleNamespace(aggregated_metrics=metrics, target_num_replicas=target, policy_state=state or {})
-
-
-def test_token_load_policy_sizes_replicas_from_the_total_rate():
-    policy = TokenLoadPolicy(target_rows_per_s=1000)
-    assert policy(_ctx([2500.0]))[0] == 3
-    assert policy(_ctx([600.0, 600.0], target=2))[0] == 2
-    assert policy(_ctx([0.0, 0.0], target=2))[0] == 0  # Serve clamps to min_replicas
-    assert policy(_ctx(None, target=3))[0] == 3  # no metrics yet: keep the current target
-    assert policy(_ctx([2500.0]))[1]["last_rows_per_s"] == 2500.0
-    with pytest.raises(ValueError, match="target_rows_per_s"):
-        TokenLoadPolicy(target_rows_per_s=0)
