@@ -1,4 +1,11 @@
-"""`moe-cluster`: the command line. Each subcommand parses its flags and calls the library."""
+"""`moe-cluster`: the command line. Each subcommand parses its flags, checks the paths it was given
+(cli_checks.py) and calls the library.
+
+Exit status: 0 done; 1 a result the command reports as failing (`render-k8s --check` drift, a
+`bench` answer off the oracle); 2 a mistake in the command line or the files it names, one line
+`moe-cluster: error: ...` (with --debug, its traceback first); 130 / 143 `serve` stopped by SIGINT /
+SIGTERM during start-up. Any other exception is a bug and prints its traceback (status 1).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,13 @@ import contextlib
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from .cli_checks import (USER_ERRORS, UsageError, checkpoint_dir, existing_file, hf_model_dir, one_line,
+                         output_dir, port_number, tokenizer_dir)
 from .core.config import PRESETS
+from .serving.runtime import PortBusyError
 from .train.cli import add_train_commands
 
 __all__ = ["main"]
@@ -21,7 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except (*USER_ERRORS, PortBusyError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"moe-cluster: error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside `serve`'s own handling (which returns 130 itself)
+        print("moe-cluster: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes (an unknown flag, a bad value) as one line, like every other CLI error,
+    pointing at --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"moe-cluster: error: {message} (see `{self.prog} --help`)\n")
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -38,9 +66,11 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moe-cluster", formatter_class=HelpWithDefaults,
         description="Serve a Mixture-of-Experts model with every expert in its own Ray Serve deployment.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its traceback too (default: the one line that says what to do)")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_init(commands)
     _add_serve(commands)
@@ -53,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_command(commands: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows the defaults."""
-    return commands.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
+    """A subcommand whose --help shows the defaults. It takes --debug too (`moe-cluster serve --debug`
+    as well as `moe-cluster --debug serve`): SUPPRESS leaves the top level's value when it is absent."""
+    command = commands.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on an error, print its traceback too")
+    return command
 
 
 def _add_init(commands: argparse._SubParsersAction) -> None:
@@ -78,7 +112,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                                                    "deployments/default.yaml")
     serve.add_argument("--checkpoint", help="checkpoint directory to serve (overrides the config's model)")
     serve.add_argument("--host", help="HTTP host (default: the config's, else 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    serve.add_argument("--port", type=port_number, help="HTTP port, 1..65535 (default: the config's, else 8000)")
     serve.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster (default: all)")
     serve.add_argument("--num-gpus", type=int, help="GPUs for the local Ray cluster (default: detected)")
     serve.add_argument("--hf-model", type=Path, help="serve this whole Hugging Face model (its import-hf output "
@@ -88,6 +122,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="with --hf-model: the runner computes the MoE blocks itself (no experts; the baseline)")
     serve.add_argument("--model-name", help="with --hf-model: the model's name in the OpenAI API "
                                             "(default: the directory's name)")
+    serve.add_argument("--tokenizer", type=Path, help="with --hf-model: the tokenizer's directory (default: the "
+                                                      "--hf-model directory)")
     serve.set_defaults(run=_cmd_serve)
 
 
@@ -115,8 +151,10 @@ def _add_import_hf(commands: argparse._SubParsersAction) -> None:
                     "shared experts of its MoE layers as a moe-cluster checkpoint, one expert file at a time. "
                     "Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3. `layer` stays the decoder "
                     "layer index of the source model; its dense layers are not imported.")
-    import_hf.add_argument("src", type=Path, help="Hugging Face model directory (e.g. written by save_pretrained)")
-    import_hf.add_argument("dst", type=Path, help="where to write the moe-cluster checkpoint (created if missing)")
+    import_hf.add_argument("src", metavar="SRC", type=Path,
+                           help="Hugging Face model directory (e.g. written by save_pretrained)")
+    import_hf.add_argument("dst", metavar="DST", type=Path,
+                           help="where to write the moe-cluster checkpoint (created if missing)")
     import_hf.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep",
                            help="dtype of the experts (default keep: as stored; FP8 becomes bfloat16)")
     import_hf.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in DST")
@@ -136,7 +174,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--clients", type=int, default=32, help="concurrent clients")
     bench.add_argument("--client-tokens", type=int, default=128, help="tokens per request of each concurrent client")
     bench.add_argument("--min-seconds", type=float, default=2.0, help="time each (mode, T) at least this long")
-    bench.add_argument("--port", type=int, default=8765, help="HTTP port of the cluster under test")
+    bench.add_argument("--port", type=port_number, default=8765, help="HTTP port of the cluster under test")
     bench.add_argument("--experts-per-deployment", type=int,
                        help="experts packed into one deployment of the cluster (default: 8 for presets with 64+ "
                             "experts such as olmoe-mini, else 1)")
@@ -181,9 +219,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from .checkpoint import save_model
     from .core.model import MoEModel
 
+    output_dir(args.directory, "DIRECTORY")
     if (args.directory / "config.json").exists() and not args.force:
-        print(f"error: {args.directory} already holds a checkpoint; pass --force to overwrite it", file=sys.stderr)
-        return 1
+        raise UsageError(f"{args.directory} already holds a checkpoint; pass --force to overwrite it")
     config = PRESETS[args.preset]
     started = time.perf_counter()
     print(f"drawing {args.preset} weights (seed {args.seed}): D={config.d_model} F={config.d_ff} "
@@ -195,30 +233,33 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Every flag and path is checked here, before serve_local starts Ray."""
     from .serving.local import WholeModel, default_config_path, serve_local
 
-    config = args.config or default_config_path()
+    config = existing_file(args.config, "--config", "a Serve config file such as deployments/default.yaml") \
+        if args.config else default_config_path()
+    if args.hf_model is not None:
+        hf_model_dir(args.hf_model)
+    checkpoint = checkpoint_dir(Path(args.checkpoint)) if args.checkpoint else None
     if args.hf_model is None:
-        if args.in_process or args.model_name:
-            print("error: --in-process and --model-name need --hf-model", file=sys.stderr)
-            return 2
-        return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus)
-    if not args.checkpoint:
-        print(f"error: --hf-model needs --checkpoint: its MoE blocks (`moe-cluster import-hf {args.hf_model} DST`)",
-              file=sys.stderr)
-        return 2
-    whole = WholeModel(args.hf_model.resolve(), args.in_process, args.model_name)
-    return serve_local(config, args.checkpoint, args.host, args.port, args.num_cpus, args.num_gpus, whole)
+        if args.in_process or args.model_name or args.tokenizer:
+            raise UsageError("--in-process, --model-name and --tokenizer need --hf-model")
+        return serve_local(config, checkpoint, args.host, args.port, args.num_cpus, args.num_gpus)
+    if checkpoint is None:
+        raise UsageError(f"--hf-model needs --checkpoint: its MoE blocks (`moe-cluster import-hf {args.hf_model} "
+                         "DST`, then pass DST)")
+    tokenizer = tokenizer_dir(args.tokenizer).resolve() if args.tokenizer else None
+    whole = WholeModel(args.hf_model.resolve(), args.in_process, args.model_name, tokenizer)
+    return serve_local(config, checkpoint, args.host, args.port, args.num_cpus, args.num_gpus, whole)
 
 
 def _cmd_render_k8s(args: argparse.Namespace) -> int:
     from .tools.k8s import render_all
 
-    try:
-        changed = render_all(args.deployments, args.k8s, check=args.check)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    for path, flag in ((args.deployments, "--deployments"), (args.k8s, "--k8s")):
+        if not path.is_dir():
+            raise UsageError(f"{flag} {path}: no such directory; run from the repository's root or pass {flag}")
+    changed = render_all(args.deployments, args.k8s, check=args.check)
     if args.check:
         for path in changed:
             print(f"drift: {path} does not match its Serve config; run `moe-cluster render-k8s`", file=sys.stderr)
@@ -235,29 +276,25 @@ def _cmd_render_k8s(args: argparse.Namespace) -> int:
 def _cmd_import_hf(args: argparse.Namespace) -> int:
     from .hf.importer import import_hf_checkpoint
 
+    hf_model_dir(args.src, "SRC")
+    output_dir(args.dst, "DST")
     if (args.dst / "config.json").exists() and not args.force:
-        print(f"error: {args.dst} already holds a config.json; pass --force to overwrite it", file=sys.stderr)
-        return 1
-    try:
-        import_hf_checkpoint(args.src, args.dst, dtype=args.dtype, log=lambda line: print(line, flush=True))
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise UsageError(f"DST {args.dst} already holds a config.json; pass --force to overwrite it")
+    import_hf_checkpoint(args.src, args.dst, dtype=args.dtype, log=lambda line: print(line, flush=True))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import BenchSettings, run_bench
-    from .serving.runtime import PortBusyError
 
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
                              client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port,
                              experts_per_deployment=args.experts_per_deployment, decode=args.decode)
+    output_dir(args.out, "--out")
     try:
         results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))
     except PortBusyError as error:
-        print(f"error: {error}; pass --port with a free port", file=sys.stderr)
-        return 2
+        raise UsageError(f"{error}; pass --port with a free port") from error
     print(json.dumps(results["summary"], indent=2))
     if results["wrong_answers"]:
         print(f"error: answers that differ from the oracle by more than {results['oracle_atol']:g}: "
@@ -267,14 +304,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    hf_model_dir(args.hf_model)
+    checkpoint_dir(args.checkpoint)
+    if args.config:
+        existing_file(args.config, "--config", "a Serve config file such as deployments/default.yaml")
     # With --json, stdout carries the JSON alone: everything printed meanwhile (our progress
     # lines, Ray's and transformers' messages) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        try:
-            result = _generate(args)
-        except (OSError, ValueError, ImportError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        result = _generate(args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

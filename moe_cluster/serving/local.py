@@ -1,4 +1,10 @@
-"""`moe-cluster serve`: an embedded local Ray cluster running the app until SIGINT/SIGTERM."""
+"""`moe-cluster serve`: an embedded local Ray cluster running the app until SIGINT/SIGTERM.
+
+Everything that can be checked without Ray is checked first (`plan_serve`: the config, the app's
+args, the token, the port, the runner app): a mistake is a ValueError before Ray starts. SIGINT or
+SIGTERM while the cluster starts stops it at once (exit status 130 / 143); once the app is ready,
+either one stops it cleanly (exit status 0).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ from typing import Any
 
 import yaml
 
-from .args import resolve_app
+from .args import ResolvedApp, resolve_app
 from .http.auth import BearerAuth
-from .runtime import PortBusyError, start_local_serve, stop_local_serve
+from .runtime import PortBusyError, check_port_free, start_local_serve, stop_local_serve
 
-__all__ = ["ServeFileApp", "WholeModel", "read_serve_config", "default_config_path", "serve_local"]
+__all__ = ["ServeFileApp", "WholeModel", "ServePlan", "read_serve_config", "default_config_path", "plan_serve",
+           "serve_local", "handle_hint"]
 
 IMPORT_PATH = "moe_cluster.serving.app:build_app"
 
@@ -39,6 +46,7 @@ class WholeModel:
     hf_model: Path
     in_process: bool = False  # the runner computes the MoE blocks itself (no router, no experts)
     model_name: str | None = None
+    tokenizer: Path | None = None  # the tokenizer's directory (None: the hf_model directory's)
 
     def build(self, moe_args: dict[str, Any]):
         """(the runner app, a description of what runs) for the MoE app's args `moe_args`."""
@@ -46,6 +54,7 @@ class WholeModel:
         from .runner_in_process import build_in_process_runner_app
 
         args = {"hf_model": str(self.hf_model), "moe": moe_args, "served_model_name": self.model_name,
+                "tokenizer": str(self.tokenizer) if self.tokenizer else None,
                 "torch_threads": moe_args.get("torch_threads"),  # the runner's share of the config's cores
                 **{k: moe_args[k] for k in ("auth_token_env", "auth_token_file") if moe_args.get(k)}}
         if self.in_process:
@@ -60,84 +69,170 @@ def default_config_path() -> Path | None:
 
 
 def read_serve_config(path: Path) -> ServeFileApp:
-    """The first application in `path` whose import_path is ours."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for app in data.get("applications", []):
+    """The first application in `path` whose import_path is ours (ValueError if it has none, or is not
+    a Serve config at all)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a Serve config file (a mapping with `applications:`)")
+    for app in data.get("applications") or []:
         if app.get("import_path") == IMPORT_PATH:
             return ServeFileApp(app.get("name", "moe"), app.get("route_prefix", "/"), app.get("args") or {},
                                 data.get("http_options") or {})
     raise ValueError(f"{path}: no application with import_path {IMPORT_PATH!r}")
 
 
-def serve_local(config_path: Path | None, checkpoint: str | None, host: str | None, port: int | None,
-                num_cpus: int | None = None, num_gpus: int | None = None, whole: WholeModel | None = None) -> int:
-    """Start Ray and the app, print where it listens, serve until a signal, shut down."""
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `serve` will deploy, all of it checked before Ray starts."""
+
+    file_app: ServeFileApp
+    app: ResolvedApp  # the MoE app (also the runner's MoE part with --hf-model)
+    application: Any  # the Serve application to run (built, not yet deployed)
+    what: str  # what runs, for the banner
+    runner: bool  # the app's ingress is a runner (method `generate`), else the MoE router (`forward`)
+    host: str
+    port: int
+    auth: bool  # every request needs a bearer token
+
+
+def plan_serve(config_path: Path | None, checkpoint: str | Path | None, host: str | None, port: int | None,
+               whole: WholeModel | None = None) -> ServePlan:
+    """Read the config, validate the app's args, the token and the port, and build the application:
+    every mistake raises here (a ValueError), before Ray starts."""
+    from .app import build_app
+
     file_app = read_serve_config(config_path) if config_path else ServeFileApp("moe", "/", {}, {})
     args_dict = dict(file_app.args)
     if checkpoint:
         args_dict.update(checkpoint=str(Path(checkpoint).resolve()))
-    app = resolve_app(args_dict)  # fail fast, before Ray starts; the same resolved app is deployed
-    app_args, model_config = app.args, app.config
-    try:  # the replicas inherit this process's environment: a missing token fails here, not in a replica
-        auth = BearerAuth.from_args(app_args.auth_token_env, app_args.auth_token_file)
-    except ValueError as exc:
-        print(f"moe-cluster: {exc}", file=sys.stderr, flush=True)
-        return 2
+    try:
+        app = resolve_app(args_dict)
+    except ValueError as exc:  # pydantic's ValidationError included: say which file holds the args
+        if hasattr(exc, "errors") and config_path:
+            raise ValueError(f"the args of app {file_app.name!r} in {config_path}: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+        raise
+    # The replicas inherit this process's environment: a missing token fails here, not in a replica.
+    auth = BearerAuth.from_args(app.args.auth_token_env, app.args.auth_token_file)
     host = host or file_app.http_options.get("host", "127.0.0.1")
-    port = port or int(file_app.http_options.get("port", 8000))
+    if port is None and "port" in file_app.http_options:
+        port = int(file_app.http_options["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"http_options.port {port} in {config_path} is not a TCP port: put one in 1..65535 "
+                             "there, or pass --port")
+    port = port or 8000
+    try:  # now, not in the proxy 30 s after Ray started
+        check_port_free(host, port)
+    except PortBusyError as exc:
+        raise ValueError(f"{exc}; pass --port with a free port (or stop what listens there)") from exc
+    if whole is None:
+        application, what = build_app(app), f"router + {len(app.placement.groups)} expert deployments"
+    else:
+        application, what = whole.build(args_dict)  # checks the checkpoint against the HF model
+    return ServePlan(file_app, app, application, what, whole is not None, host, port, bool(auth))
+
+
+class StartupInterrupted(BaseException):
+    """SIGINT or SIGTERM while the cluster starts. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` in Ray's code on the way out of serve.run swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM of `serve`: during start-up they raise StartupInterrupted in the main
+    thread, which unwinds ray.init or serve.run at once (serve.run polls in Python, where the
+    handler runs); once ready, they only set `stop`, and the serving loop shuts down cleanly.
+    A second signal while stopping is ignored: the shutdown under way finishes."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.stop = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        if not self.ready:
+            raise StartupInterrupted(signum)
+
+
+def serve_local(config_path: Path | None, checkpoint: str | Path | None, host: str | None, port: int | None,
+                num_cpus: int | None = None, num_gpus: int | None = None, whole: WholeModel | None = None) -> int:
+    """Check everything, start Ray and the app, print where it listens, serve until a signal, shut down.
+
+    Returns 0 when stopped once ready, 128 + the signal's number (130 SIGINT, 143 SIGTERM) when
+    stopped during start-up. Mistakes raise before Ray starts (plan_serve)."""
+    plan = plan_serve(config_path, checkpoint, host, port, whole)
+    signals = StopSignals()
+    signals.install()  # before ray.init: a Ctrl-C while Ray starts stops it too
+    interrupted = None
+    try:
+        _start_and_serve(plan, signals, num_cpus, num_gpus)
+    except StartupInterrupted as exc:
+        interrupted = exc.signum
+        print(f"moe-cluster: {exc} during start-up: stopping the local Ray cluster", file=sys.stderr, flush=True)
+    finally:
+        signals.stop.set()  # from here on a signal does not interrupt the shutdown
+        # Interrupted, Serve may be half deployed: ray.shutdown alone ends every process of this
+        # cluster (the replicas with their raylet) in ~1 s, where Serve's graceful shutdown waits.
+        stop_local_serve(graceful=interrupted is None)
+    print("moe-cluster: stopped", flush=True)
+    return 0 if interrupted is None else 128 + interrupted
+
+
+def _start_and_serve(plan: ServePlan, signals: StopSignals, num_cpus: int | None, num_gpus: int | None) -> None:
+    """Start Ray and Serve, deploy, print the banner, wait for a signal."""
     import ray
     from ray import serve
 
-    from .app import build_app
-
     started = time.perf_counter()
-    source = app_args.checkpoint or f"preset {app_args.preset} (seed {app_args.seed})"
-    try:  # the port is checked before Ray starts: one line now, not a traceback from the proxy 30 s later
-        start_local_serve((host, port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
-    except PortBusyError as exc:
-        print(f"moe-cluster: {exc}; pass --port with a free port (or stop what listens there)",
-              file=sys.stderr, flush=True)
-        return 2
-    print(f"moe-cluster: started a local Ray cluster for {source}", flush=True)
-    # After ray.init, which installs handlers of its own: we want a clean shutdown.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        groups = app.placement.groups
-        what = f"router + {len(groups)} expert deployments"
-        if whole is not None:
-            application, what = whole.build(args_dict)
-        print(f"moe-cluster: deploying {what} "
-              f"(D={model_config.d_model}, E={model_config.num_experts}, top-{model_config.top_k})", flush=True)
-        serve.run(build_app(app) if whole is None else application, name=file_app.name,
-                  route_prefix=file_app.route_prefix)
-        base = f"http://{host}:{port}{file_app.route_prefix.rstrip('/')}"
-        endpoints = (f"GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward" if whole is None else
-                     f"POST {base}/v1/completions, POST {base}/v1/chat/completions, GET {base}/v1/models, "
-                     f"POST {base}/v1/generate, GET {base}/healthz")
-        print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ "
-              f"({endpoints})"
-              f"{'; every request needs Authorization: Bearer <token>' if auth else ''}; Ctrl-C to stop", flush=True)
-        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init sets it when it turns auth on
-        print(handle_hint(ray.get_runtime_context().gcs_address, file_app.name, token_auth), flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("moe-cluster: stopping", flush=True)
-    finally:
-        stop_local_serve()
-    print("moe-cluster: stopped", flush=True)
-    return 0
+        start_local_serve((plan.host, plan.port), num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=True)
+    except SystemExit:  # while ray.init runs, Ray's own SIGTERM handler is in place: it exits this way
+        raise StartupInterrupted(signal.SIGTERM) from None
+    signals.install()  # again: ray.init replaced our SIGTERM handler with its own
+    source = plan.app.args.checkpoint or f"preset {plan.app.args.preset} (seed {plan.app.args.seed})"
+    print(f"moe-cluster: started a local Ray cluster for {source}", flush=True)
+    config = plan.app.config
+    print(f"moe-cluster: deploying {plan.what} (D={config.d_model}, E={config.num_experts}, top-{config.top_k})",
+          flush=True)
+    serve.run(plan.application, name=plan.file_app.name, route_prefix=plan.file_app.route_prefix)
+    signals.ready = True
+    base = f"http://{plan.host}:{plan.port}{plan.file_app.route_prefix.rstrip('/')}"
+    endpoints = (f"POST {base}/v1/completions, POST {base}/v1/chat/completions, GET {base}/v1/models, "
+                 f"POST {base}/v1/generate, GET {base}/healthz" if plan.runner else
+                 f"GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward")
+    print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ ({endpoints})"
+          f"{'; every request needs Authorization: Bearer <token>' if plan.auth else ''}; Ctrl-C to stop", flush=True)
+    token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init sets it when it turns auth on
+    print(handle_hint(ray.get_runtime_context().gcs_address, plan.file_app.name, plan.runner, token_auth), flush=True)
+    while not signals.stop.wait(0.5):
+        pass
+    print("moe-cluster: stopping", flush=True)
 
 
-def handle_hint(ray_address: str, app_name: str, token_auth: bool) -> str:
-    """The banner line that says how another Python process on this machine gets a handle.
+def handle_hint(ray_address: str, app_name: str, runner: bool, token_auth: bool) -> str:
+    """The banner line that says how another Python process on this machine gets a handle, and which
+    method the app's ingress has: the MoE router's `forward`, or a runner's `generate`.
 
     A plain ray.init() there starts a second, empty Ray instance ("There is no Serve instance
-    running on this Ray cluster"). address="auto" finds this cluster (any one, if several run
-    here) and takes the token from ~/.ray/auth_token; an explicit address is exact, but Ray
-    turns token auth on for it only with RAY_AUTH_MODE=token (ray/_private/worker.py).
+    running on this Ray cluster"), and address="auto" picks any cluster running on this machine:
+    the hint gives this cluster's own address. With it, Ray turns token auth on only with
+    RAY_AUTH_MODE=token (ray/_private/worker.py), which the hint then says.
     """
-    explicit = f'ray.init(address="{ray_address}")' + (" with RAY_AUTH_MODE=token" if token_auth else "")
-    return (f"moe-cluster: Ray cluster at {ray_address}; a handle from Python on this machine: "
-            f'ray.init(address="auto") (or {explicit}), then serve.get_app_handle("{app_name}")')
+    init = f'ray.init(address="{ray_address}")' + (" with RAY_AUTH_MODE=token set" if token_auth else "")
+    call = ("generate.remote([[1, 5, 9]], 8).result()  # token ids in, {\"output_ids\", \"timings\"} out"
+            if runner else "forward.remote(x, layer=L).result()  # x: a [T, D] float32 tensor or array")
+    return (f"moe-cluster: Ray cluster at {ray_address}; a handle from Python on this machine: {init}, then "
+            f'serve.get_app_handle("{app_name}").{call}')

@@ -59,8 +59,11 @@ def check_port_free(host: str, port: int) -> None:
 
     The bind is the one Serve's proxy makes (ray/serve/_private/http_util.py: no SO_REUSEADDR,
     IPv6 for an IPv6 host). Without this check a busy port costs ~30 s and a long traceback:
-    Ray and the proxy start first, and the proxy's bind fails inside an actor.
+    Ray and the proxy start first, and the proxy's bind fails inside an actor. A port outside
+    1..65535 is a ValueError (0 would let the proxy pick one that nobody is told about).
     """
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not a TCP port: use one in 1..65535 (e.g. 8100)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
@@ -98,12 +101,17 @@ def start_local_serve(http: tuple[str, int] | None, num_cpus: int | None = None,
         raise
 
 
-def stop_local_serve() -> None:
-    """Shut Serve down (its replicas drain), then ray.shutdown (the latter even if the former fails)."""
+def stop_local_serve(graceful: bool = True) -> None:
+    """Shut Serve down (its replicas drain), then ray.shutdown (the latter even if the former fails).
+
+    graceful=False skips Serve's shutdown: ray.shutdown alone ends every process of the local
+    cluster this process started, replicas included, in about a second (an interrupted start-up,
+    where Serve's shutdown would wait for replicas still being created)."""
     import ray
 
     try:
-        _shutdown_serve()
+        if graceful:
+            _shutdown_serve()
     finally:
         ray.shutdown()
 

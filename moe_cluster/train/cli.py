@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..cli_checks import UsageError, checkpoint_dir, existing_file, hf_model_dir, output_dir, tokenizer_dir
 from .balance import BALANCE_METHODS
 from .model import PRESETS
 
@@ -86,17 +87,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .pipeline import run_training
 
+    output_dir(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {k: v for k, v in dict(steps=args.steps, balance=args.balance, aux_alpha=args.aux_alpha,
                                      z_loss=args.z_loss, top_k=args.top_k, seed=args.seed).items() if v is not None}
-    try:
-        cfg = PRESETS[args.preset].replace(**changes)
-        metrics = run_training(cfg, args.out, workers=args.workers, ablations=args.ablations,
-                               log=lambda line: print(line, flush=True))
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    cfg = PRESETS[args.preset].replace(**changes)  # a bad value raises ValueError: the CLI's one line
+    metrics = run_training(cfg, args.out, workers=args.workers, ablations=args.ablations,
+                           log=lambda line: print(line, flush=True))
     keys = ("val_ppl", "dense_val_ppl", "unigram_val_ppl", "val_tokens", "tokens_per_s", "train_wall_seconds")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     print(f"wrote {args.out}/model, metrics.json, val.txt, history.json and the plots")
@@ -105,16 +103,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     if args.in_process and args.checkpoint is None:
-        print("error: --in-process needs --checkpoint (without it, transformers runs the whole model "
-              "in this process anyway)", file=sys.stderr)
-        return 2
+        raise UsageError("--in-process needs --checkpoint (without it, transformers runs the whole model "
+                         "in this process anyway)")
+    tokenizer_dir(hf_model_dir(args.hf_model), "--hf-model")  # the text is tokenized by the model's tokenizer
+    existing_file(args.text, "--text", "a UTF-8 text file (e.g. DIR/val.txt of `moe-cluster train`)")
+    if args.checkpoint is not None:
+        checkpoint_dir(args.checkpoint)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        try:
-            ppl, tokens = _perplexity(args)
-        except (OSError, ValueError, ImportError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        ppl, tokens = _perplexity(args)
     if args.json:
         print(json.dumps({"perplexity": ppl, "tokens": tokens}))
     else:

@@ -1,13 +1,16 @@
 """`moe-cluster init` + `moe-cluster serve` as a user runs them: a real process, real HTTP,
 a handle from another process through the address the banner prints, a quiet clean stop;
-a busy port; `generate --json` through a real local cluster."""
+a busy port; `generate --json` through a real local cluster; SIGINT/SIGTERM during start-up
+stops at once and leaves no process of the cluster behind."""
 
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -34,7 +37,7 @@ def test_busy_port_is_one_line_and_status_2_before_ray_starts():
         elapsed = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"moe-cluster: port {port} on 127.0.0.1 is already in use (Address already in use); "
+        f"moe-cluster: error: port {port} on 127.0.0.1 is already in use (Address already in use); "
         "pass --port with a free port (or stop what listens there)"]
     assert done.stdout == ""  # Ray was never started
     assert elapsed < 30, f"took {elapsed:.0f}s"  # python + imports; starting Ray and failing in the proxy took ~34 s
@@ -56,6 +59,75 @@ def test_generate_json_through_the_cluster_is_json_alone_on_stdout(tmp_path):
     expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert result["output_ids"] == expected.tolist()
     assert "moe-cluster: starting a local Ray cluster" in done.stderr  # progress went to stderr
+
+
+def processes_naming(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line contains `text` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # it ended meanwhile
+            if text in cmdline:
+                found.append((int(entry), cmdline))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_stops_at_once(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) while the deployments start: it used to wait until every deployment
+    was up (~15 s), print "ready", then stop. Every process of this cluster runs with its session
+    under RAY_TMPDIR in its command line: none may be left."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen([*CLI, "serve", "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0"))
+    try:
+        wait_until(lambda: "moe-cluster: deploying" in open(log.name).read(), timeout=180, what="deploying")
+        time.sleep(1)  # serve.run is waiting for the replicas
+        assert "moe-cluster: ready" not in open(log.name).read()
+        started = {pid for pid, _ in processes_naming(ray_tmp)} | children(process.pid)
+        assert len(started) > 3, "the cluster's processes were not found: the check below would mean nothing"
+        process.send_signal(sig)
+        sent = time.monotonic()
+        status = process.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        stop_process(process)
+    output = open(log.name).read()
+    print(f"{sig.name}: exited {status} after {took:.1f}s")  # measured: see the report of issue 21
+    assert status == 128 + sig
+    assert took < 10, f"took {took:.1f}s"
+    assert f"moe-cluster: {sig.name} during start-up: stopping the local Ray cluster" in output
+    assert "moe-cluster: ready" not in output and "Traceback" not in output, output[-3000:]
+    alive = lambda: [pid for pid in started if is_alive(pid)] + [pid for pid, _ in processes_naming(ray_tmp)]  # noqa
+    wait_until(lambda: not alive(), timeout=5, what="every process of the cluster gone")
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc/*/stat)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, ended but not reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")

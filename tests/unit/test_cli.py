@@ -1,16 +1,25 @@
 """The `moe-cluster` command line without a Ray cluster: --help shows the defaults, --json
-output is JSON alone on stdout, a busy bench port is one line and exit status 2."""
+output is JSON alone on stdout, a busy bench port is one line and exit status 2, every mistake
+is one line `moe-cluster: error: ...` and status 2 before Ray starts (--debug adds the traceback),
+and the banner's handle hint names the ingress method of each app."""
 
 import argparse
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 import torch
 
+import moe_cluster.serving.local as serving_local
 import moe_cluster.serving.runner as serving_runner
 from moe_cluster.cli import build_parser, main
+from moe_cluster.serving.local import StartupInterrupted, StopSignals, handle_hint
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -91,7 +100,8 @@ def test_generate_json_sends_progress_to_stderr(tmp_path, capsys, monkeypatch):
         return result
 
     monkeypatch.setattr(serving_runner, "generate_on_local_cluster", fake_generate_on_local_cluster)
-    assert main(["generate", "--hf-model", str(tmp_path), "--checkpoint", str(tmp_path), "--input-ids", "1", "5",
+    hf, ckpt = fake_dirs(tmp_path)
+    assert main(["generate", "--hf-model", str(hf), "--checkpoint", str(ckpt), "--input-ids", "1", "5",
                  "9", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == result
@@ -123,8 +133,172 @@ def hf_generate(hf_model, prompt: list[int], new_tokens: int) -> list[list[int]]
                              do_sample=False).tolist()
 
 
-def test_serve_hf_model_flags_are_checked_before_ray_starts(capsys):
+def test_serve_hf_model_flags_are_checked_before_ray_starts(tmp_path, capsys):
     assert main(["serve", "--in-process"]) == 2
     assert "need --hf-model" in capsys.readouterr().err
-    assert main(["serve", "--hf-model", "some-dir"]) == 2
+    hf, _ = fake_dirs(tmp_path)
+    assert main(["serve", "--hf-model", str(hf)]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def fake_dirs(tmp_path):
+    """(a Hugging Face model directory, a moe-cluster checkpoint directory) as the CLI's path checks
+    see them: only their config.json."""
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    for directory, config in ((hf, {"model_type": "mixtral"}), (ckpt, {"format": "moe-cluster/1", "model": {}})):
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config))
+    return hf, ckpt
+
+
+def mistakes(tmp: str) -> dict[str, tuple[list[str], list[str]]]:
+    """{name: (argv, what the one line must say)}; `tmp` holds fake_dirs' hf/ and ckpt/, a file `file`,
+    a Hugging Face directory with a tokenizer
+    `tok`, and the Serve configs bad.yaml, badargs.yaml and badport.yaml."""
+    hf, ckpt, file = f"{tmp}/hf", f"{tmp}/ckpt", f"{tmp}/file"
+    return {
+        "checkpoint missing": (["serve", "--checkpoint", f"{tmp}/nope"], ["--checkpoint", "no such directory",
+                                                                          "moe-cluster init"]),
+        "checkpoint is HF": (["serve", "--checkpoint", hf], [
+            "--checkpoint", "this is a Hugging Face model directory", f"`moe-cluster import-hf {hf} DST`",
+            "pass DST"]),
+        "checkpoint is a file": (["serve", "--checkpoint", file], ["--checkpoint", "is a file"]),
+        "hf-model missing": (["serve", "--hf-model", f"{tmp}/nope", "--checkpoint", ckpt], ["--hf-model",
+                                                                                           "no such directory"]),
+        "hf-model is ours": (["serve", "--hf-model", ckpt, "--checkpoint", ckpt], ["--hf-model",
+                                                                                  "is a moe-cluster checkpoint"]),
+        "tokenizer missing": (["serve", "--hf-model", hf, "--checkpoint", ckpt, "--tokenizer", f"{tmp}/nope"],
+                              ["--tokenizer", "no such directory"]),
+        "config missing": (["serve", "--config", f"{tmp}/nope.yaml"], ["--config", "no such file"]),
+        "config not YAML": (["serve", "--config", f"{tmp}/bad.yaml"], ["bad.yaml", "not valid YAML"]),
+        "config args invalid": (["serve", "--config", f"{tmp}/badargs.yaml"], [
+            "badargs.yaml", "the args of app 'moe'", "bogus"]),
+        "config port invalid": (["serve", "--config", f"{tmp}/badport.yaml"], ["http_options.port 99999", "badport.yaml", "1..65535"]),
+        "port too large": (["serve", "--port", "99999"], ["--port", "99999", "1..65535"]),
+        "port zero": (["serve", "--port", "0"], ["--port", "1..65535"]),
+        "port not a number": (["serve", "--port", "http"], ["--port", "'http'", "1..65535"]),
+        "unknown flag": (["serve", "--prot", "8100"], ["unrecognized arguments: --prot", "--help"]),
+        "import SRC missing": (["import-hf", f"{tmp}/nope", f"{tmp}/out"], ["SRC", "no such directory",
+                                                                           "config.json"]),
+        "import SRC is ours": (["import-hf", ckpt, f"{tmp}/out"], ["SRC", "is a moe-cluster checkpoint"]),
+        "import DST is a file": (["import-hf", hf, file], ["DST", "is a file"]),
+        "generate hf-model missing": (["generate", "--hf-model", f"{tmp}/nope", "--checkpoint", ckpt,
+                                       "--input-ids", "1"], ["--hf-model", "no such directory"]),
+        "generate checkpoint is HF": (["generate", "--hf-model", hf, "--checkpoint", hf, "--input-ids", "1"],
+                                      ["--checkpoint", "import-hf"]),
+        "perplexity text missing": (["perplexity", "--hf-model", f"{tmp}/tok", "--text", f"{tmp}/nope.txt"],
+                                    ["--text", "no such file"]),
+        "perplexity without tokenizer": (["perplexity", "--hf-model", hf, "--text", file], [
+            "--hf-model", "has no tokenizer"]),
+        "perplexity checkpoint missing": (["perplexity", "--hf-model", f"{tmp}/tok", "--text", file,
+                                           "--checkpoint", f"{tmp}/nope"], ["--checkpoint", "no such directory"]),
+        "train out is a file": (["train", "--out", file], ["--out", "is a file"]),
+        "init over a file": (["init", file], ["DIRECTORY", "is a file"]),
+        "render-k8s folder missing": (["render-k8s", "--deployments", f"{tmp}/nope"], ["--deployments"]),
+    }
+
+
+@pytest.fixture
+def mistake_dir(tmp_path):
+    fake_dirs(tmp_path)
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "bad.yaml").write_text("applications: [\n")
+    app = "applications:\n- name: moe\n  import_path: moe_cluster.serving.app:build_app\n"
+    (tmp_path / "badargs.yaml").write_text(app + "  args: {bogus: 1}\n")
+    (tmp_path / "badport.yaml").write_text("http_options: {port: 99999}\n" + app)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    return tmp_path
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if `serve` gets as far as starting Ray."""
+    def start_local_serve(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(serving_local, "start_local_serve", start_local_serve)
+
+
+@pytest.mark.parametrize("name", sorted(mistakes("TMP")))
+def test_each_mistake_is_one_line_and_status_2_before_ray_starts(name, mistake_dir, no_ray, capsys):
+    argv, expected = mistakes(str(mistake_dir))[name]
+    try:
+        status = main(argv)
+    except SystemExit as done:  # argparse's own mistakes (a bad --port, an unknown flag)
+        status = done.code
+    out, err = capsys.readouterr()
+    assert status == 2, (status, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-cluster: error: "), err
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in out + err
+
+
+def test_debug_adds_the_traceback(tmp_path, capsys):
+    for argv in (["--debug", "serve", "--checkpoint", str(tmp_path / "nope")],
+                 ["serve", "--debug", "--checkpoint", str(tmp_path / "nope")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "UsageError" in err
+        assert err.strip().splitlines()[-1].startswith("moe-cluster: error: --checkpoint")
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the errors that the user's input causes become one line; anything else is a bug."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serving_local, "serve_local", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["serve"])
+
+
+def test_a_wrong_hf_model_is_one_line_and_ray_never_starts(tmp_path):
+    """The whole command as a user runs it: Ray writes its session under RAY_TMPDIR when it starts;
+    nothing may be there (today's bug: Ray started, then a traceback 9 s later calling it SRC)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
+    hf, ckpt = fake_dirs(tmp_path)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "moe_cluster.cli", "serve", "--hf-model", str(tmp_path / "nope"),
+                           "--checkpoint", str(ckpt)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"moe-cluster: error: --hf-model {tmp_path / 'nope'}: no such directory; pass a Hugging Face model directory "
+        "(config.json + *.safetensors, e.g. DIR/model of `moe-cluster train`)"]
+    assert done.stdout == "" and "Started a local Ray instance" not in done.stderr
+    assert os.listdir(ray_tmp) == [], "Ray was started"
+    assert time.monotonic() - started < 60  # python and its imports only
+    os.rmdir(ray_tmp)
+
+
+@pytest.mark.parametrize("runner, method", [(False, "forward"), (True, "generate")])
+def test_handle_hint_names_the_app_its_method_and_this_cluster(runner, method):
+    hint = handle_hint("10.0.0.5:6379", "moe", runner, token_auth=False)
+    assert 'ray.init(address="10.0.0.5:6379")' in hint and '"auto"' not in hint
+    assert f'serve.get_app_handle("moe").{method}.remote(' in hint
+    assert "RAY_AUTH_MODE=token" in handle_hint("10.0.0.5:6379", "moe", runner, token_auth=True)
+
+
+def test_a_signal_interrupts_start_up_but_only_stops_a_ready_server():
+    signals = StopSignals()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signals.install()
+        with pytest.raises(StartupInterrupted) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: this sleep is cut short
+        assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # while stopping: ignored
+        time.sleep(0.1)
+        ready = StopSignals()
+        ready.install()
+        ready.ready = True
+        os.kill(os.getpid(), signal.SIGINT)
+        assert ready.stop.wait(5)  # set, nothing raised
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -64,7 +64,7 @@ def test_cli_init_writes_a_loadable_checkpoint(tmp_path, capsys):
     fresh = MoEModel.random(loaded.config, seed=4)
     x = torch.randn(10, loaded.config.d_model)
     assert torch.equal(loaded.forward(x, 1), fresh.forward(x, 1))
-    assert main(["init", str(tmp_path / "ckpt")]) == 1
+    assert main(["init", str(tmp_path / "ckpt")]) == 2
     assert "--force" in capsys.readouterr().err
 
 

@@ -161,17 +161,17 @@ def test_cli_import_hf_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "importing olmoe" in out and "expert 6/6" in out and "wrote" in out
     assert_parity(hf_model, tmp_path / "ours")
-    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 1
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--force"]) == 0
 
 
 def test_cli_reports_bad_sources(tmp_path, capsys):
-    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "ours")]) == 1
+    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "ours")]) == 2
     assert "config.json" in capsys.readouterr().err
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert main(["import-hf", str(tmp_path / "llama"), str(tmp_path / "ours")]) == 1
+    assert main(["import-hf", str(tmp_path / "llama"), str(tmp_path / "ours")]) == 2
     err = capsys.readouterr().err
     assert "llama" in err and "mixtral" in err and "deepseek_v3" in err
 

@@ -193,7 +193,7 @@ def test_cli_generate_in_process(imported, tmp_path, capsys):
     assert f"output ids: 1 5 9 | {' '.join(map(str, expected[3:]))}" in out
     assert "per decode token (mean of tokens 1..3)" in out and "1 calls" in out
     assert main(["generate", "--hf-model", str(hf_dir), "--checkpoint", str(tmp_path / "nowhere"),
-                 "--input-ids", "1", "--in-process"]) == 1
+                 "--input-ids", "1", "--in-process"]) == 2
     assert "error:" in capsys.readouterr().err
 
 
