@@ -2,9 +2,12 @@
 
 `moe-cluster serve --hf-model DIR --checkpoint CKPT --config serve.yaml` (a real process, real
 HTTP, bearer auth on) runs a tiny Mixtral with a tokenizer made in the test: runner + router +
-one expert deployment. Greedy answers equal transformers' `generate` decoded by the same
+one expert deployment. The tokenizer is a WordPiece one that cleans up spaces when it decodes
+(" !" -> "!", " ' s" -> "'s"): its decode of all ids is not the join of the decodes of pieces,
+which once cut answers short. Greedy answers equal transformers' `generate` decoded by the same
 tokenizer; streamed text equals the unstreamed one; 8 concurrent requests each get what they
-would get alone; bad requests get OpenAI's error objects with the documented status codes.
+would get alone; degenerate sampling parameters are answered; a client that hangs up is let go;
+bad requests get OpenAI's error objects with the documented status codes.
 """
 
 import json
@@ -24,21 +27,23 @@ from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.hf.text import chat_prompt
 
 from ..support.hf_models import build_hf
-from ..support.tokenizer import save_tokenizer
+from ..support.tokenizers_zoo import wordpiece
 from .conftest import free_port, stop_process, wait_until
 
 openai = pytest.importorskip("openai", reason="needs the `test` extra: pip install -e '.[test]'")
 
-TOKEN, TOKEN_ENV, MODEL, VOCAB = "oai-test-token-81d2", "MOE_TEST_OPENAI_TOKEN", "tiny-mixtral", 320
+TOKEN, TOKEN_ENV, MODEL, VOCAB = "oai-test-token-81d2", "MOE_TEST_OPENAI_TOKEN", "tiny-mixtral", 90
 PROMPTS = ["Hello, how are you?", "The quick brown fox", "Once upon a time there was a small model that"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("openai")
+    tokenizer = wordpiece()
+    assert len(tokenizer) == VOCAB and tokenizer.clean_up_tokenization_spaces
     hf_model = build_hf("mixtral", vocab_size=VOCAB)
     hf_model.save_pretrained(work / MODEL)
-    tokenizer = save_tokenizer(work / MODEL, VOCAB)
+    tokenizer.save_pretrained(str(work / MODEL))
     import_hf_checkpoint(work / MODEL, work / "moe", log=lambda _: None)
     args = {"torch_threads": 1, "auth_token_env": TOKEN_ENV, "placement": [{"name": "experts", "experts": [0, 1, 2, 3]}]}
     (work / "serve.yaml").write_text(yaml.safe_dump({"applications": [
@@ -92,6 +97,19 @@ def test_greedy_completion_equals_transformers_streamed_or_not(server, prompt):
     assert text == hf_text(server, ids, 12)
     assert finish == "length" and (use.prompt_tokens, use.completion_tokens) == (len(ids), 12)
     assert complete(server["client"], prompt, stream=True) == (text, finish, use)
+
+
+# Token ids whose 16 greedy tokens decode to "o o'don don'hello ...": the tokenizer joins " ' " into "'"
+# only once the next token is there, so the text already streamed is not a prefix of the decode of all
+# ids; the old streamer stopped there, silently, at "o o '" (found by trying random prompts).
+CLEANUP_PROMPT = [78, 35, 42, 28]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unstreamed", "streamed"])
+def test_text_is_the_tokenizers_decode_where_it_cleans_up_spaces(server, stream):
+    text, finish, use = complete(server["client"], CLEANUP_PROMPT, stream=stream, max_tokens=16)
+    assert text == hf_text(server, CLEANUP_PROMPT, 16) and "o'" in text
+    assert (finish, use.completion_tokens) == ("length", 16)
 
 
 def test_chat_streamed_and_not_equals_transformers_on_the_plain_template(server):
