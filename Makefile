@@ -1,8 +1,14 @@
 # Commands for a fresh clone (each creates .venv on first use: a few minutes, with progress shown):
-#   make serve       serve the default model on an embedded local Ray cluster
+#   make install     create .venv and install moe-cluster with its test dependencies (CPU torch)
+#   make serve       serve the default model on an embedded local Ray cluster, http://127.0.0.1:8000/
+#                    make serve PORT=8100                      another port
+#                    make serve ARGS="--checkpoint ckpt"       any other `moe-cluster serve` flags
 #   make test        run the whole test suite (unit, k8s and cluster tiers; `slow` tests excluded)
 #   make test-unit   run the unit and k8s tiers only: no Ray cluster is started
+#   make clean       remove .venv and pytest's cache
 PYTHON ?= python3
+PORT ?=
+ARGS ?=
 VENV := .venv
 STAMP := $(VENV)/.installed
 
@@ -24,8 +30,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 	@echo "==> $(VENV) is ready"
 
+# PORT= empty: the Serve config's port (8000); ARGS: passed to `moe-cluster serve` as they are
 serve: $(STAMP)
-	$(VENV)/bin/moe-cluster serve
+	$(VENV)/bin/moe-cluster serve $(if $(PORT),--port $(PORT)) $(ARGS)
 
 # --durations: the slowest tests at the end of CI's log (the suite is kept under ~15 minutes)
 test: $(STAMP)

@@ -76,7 +76,7 @@ def processes_naming(text: str) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_during_start_up_stops_at_once(tmp_path, sig):
     """Ctrl-C (or SIGTERM) while the deployments start: it used to wait until every deployment
     was up (~15 s), print "ready", then stop. Every process of this cluster runs with its session
@@ -162,7 +162,8 @@ def test_a_handle_from_another_process_through_the_printed_address(server):
     found = wait_until(lambda: re.search(r"Ray cluster at (\S+); ", serve_log(server)), timeout=30,
                        what="the banner's Ray address")
     address = found.group(1)
-    assert f'ray.init(address="{address}")' in serve_log(server) and 'serve.get_app_handle("moe")' in serve_log(server)
+    assert f'ray.init(address="{address}")' in serve_log(server) and '"auto"' not in serve_log(server)
+    assert 'serve.get_app_handle("moe").forward.remote(' in serve_log(server)  # the MoE app's ingress method
     code = (f"import ray, torch\nfrom ray import serve\nray.init(address={address!r})\n"
             "x = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) / 100\n"
             "y = serve.get_app_handle('moe').forward.remote(x, layer=1).result()\n"

@@ -283,6 +283,20 @@ def test_handle_hint_names_the_app_its_method_and_this_cluster(runner, method):
     assert "RAY_AUTH_MODE=token" in handle_hint("10.0.0.5:6379", "moe", runner, token_auth=True)
 
 
+def test_plan_serve_knows_the_ingress_without_starting_ray(no_ray):
+    """The banner's method comes from the plan: a runner (`serve --hf-model`) answers `generate`."""
+    class Whole:
+        def build(self, moe_args):
+            return "the runner app", "runner + router + experts"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    plan = serving_local.plan_serve(None, None, "127.0.0.1", port, Whole())
+    assert plan.runner and plan.application == "the runner app" and plan.port == port
+    assert not serving_local.plan_serve(None, None, "127.0.0.1", port).runner
+
+
 def test_a_signal_interrupts_start_up_but_only_stops_a_ready_server():
     signals = StopSignals()
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
