@@ -178,11 +178,15 @@ class ResolvedApp:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def resolve_app(args: AppArgs | dict[str, Any] | None) -> ResolvedApp:
-    """Validate the args (dict from a config file) and resolve the model config and the placement."""
+def resolve_app(args: AppArgs | dict[str, Any] | None, digests: dict[str, str] | None = None) -> ResolvedApp:
+    """Validate the args (dict from a config file) and resolve the model config and the placement.
+    `digests`: the weights' digests of an app already running (its router's moe_spec), so that a runner
+    routing for it loads exactly those weights; None reads them from the checkpoint as it is now."""
     app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     config = app_args.load_model_config()
-    digests = tuple(sorted(load_digests(app_args.checkpoint).items())) if app_args.checkpoint else ()
+    if digests is None and app_args.checkpoint:
+        digests = load_digests(app_args.checkpoint)
+    digests = tuple(sorted((digests or {}).items()))
     return ResolvedApp(app_args, config, app_args.resolve_placement(config), digests)
 
 

@@ -52,10 +52,11 @@ class ExpertServer:
         self.row_rate = RowRate(window_s=2.0)
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
         self.requests = 0  # calls received (each may carry several experts' rows)
-
-    # Set on first use by forward, on the event loop (so __init__ needs no part of it).
-    rows_waiting: int = 0  # rows of calls received and not yet answered (autoscaling: work waiting)
-    _math: ThreadPoolExecutor | None = None  # the one thread that runs the expert math
+        self.rows_waiting = 0  # rows of calls received and not yet answered (autoscaling: work waiting)
+        # The one thread that runs the expert math: calls compute one at a time, as they did on the event
+        # loop, so torch's intra-op threads (set_torch_threads: a process-wide setting that new threads
+        # adopt) keep their meaning and concurrent calls do not oversubscribe the replica's cores.
+        self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{group.name}")
 
     async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray | DirectRows,
                       fingerprint: str | None = None) -> np.ndarray | DirectRows:
@@ -82,19 +83,11 @@ class ExpertServer:
         self.rows_waiting += n
         try:
             y, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._math_thread(), self._compute, modules, spans, x, direct)
+                self._math, self._compute, modules, spans, x, direct)
         finally:
             self.rows_waiting -= n
         self._count(layer, spans, n, seconds)
         return DirectRows.put(y, x_ND.transport) if direct else y
-
-    def _math_thread(self) -> ThreadPoolExecutor:
-        """One thread per replica: calls compute one at a time, as they did on the event loop, so
-        torch's intra-op threads (set_torch_threads: a process-wide setting that new threads adopt)
-        keep their meaning and concurrent calls do not oversubscribe the replica's cores."""
-        if self._math is None:
-            self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{self.group_name}")
-        return self._math
 
     def _compute(self, modules: list[torch.nn.Module], spans: list[tuple[int, int]],
                  x_ND: np.ndarray | torch.Tensor, direct: bool) -> tuple[np.ndarray | torch.Tensor, float]:
