@@ -137,8 +137,8 @@ def plan_serve(config_path: Path | None, checkpoint: str | Path | None, host: st
 
 
 class StartupInterrupted(BaseException):
-    """SIGINT or SIGTERM while the cluster starts. A BaseException, like KeyboardInterrupt, so that
-    no `except Exception` in Ray's code on the way out of serve.run swallows it."""
+    """SIGINT or SIGTERM while the cluster starts (raised by our own code, never by the handler).
+    A BaseException, like KeyboardInterrupt: it is not an error to report."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -146,13 +146,15 @@ class StartupInterrupted(BaseException):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM of `serve`: during start-up they raise StartupInterrupted in the main
-    thread, which unwinds ray.init or serve.run at once (serve.run polls in Python, where the
-    handler runs); once ready, they only set `stop`, and the serving loop shuts down cleanly.
-    A second signal while stopping is ignored: the shutdown under way finishes."""
+    """SIGINT and SIGTERM of `serve`: the first one is noted (`signum`) and sets `stop`; later ones
+    are ignored (the shutdown under way finishes).
+
+    The handler only notes: raising from it would unwind whatever the main thread runs, Ray's
+    Cython code included, which then fails with a SystemError (seen: "returned a result with an
+    exception set") instead of stopping. Our own loops watch `stop`."""
 
     def __init__(self) -> None:
-        self.ready = False
+        self.signum: int | None = None
         self.stop = threading.Event()
 
     def install(self) -> None:
@@ -160,11 +162,14 @@ class StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop.is_set():
-            return
-        self.stop.set()
-        if not self.ready:
-            raise StartupInterrupted(signum)
+        if self.signum is None:
+            self.signum = signum
+            self.stop.set()
+
+    def check(self) -> None:
+        """StartupInterrupted if a signal came (called during start-up, at points that are safe)."""
+        if self.signum is not None:
+            raise StartupInterrupted(self.signum)
 
 
 def serve_local(config_path: Path | None, checkpoint: str | Path | None, host: str | None, port: int | None,
@@ -175,7 +180,7 @@ def serve_local(config_path: Path | None, checkpoint: str | Path | None, host: s
     stopped during start-up. Mistakes raise before Ray starts (plan_serve)."""
     plan = plan_serve(config_path, checkpoint, host, port, whole)
     signals = StopSignals()
-    signals.install()  # before ray.init: a Ctrl-C while Ray starts stops it too
+    signals.install()  # before ray.init: a Ctrl-C while Ray starts is acted on as soon as it returns
     interrupted = None
     try:
         _start_and_serve(plan, signals, num_cpus, num_gpus)
@@ -183,7 +188,6 @@ def serve_local(config_path: Path | None, checkpoint: str | Path | None, host: s
         interrupted = exc.signum
         print(f"moe-cluster: {exc} during start-up: stopping the local Ray cluster", file=sys.stderr, flush=True)
     finally:
-        signals.stop.set()  # from here on a signal does not interrupt the shutdown
         # Interrupted, Serve may be half deployed: ray.shutdown alone ends every process of this
         # cluster (the replicas with their raylet) in ~1 s, where Serve's graceful shutdown waits.
         stop_local_serve(graceful=interrupted is None)
@@ -202,13 +206,13 @@ def _start_and_serve(plan: ServePlan, signals: StopSignals, num_cpus: int | None
     except SystemExit:  # while ray.init runs, Ray's own SIGTERM handler is in place: it exits this way
         raise StartupInterrupted(signal.SIGTERM) from None
     signals.install()  # again: ray.init replaced our SIGTERM handler with its own
+    signals.check()
     source = plan.app.args.checkpoint or f"preset {plan.app.args.preset} (seed {plan.app.args.seed})"
     print(f"moe-cluster: started a local Ray cluster for {source}", flush=True)
     config = plan.app.config
     print(f"moe-cluster: deploying {plan.what} (D={config.d_model}, E={config.num_experts}, top-{config.top_k})",
           flush=True)
-    serve.run(plan.application, name=plan.file_app.name, route_prefix=plan.file_app.route_prefix)
-    signals.ready = True
+    _deploy(plan, signals)
     base = f"http://{plan.host}:{plan.port}{plan.file_app.route_prefix.rstrip('/')}"
     endpoints = (f"POST {base}/v1/completions, POST {base}/v1/chat/completions, GET {base}/v1/models, "
                  f"POST {base}/v1/generate, GET {base}/healthz" if plan.runner else
@@ -220,6 +224,24 @@ def _start_and_serve(plan: ServePlan, signals: StopSignals, num_cpus: int | None
     while not signals.stop.wait(0.5):
         pass
     print("moe-cluster: stopping", flush=True)
+
+
+def _deploy(plan: ServePlan, signals: StopSignals, poll_s: float = 0.25) -> None:
+    """Deploy without waiting (serve.run blocks until every replica is up, ~15 s or more, and a
+    signal must not wait for it), then poll the app's status here, checking for a signal between
+    polls. Only this thread touches Ray, so an interrupt can shut it down at once."""
+    from ray import serve
+
+    serve.run_many([serve.RunTarget(plan.application, plan.file_app.name, plan.file_app.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    while True:
+        signals.check()
+        app = serve.status().applications.get(plan.file_app.name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying app {plan.file_app.name!r} failed: {app.message}")
+        signals.stop.wait(poll_s)
 
 
 def handle_hint(ray_address: str, app_name: str, runner: bool, token_auth: bool) -> str:
