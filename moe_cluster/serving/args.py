@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -90,12 +91,17 @@ class AppArgs(BaseModel):
     max_tokens_per_call: int | None = Field(default=None, ge=1,
                                             description="a call to an expert deployment carries at most this many rows "
                                                         "(a hot deployment's rows spread over its replicas)")
-    transport: Literal["auto", "object_store", "by_value", "nixl", "cuda_ipc"] = Field(
+    transport: Literal["auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel"] = Field(
         default="auto", description="how rows travel between the router and the experts: by_value (Serve's gRPC "
                                     "path, no object store; fastest for small calls), object_store (Ray's object "
                                     "store; for large calls), auto (by value up to by_value_max_bytes), or torch "
                                     "tensors through Ray's direct transport: nixl (needs the nixl extra) or "
-                                    "cuda_ipc (router and experts on one GPU); serving/transport.py")
+                                    "cuda_ipc (router and experts on one GPU), or channel (a ZeroMQ socket of each "
+                                    "expert replica: serving/channel.py); serving/transport.py")
+    channel_host: str | None = Field(default=None, min_length=1,
+                                     description="address the expert replicas' channel sockets bind on and "
+                                                 "publish (transport: channel); default: the node address Ray "
+                                                 "reports (a multi-node cluster); 127.0.0.1 on one machine")
     by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
                                                                      "by value (README: Configuring experts)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,
@@ -165,6 +171,8 @@ class ResolvedApp:
     # sha256 of each checkpoint file, taken when the app was built: every replica that loads a file checks
     # it against these (CheckpointChanged), so weights rewritten in place are refused, never mixed in.
     digests: tuple[tuple[str, str], ...] = ()
+    # Made when the app is built and handed to its replicas: a channel call must present it (never logged).
+    channel_secret: str = field(default="", repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -178,16 +186,19 @@ class ResolvedApp:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def resolve_app(args: AppArgs | dict[str, Any] | None, digests: dict[str, str] | None = None) -> ResolvedApp:
+def resolve_app(args: AppArgs | dict[str, Any] | None, digests: dict[str, str] | None = None,
+                channel_secret: str | None = None) -> ResolvedApp:
     """Validate the args (dict from a config file) and resolve the model config and the placement.
     `digests`: the weights' digests of an app already running (its router's moe_spec), so that a runner
-    routing for it loads exactly those weights; None reads them from the checkpoint as it is now."""
+    routing for it loads exactly those weights; None reads them from the checkpoint as it is now.
+    `channel_secret`: that app's (its router's moe_spec); None makes a new one (a new app)."""
     app_args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     config = app_args.load_model_config()
     if digests is None and app_args.checkpoint:
         digests = load_digests(app_args.checkpoint)
     digests = tuple(sorted((digests or {}).items()))
-    return ResolvedApp(app_args, config, app_args.resolve_placement(config), digests)
+    return ResolvedApp(app_args, config, app_args.resolve_placement(config), digests,
+                       channel_secret if channel_secret is not None else secrets.token_urlsafe(24))
 
 
 def merge_options(defaults: DeploymentOptions | dict[str, Any],

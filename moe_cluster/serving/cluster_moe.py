@@ -67,6 +67,8 @@ class ClusterMoE:
                 names.append(group)
         snapshot = self.metrics.snapshot(deployments_of_expert)
         snapshot["transport"] = {"mode": self.experts.transport.mode, "calls": self.experts.transport.paths()}
+        if self.experts.transport.channel is not None:
+            snapshot["transport"]["channel"] = self.experts.transport.channel.stats()
         return snapshot
 
 

@@ -24,12 +24,14 @@ from ..checkpoint import load_experts
 from ..core.config import ModelConfig
 from ..core.init import random_expert
 from ..core.placement import ExpertGroup
+from ..protocol.channel import CallHeader
 from .args import AppArgs, ResolvedApp
 from .autoscaling import ROWS_PER_S, ROWS_WAITING, RowRate
+from .channel_server import ChannelServer
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
-from .transport import DirectRows
+from .transport import CHANNEL_MODES, DirectRows
 
 __all__ = ["ExpertServer"]
 
@@ -57,6 +59,11 @@ class ExpertServer:
         # loop, so torch's intra-op threads (set_torch_threads: a process-wide setting that new threads
         # adopt) keep their meaning and concurrent calls do not oversubscribe the replica's cores.
         self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{group.name}")
+        # The direct channel (serving/channel_server.py), bound in record_replica_metadata (on the event loop).
+        self._channel_host = (app.args.channel_host or ray.util.get_node_ip_address()) \
+            if app.args.transport in CHANNEL_MODES else None
+        self._channel_secret = app.channel_secret
+        self.channel: ChannelServer | None = None
 
     async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray | DirectRows,
                       fingerprint: str | None = None) -> np.ndarray | DirectRows:
@@ -88,6 +95,23 @@ class ExpertServer:
             self.rows_waiting -= n
         self._count(layer, spans, n, seconds)
         return DirectRows.put(y, x_ND.transport) if direct else y
+
+    async def record_replica_metadata(self) -> dict:
+        """Published to every caller through Serve (ReplicaSelection.replica_metadata): the address of this
+        replica's channel socket, bound here (Serve calls this once, on the event loop, before the replica
+        takes calls); {} when the app's transport uses no channel."""
+        if self._channel_host is None:
+            return {}
+        if self.channel is None:
+            self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call,
+                                         asyncio.get_running_loop())
+        return {"channel": self.channel.address, "group": self.group_name}
+
+    async def _channel_call(self, header: CallHeader, x_ND: np.ndarray) -> np.ndarray:
+        """A call that came on the channel: exactly a Serve call of `forward` (checks, counters, math thread)."""
+        if header.dtype != self.dtype:
+            raise ValueError(f"rows of dtype {header.dtype} sent to a replica of a {self.dtype} model")
+        return await self.forward(header.layer, list(header.spans), x_ND, header.fingerprint)
 
     def _compute(self, modules: list[torch.nn.Module], spans: list[tuple[int, int]],
                  x_ND: np.ndarray | torch.Tensor, direct: bool) -> tuple[np.ndarray | torch.Tensor, float]:
@@ -143,6 +167,7 @@ class ExpertServer:
             ROWS_WAITING: self.rows_waiting,
             "compute_s": self.compute_s,
             "requests": self.requests,
+            "channel": self.channel.stats() if self.channel is not None else None,
             "time": time.time(),
         }
 

@@ -33,10 +33,11 @@ from ..core.dispatch import ExpertChunk, pack_calls
 from ..core.forward import GatherRows
 from ..core.placement import Placement
 from .args import ResolvedApp
+from .channel import ChannelClient, ChannelLost
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
 from .tensors import from_wire, wire_dtype
-from .transport import AnswerLost, DirectRows, DirectTransportError, Transport
+from .transport import CHANNEL_MODES, AnswerLost, DirectRows, DirectTransportError, Transport
 
 __all__ = ["RemoteExperts", "check_expert_answer"]
 
@@ -64,6 +65,9 @@ class RemoteExperts:
         if missing:
             raise ValueError(f"no handle for expert deployments {sorted(missing)}")
         transport = Transport(app.args.transport, app.args.by_value_max_bytes, device)
+        if app.args.transport in CHANNEL_MODES:
+            transport.channel = ChannelClient(app.channel_secret)
+            transport.channel.watch(handles)
         return cls(handles, app.placement, app.config, metrics, device, app.args.max_tokens_per_call, transport,
                    wire_dtype(app.config.dtype), app.fingerprint)
 
@@ -104,13 +108,19 @@ class RemoteExperts:
             attempts += 1
             try:
                 payload = self.transport.pack(rows_ND)
+                if not isinstance(payload, DirectRows) and self.transport.use_channel(payload.nbytes):
+                    answer = await self.transport.channel.call(
+                        group, self.handles[group], layer, spans, payload, self.config.dtype, self.fingerprint,
+                        self.deadline, lambda: [self.metrics.record_retry(e, group) for e in experts])
+                    if answer is not None:
+                        break  # else no replica could be reached on the channel: Serve's handle path
                 handle = self.transport.handle(self.handles, group, payload)
                 answer = await handle.forward.remote(layer, spans, payload, self.fingerprint)
                 if isinstance(payload, DirectRows) and isinstance(answer, DirectRows):
                     # The answer stays with the replica until fetched: a replica that died since is retried.
                     answer = await answer.get(retryable=True)
                 break
-            except (*RETRYABLE, AnswerLost) as exc:
+            except (*RETRYABLE, AnswerLost, ChannelLost) as exc:
                 if time.monotonic() + backoff_s >= self.deadline:
                     raise _call_error(group, layer, experts, started, attempts, exc) from exc
                 for expert in experts:

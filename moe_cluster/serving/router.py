@@ -42,6 +42,7 @@ class MoERouter:
     def __init__(self, app: ResolvedApp, handles: dict[str, DeploymentHandle]) -> None:
         self.args, self.config, self.placement = app.args, app.config, app.placement
         self.digests = app.digests  # of the weights this app serves, taken when it was built
+        self._channel_secret = app.channel_secret  # a runner routing for this app presents it too
         set_torch_threads(self.args.router_torch_threads or self.args.torch_threads)
         self.device = pick_device()
         self.limits = Limits(self.config.d_model, self.args.max_tokens_per_request, self.args.allow_non_finite)
@@ -115,8 +116,10 @@ class MoERouter:
         """What a runner needs to route this app's MoE layers itself (`RunnerArgs.moe_calls: direct`):
         the app's args (resolved there to the same config, gates and placement), the digests of its
         weights as they were when the app was built (a runner checks the gates it loads against them, not
-        against the files as they are now) and the Serve app that holds the expert deployments."""
-        return {"args": self.args.model_dump(mode="json"), "digests": dict(self.digests), "app_name": self.app_name}
+        against the files as they are now), the Serve app that holds the expert deployments and the app's
+        channel secret (a handle call, inside the cluster; never over HTTP)."""
+        return {"args": self.args.model_dump(mode="json"), "digests": dict(self.digests), "app_name": self.app_name,
+                "channel_secret": self._channel_secret}
 
     async def check_experts(self, timeout_s: float = 5.0) -> list[str]:
         """Names of expert deployments that did not answer a ping within `timeout_s`."""

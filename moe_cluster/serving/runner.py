@@ -158,7 +158,7 @@ class ModelRunner:
         """The MoE app's layers, routed here: the router tells which args and app (moe_spec), so the
         runner loads the same gates and placement and holds handles to the same expert deployments."""
         spec = await self.moe.moe_spec.remote()
-        app = resolve_app(spec["args"], spec["digests"])
+        app = resolve_app(spec["args"], spec["digests"], spec.get("channel_secret"))
         handles = await asyncio.to_thread(
             lambda: {g.name: serve.get_deployment_handle(g.name, app_name=spec["app_name"])
                      for g in app.placement.groups})

@@ -11,6 +11,8 @@ Shape legend: N rows of one expert call, D model dim.
     nixl          torch tensors through Ray's direct transport (`ray.put(t, _tensor_transport="nixl")`):
                   GPU memory to GPU memory, across nodes; needs `pip install 'moe-cluster[nixl]'`
     cuda_ipc      the same with CUDA IPC: router and experts on one node and one GPU
+    channel       the same numpy arrays on a ZeroMQ socket of each expert replica (serving/channel.py):
+                  no Serve request path per call; the Serve handle path when no replica is reachable
 
 A direct transport (nixl, cuda_ipc) that cannot be used falls back to the object store with
 one log line, never a failed request: NIXL not installed, the router not on a GPU (cuda_ipc),
@@ -35,11 +37,12 @@ from ray.serve.handle import DeploymentHandle
 from .tensors import to_wire
 
 __all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "word_checksum",
-           "TRANSPORTS"]
+           "TRANSPORTS", "CHANNEL_MODES"]
 
 logger = logging.getLogger("ray.serve")
 
-TRANSPORTS = ("auto", "object_store", "by_value", "nixl", "cuda_ipc")
+TRANSPORTS = ("auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel")
+CHANNEL_MODES = ("channel",)  # the modes whose expert replicas bind a channel socket
 DIRECT = ("nixl", "cuda_ipc")
 
 
@@ -124,6 +127,7 @@ class Transport:
         self._by_reference: dict[str, DeploymentHandle] = {}
         self._warned = False
         self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
+        self.channel: Any = None  # a ChannelClient (serving/channel.py) in the channel modes, set by its owner
 
     def by_value(self, nbytes: int) -> bool:
         """Whether a call of `nbytes` bytes of rows goes by value."""
@@ -136,6 +140,13 @@ class Transport:
             logger.warning("transport by_value: a call of %d bytes is over Serve's gRPC message limit (%d): "
                            "calls this large go through the object store", nbytes, self.by_value_max_bytes)
         return False
+
+    def use_channel(self, nbytes: int) -> bool:
+        """Whether a call of `nbytes` bytes of rows goes on the channel (counted when it does)."""
+        if self.channel is None or self.mode not in CHANNEL_MODES:
+            return False
+        self.calls["channel"] += 1
+        return True
 
     def pack(self, rows_ND: torch.Tensor) -> Any:
         """What a call carries: DirectRows on a direct transport, else numpy of the model dtype."""
@@ -171,8 +182,8 @@ class Transport:
 
     def paths(self) -> dict[str, int]:
         """Calls sent per path, every path this transport may take (for /v1/stats)."""
-        return {path: self.calls[path] for path in ("by_value", "object_store", *((self.mode,) if self.mode in DIRECT
-                                                                                   else ()))}
+        extra = (self.mode,) if self.mode in DIRECT else ("channel",) if self.mode in CHANNEL_MODES else ()
+        return {path: self.calls[path] for path in ("by_value", "object_store", *extra)}
 
 
 def direct_unavailable(mode: str, device: torch.device) -> str | None:

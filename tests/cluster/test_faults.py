@@ -16,7 +16,7 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
 
 `pytest -s` prints the measured recovery times and success rates. The faults app uses the
 default transport (`auto`: these small calls go by value); `MOE_FAULTS_TRANSPORT=object_store`
-(or `by_value`) runs the same test with that transport forced.
+(or `by_value`, or `channel`: direct ZeroMQ channels on 127.0.0.1) runs the same test with that transport forced.
 """
 
 import json
@@ -54,6 +54,7 @@ FAULTS = {
                 "ray_actor_options": {"num_cpus": 0}},
     "placement": [{"name": "experts-0-3", "experts": [0, 1, 2, 3]}, {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
     "transport": os.environ.get("MOE_FAULTS_TRANSPORT", "auto"),
+    "channel_host": "127.0.0.1",  # transport channel: every socket of ours on loopback in tests
 }
 LIMITS = {
     "torch_threads": 1, "max_tokens_per_call": 4, "request_timeout_s": DEADLINE_S,

@@ -47,6 +47,10 @@ def cluster(tmp_path_factory):
     mixed = dict(common, by_value_max_bytes=1024,
                  placement=[{"name": "mixed-0-3", "experts": [0, 1, 2, 3]}, {"name": "mixed-4-7", "experts": [4, 5, 6, 7]}])
     serve.run(build_app(mixed), name="mixed", route_prefix="/mixed")
+    # direct channels (serving/channel.py): every call on a ZeroMQ socket of the replica, on loopback
+    channel = dict(common, transport="channel", channel_host="127.0.0.1",
+                   placement=[{"name": "chan-0-3", "experts": [0, 1, 2, 3]}, {"name": "chan-4-7", "experts": [4, 5, 6, 7]}])
+    serve.run(build_app(channel), name="channel", route_prefix="/channel")
     yield {"model": load_model(checkpoint), "local": local,
            "handle": serve.get_app_handle("moe"), "packed": serve.get_app_handle("packed")}
     stop_local_serve()
@@ -149,12 +153,13 @@ def test_experts_without_tokens_get_no_call(cluster):
 @pytest.mark.parametrize("tokens", [1, 2, 37, 300])
 def test_every_transport_equals_the_oracle(cluster, tokens):
     """moe: auto (every call of these sizes by value); packed: object store only; mixed: auto with a
-    1 KiB threshold, so a 1-token request goes by value and a 300-token one through the object store. Which
+    1 KiB threshold, so a 1-token request goes by value and a 300-token one through the object store; channel:
+    every call on the replicas' direct channels (after the first calls, which may find them not yet known). Which
     path each call took is counted by the router (/v1/stats "transport")."""
     from ray import serve
 
     x = _x(tokens, seed=30 + tokens)
-    for app in ("moe", "packed", "mixed"):
+    for app in ("moe", "packed", "mixed", "channel"):
         router = serve.get_app_handle(app)
         before = router.stats.remote().result()["transport"]["calls"]
         for layer in (0, 1):
@@ -168,6 +173,8 @@ def test_every_transport_equals_the_oracle(cluster, tokens):
             assert sent["object_store"] == 0, sent
         elif app == "packed":  # forced object store
             assert sent["by_value"] == 0, sent
+        elif app == "channel":  # the router follows the replicas from its start: only the very first may fall back
+            assert sent["channel"] >= 2 and sent["by_value"] + sent["object_store"] <= 2, sent
         elif tokens == 1:  # mixed, 1 KiB threshold: 2 rows (512 B) a layer at most
             assert sent["object_store"] == 0, sent
         elif tokens == 300:  # 600 rows over 2 deployments: every call over 1 KiB
