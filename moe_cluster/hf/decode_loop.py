@@ -261,7 +261,8 @@ class DecodeLoop:
             self._cv.notify()
         if wait:
             self._thread.join(timeout=60)
-        self._pool.shutdown(wait=False)
+        # The scheduler thread shuts its pool down when it ends (_run): a step it is about to start
+        # still needs the pool.
 
     # --- the scheduler thread -------------------------------------------------------------
 
@@ -278,6 +279,7 @@ class DecodeLoop:
         for sequence in left:
             if not sequence.done:
                 self._end(sequence, error=ending)
+        self._pool.shutdown(wait=False)
 
     def _guarded_step(self) -> None:
         """One step; if it fails as a whole (not one request: a bug), its requests fail and the loop goes on."""
@@ -384,8 +386,11 @@ class DecodeLoop:
             finish = "length"
         if finish is None:
             sequence.emit(Event(token_id, piece))
-        else:
-            self._end(sequence, token_id, piece + (text.finish() if text is not None else ""), finish)
+            return
+        if text is not None:
+            piece += text.finish()
+            finish = "stop" if text.stopped else finish  # the held-back end may complete a stop string
+        self._end(sequence, token_id, piece, finish)
 
     def _end(self, sequence: _Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
              error: BaseException | None = None) -> None:

@@ -239,8 +239,16 @@ class StopStrings:
         return min(found)[1] if found else None
 
     def _may_begin_stop(self, text: str) -> int:
-        """Length of the longest end of `text` that is the start of a stop string (it may complete it)."""
-        return max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        """Length of the longest end of `text` that is the start of a stop string (it may complete it).
+        Only ends that begin with a stop string's first character are compared (the protocol caps a
+        stop string's length: this runs for every token, in the thread every sequence shares)."""
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text[-n] == s[0] and s.startswith(text[-n:]):
+                    longest = n
+                    break
+        return longest
 
 
 def fast_backend(tokenizer):

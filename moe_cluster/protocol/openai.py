@@ -30,6 +30,7 @@ __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "Samplin
 
 FinishReason = Literal["stop", "length"]
 SSE_DONE = b"data: [DONE]\n\n"
+MAX_STOP_CHARS = 256  # a stop string is checked against the text at every token, in the thread all requests share
 # Fields of OpenAI's API that are accepted only with their neutral value (what it means: the default).
 _NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False), "top_logprobs": (None, 0),
             "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}),
@@ -60,8 +61,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("stream_options")

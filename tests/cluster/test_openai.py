@@ -173,6 +173,7 @@ BAD = [  # (request kwargs, the client's exception, status, param)
     (dict(max_tokens=100000), openai.BadRequestError, 400, "max_tokens"),
     (dict(prompt="word " * 5000), openai.BadRequestError, 400, "prompt"),
     (dict(prompt=[VOCAB + 5]), openai.BadRequestError, 400, "prompt"),
+    (dict(stop=["x" * 300]), openai.BadRequestError, 400, "stop"),
     (dict(extra_body={"beam_width": 4}), openai.BadRequestError, 400, "beam_width"),
 ]
 
@@ -255,3 +256,14 @@ def test_a_client_that_hangs_up_is_let_go_while_eight_others_answer_right(server
     # It left long before its 200 tokens: all 8 others ended (each <= 13 tokens) and it is not among them.
     after = runner_stats(server)["decode_loop"]
     assert after["sequences"] - before["sequences"] == 8 and after["steps"] - before["steps"] < 100
+
+
+def test_a_lone_surrogate_in_the_prompt_is_a_400_not_a_500(server):
+    """JSON may carry "\\ud800" (the openai client refuses to send it, a raw client does not)."""
+    sock = raw_request(server, {"model": MODEL, "prompt": "\ud800 lone surrogate", "max_tokens": 2})
+    with sock:
+        answer = read_until(sock, b"}}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(body[body.index(b"{"):])["error"]
+    assert error["param"] == "prompt" and "surrogate" in error["message"]

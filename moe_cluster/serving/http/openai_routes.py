@@ -12,6 +12,7 @@ a stream is told as one last `data: {"error": ...}` event before `[DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -65,6 +66,14 @@ class OpenAIFace:
                                  "(GET /v1/models)", param="model", code="model_not_found")
 
     def prompt_ids(self, request: oai.SamplingFields) -> list[int]:
+        try:
+            return self._prompt_ids(request)
+        except (TypeError, UnicodeError) as exc:  # e.g. a lone UTF-16 surrogate ("\ud800"), which JSON allows
+            raise WireError(400, f"the prompt is not valid Unicode text ({type(exc).__name__}): a lone surrogate "
+                                 "or similar; send UTF-8 text", param="messages" if isinstance(
+                                     request, oai.ChatCompletionRequest) else "prompt", code="invalid_value") from None
+
+    def _prompt_ids(self, request: oai.SamplingFields) -> list[int]:
         if isinstance(request, oai.ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
             return chat_prompt(self.tokenizer, messages)
@@ -106,7 +115,9 @@ class OpenAIFace:
     # --- answers --------------------------------------------------------------------------
 
     async def answer(self, request: oai.SamplingFields) -> Response:
-        generation = self.generation(request)
+        # Tokenizing (a chat template, a long prompt) takes ms to a second: not on the event loop, where
+        # health checks and every other stream wait.
+        generation = await asyncio.to_thread(self.generation, request)
         chat = isinstance(request, oai.ChatCompletionRequest)
         if request.stream:
             return StreamingResponse(self._stream(generation, request, chat), media_type="text/event-stream",
@@ -170,7 +181,8 @@ async def _route(owner, request: Request, face: OpenAIFace, path: str) -> Respon
         return json_response(oai.models_body([face.model_name], face.created))
     kind = oai.ChatCompletionRequest if path == "/v1/chat/completions" else oai.CompletionRequest
     body = await read_body(request, getattr(getattr(owner, "args", None), "max_body_bytes", 2**20))
-    return await face.answer(oai.parse_request(body, request.headers.get("content-type"), kind))
+    parsed = await asyncio.to_thread(oai.parse_request, body, request.headers.get("content-type"), kind)
+    return await face.answer(parsed)
 
 
 def _error(exc: Exception, path: str) -> Response:

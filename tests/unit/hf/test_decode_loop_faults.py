@@ -193,3 +193,24 @@ def test_sampling_error_on_nan_logits_is_the_requests_own():
         Sampler(SamplingParams())(torch.tensor([0.0, float("nan")]))
     with pytest.raises(SamplingError, match="NaN"):
         Sampler(SamplingParams(temperature=1.0, seed=0))(torch.tensor([0.0, float("nan")]))
+
+
+class StopAtTheEnd:
+    """A text stream whose stop string is completed only by what it held back (a WordPiece cleanup holds
+    a trailing "v" back, since " 've" may follow): push tells nothing, finish finds the stop."""
+
+    stopped = False
+
+    def push(self, token_id):
+        return ""
+
+    def finish(self):
+        self.stopped = True
+        return ""
+
+
+def test_a_stop_string_found_in_the_held_back_end_is_a_stop_not_length(tiny, loop):  # noqa: F811
+    events = run_events(loop, GenerationRequest(PROMPT, 1, text=StopAtTheEnd()))
+    assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == 1
+    events = run_events(loop, GenerationRequest(PROMPT, 1))
+    assert events[-1].finish_reason == "length"

@@ -42,6 +42,7 @@ def test_a_chat_request():
     ({"model": "m", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ({"model": "m", "prompt": "x", "seed": -3}, 400, "seed", "invalid_value"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"model": "m", "prompt": "x", "stop": ["a" * 257]}, 400, "stop", "invalid_value"),  # checked at every token
     ({"model": "m", "prompt": "x", "stream_options": {"x": True}}, 400, "stream_options", "invalid_value"),
     ({"model": "m", "prompt": []}, 400, "prompt", "invalid_value"),
     ({"prompt": "x"}, 400, "model", "missing_required_parameter"),
