@@ -4,6 +4,7 @@ Every test under tests/cluster gets the `cluster` marker (below), so `pytest -m 
 runs the unit and k8s tiers alone and `pytest -m cluster` this one.
 """
 
+import os
 import signal
 import subprocess
 import time
@@ -24,6 +25,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if CLUSTER_TIER in item.path.resolve().parents:
             item.add_marker(pytest.mark.cluster)
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc/*/stat)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:

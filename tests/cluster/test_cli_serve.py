@@ -21,7 +21,7 @@ import torch
 from moe_cluster.checkpoint import load_model
 from moe_cluster.client import MoEClient, MoEHTTPError
 
-from .conftest import free_port, stop_process, wait_until
+from .conftest import children, free_port, stop_process, wait_until
 
 
 CLI = [sys.executable, "-m", "moe_cluster.cli"]
@@ -105,20 +105,6 @@ def test_a_signal_during_start_up_stops_at_once(tmp_path, sig):
     assert "moe-cluster: ready" not in output and "Traceback" not in output, output[-3000:]
     alive = lambda: [pid for pid in started if is_alive(pid)] + [pid for pid, _ in processes_naming(ray_tmp)]  # noqa
     wait_until(lambda: not alive(), timeout=5, what="every process of the cluster gone")
-
-
-def children(pid: int) -> set[int]:
-    """The processes whose parent is `pid` (from /proc/*/stat)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
 
 
 def is_alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, stop_process, wait_until
+from .conftest import children, free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -169,20 +169,6 @@ class Server:
                 pass
         stop_process(self.process)
         self.log.close()
-
-
-def children(pid: int) -> set[int]:
-    """The processes whose parent is `pid` (from /proc/*/stat)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
 
 
 def run_block(block: Block, code: str, cwd: Path, env: dict) -> str:
