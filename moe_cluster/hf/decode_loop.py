@@ -259,10 +259,8 @@ class DecodeLoop:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if wait:
+        if wait:  # the scheduler thread shuts its pool down when it ends (_run): a step may still need it
             self._thread.join(timeout=60)
-        # The scheduler thread shuts its pool down when it ends (_run): a step it is about to start
-        # still needs the pool.
 
     # --- the scheduler thread -------------------------------------------------------------
 
@@ -385,11 +383,9 @@ class DecodeLoop:
         elif sequence.generated >= sequence.request.max_new_tokens:
             finish = "length"
         if finish is None:
-            sequence.emit(Event(token_id, piece))
-            return
-        if text is not None:
-            piece += text.finish()
-            finish = "stop" if text.stopped else finish  # the held-back end may complete a stop string
+            return sequence.emit(Event(token_id, piece))
+        if text is not None:  # the held-back end may complete a stop string
+            piece, finish = piece + text.finish(), "stop" if text.stopped else finish
         self._end(sequence, token_id, piece, finish)
 
     def _end(self, sequence: _Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
