@@ -215,8 +215,8 @@ def check_compatible(hf_dir: str | Path, moe: ModelConfig, checkpoint: str | Pat
 
 def _check_same_gates(hf_dir: Path, hf_config: dict, checkpoint: Path, layer_ids: tuple[int, ...]) -> None:
     """ValueError naming both directories unless each MoE layer's gate in `checkpoint` equals hf_dir's (the
-    importer keeps the stored values, or makes them float32: compared in float32, exactly). Reads only the
-    gates: E x D per layer."""
+    importer keeps the stored values, or makes them float32: compared in float32, exactly). Reads the
+    checkpoint's router file (gates, and shared experts where the model has them) and hf_dir's gates."""
     from .importer import _block_prefix  # how the importer finds a layer's MoE block
 
     ours = load_router_layers(checkpoint, load_config(checkpoint))

@@ -255,21 +255,25 @@ _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/v1
            "/healthz": ("GET", _healthz)}
 
 
-def decode_loop_unhealthy(runner) -> Response | None:
-    """A 503 naming why the runner's decode loop cannot answer (hf/decode_loop.py `failure`), or None."""
+def _decode_loop_failure(runner) -> str | None:
+    """Why the runner's decode loop cannot answer (hf/decode_loop.py `failure`), or None while it works."""
     failure = runner.openai.loop.failure()
-    if failure is None:
-        return None
-    return error_response(503, f"the OpenAI API's decode loop cannot answer: {failure}; Serve replaces this "
-                               "replica (its health check fails)")
+    return None if failure is None else f"the OpenAI API's decode loop cannot answer: {failure}"
+
+
+def decode_loop_unhealthy(runner) -> Response | None:
+    """/healthz's 503 while the decode loop cannot answer, or None."""
+    failure = _decode_loop_failure(runner)
+    return None if failure is None else error_response(
+        503, f"{failure}; Serve replaces this replica (its health check fails)")
 
 
 def check_decode_loop(runner) -> None:
     """Serve's health check of a runner replica: raises while its decode loop cannot answer, so that Serve
     replaces the replica rather than leave every request to fail."""
-    failure = runner.openai.loop.failure()
+    failure = _decode_loop_failure(runner)
     if failure is not None:
-        raise RuntimeError(f"the OpenAI API's decode loop cannot answer: {failure}")
+        raise RuntimeError(failure)
 
 
 def close_decode_loop(runner) -> None:

@@ -315,3 +315,12 @@ def test_a_signal_is_noted_and_the_first_one_counts():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_the_cli_knows_the_checkpoint_format_the_writer_writes():
+    """cli_checks keeps its own copy of the format name (importing checkpoint/ pulls in torch before any
+    check): the copy must not drift from checkpoint/format.py's."""
+    from moe_cluster.checkpoint.format import FORMAT
+    from moe_cluster.cli_checks import CHECKPOINT_FORMAT
+
+    assert CHECKPOINT_FORMAT == FORMAT

@@ -185,8 +185,9 @@ def test_a_cancelled_request_leaves_at_the_next_step(tiny, loop):  # noqa: F811
     assert got.tokens["a"] == hf_greedy(hf_model, PROMPT, 30) and got.tokens["b"] == hf_greedy(hf_model, [7], 30)
 
 
-def test_sampling_error_on_nan_logits_is_the_requests_own():
-    """Logits with NaN (a model that computed garbage for one sequence) end that request with a clear error."""
+def test_nan_logits_raise_a_sampling_error_greedy_or_sampled():
+    """Logits with NaN (a model that computed garbage for one sequence) raise SamplingError, which the loop
+    turns into that request's own error (the raising-tokenizer test shows the per-request path)."""
     from moe_cluster.hf.sampling import Sampler, SamplingError
 
     with pytest.raises(SamplingError, match="NaN"):
