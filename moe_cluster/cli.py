@@ -182,6 +182,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                        help="also time greedy decoding of the README's 4-layer Mixtral-like model through the "
                             "runner, MoE blocks in process vs on the cluster, batch 1 and 8 (needs the hf extra; "
                             "writes the 1.7 GB model under --out once)")
+    bench.add_argument("--transport", choices=["auto", "object_store", "by_value", "channel"], default="auto",
+                       help="how the cluster's rows travel to the experts (AppArgs.transport; channel: direct ZeroMQ "
+                            "channels on 127.0.0.1)")
     bench.set_defaults(run=_cmd_bench)
 
 
@@ -289,7 +292,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
                              client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port,
-                             experts_per_deployment=args.experts_per_deployment, decode=args.decode)
+                             experts_per_deployment=args.experts_per_deployment, decode=args.decode,
+                             transport=args.transport)
     output_dir(args.out, "--out")
     try:
         results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))

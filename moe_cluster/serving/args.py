@@ -102,6 +102,11 @@ class AppArgs(BaseModel):
                                      description="address the expert replicas' channel sockets bind on and "
                                                  "publish (transport: channel); default: the node address Ray "
                                                  "reports (a multi-node cluster); 127.0.0.1 on one machine")
+    channel_max_bytes: int = Field(default=0, ge=0,
+                                   description="auto sends calls of at most this many bytes on the expert replicas' "
+                                               "channels, larger ones as before (0, the default until the "
+                                               "autoscaling policy counts channel calls: no channel); "
+                                               "docs/channel.md")
     by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
                                                                      "by value (README: Configuring experts)")
     max_batch_tokens: int | None = Field(default=8192, ge=1,

@@ -31,7 +31,7 @@ from .channel_server import ChannelServer
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
-from .transport import CHANNEL_MODES, DirectRows
+from .transport import DirectRows, uses_channel
 
 __all__ = ["ExpertServer"]
 
@@ -61,7 +61,7 @@ class ExpertServer:
         self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{group.name}")
         # The direct channel (serving/channel_server.py), bound in record_replica_metadata (on the event loop).
         self._channel_host = (app.args.channel_host or ray.util.get_node_ip_address()) \
-            if app.args.transport in CHANNEL_MODES else None
+            if uses_channel(app.args.transport, app.args.channel_max_bytes) else None
         self._channel_secret = app.channel_secret
         self.channel: ChannelServer | None = None
 

@@ -107,6 +107,7 @@ def plan_serve(config_path: Path | None, checkpoint: str | Path | None, host: st
 
     file_app = read_serve_config(config_path) if config_path else ServeFileApp("moe", "/", {}, {})
     args_dict = dict(file_app.args)
+    args_dict.setdefault("channel_host", "127.0.0.1")  # an embedded cluster is this machine: channels on loopback
     if checkpoint:
         args_dict.update(checkpoint=str(Path(checkpoint).resolve()))
     try:

@@ -37,7 +37,7 @@ from .channel import ChannelClient, ChannelLost
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
 from .tensors import from_wire, wire_dtype
-from .transport import CHANNEL_MODES, AnswerLost, DirectRows, DirectTransportError, Transport
+from .transport import AnswerLost, DirectRows, DirectTransportError, Transport, uses_channel
 
 __all__ = ["RemoteExperts", "check_expert_answer"]
 
@@ -65,8 +65,9 @@ class RemoteExperts:
         if missing:
             raise ValueError(f"no handle for expert deployments {sorted(missing)}")
         transport = Transport(app.args.transport, app.args.by_value_max_bytes, device)
-        if app.args.transport in CHANNEL_MODES:
+        if uses_channel(app.args.transport, app.args.channel_max_bytes):
             transport.channel = ChannelClient(app.channel_secret)
+            transport.channel_max_bytes = app.args.channel_max_bytes
             transport.channel.watch(handles)
         return cls(handles, app.placement, app.config, metrics, device, app.args.max_tokens_per_call, transport,
                    wire_dtype(app.config.dtype), app.fingerprint)

@@ -7,7 +7,8 @@ Shape legend: N rows of one expert call, D model dim.
     by_value      the same arrays through Serve's own gRPC path (`handle.options(_by_reference=False)`),
                   no object store: 2.3x faster than the object store at T=1 for 64 small experts;
                   at most RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH (4 MiB) a message
-    auto          by value up to by_value_max_bytes (1 MiB), else the object store (the default)
+    auto          on the channel up to channel_max_bytes (default 0: none), else by value up to by_value_max_bytes
+                  (1 MiB), else the object store (the default)
     nixl          torch tensors through Ray's direct transport (`ray.put(t, _tensor_transport="nixl")`):
                   GPU memory to GPU memory, across nodes; needs `pip install 'moe-cluster[nixl]'`
     cuda_ipc      the same with CUDA IPC: router and experts on one node and one GPU
@@ -37,12 +38,17 @@ from ray.serve.handle import DeploymentHandle
 from .tensors import to_wire
 
 __all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "word_checksum",
-           "TRANSPORTS", "CHANNEL_MODES"]
+           "TRANSPORTS", "CHANNEL_MODES", "uses_channel"]
 
 logger = logging.getLogger("ray.serve")
 
 TRANSPORTS = ("auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel")
-CHANNEL_MODES = ("channel",)  # the modes whose expert replicas bind a channel socket
+CHANNEL_MODES = ("channel",)  # the modes that send every call on the channel
+
+
+def uses_channel(mode: str, channel_max_bytes: int) -> bool:
+    """Whether an app of transport `mode` sends calls on channels (its expert replicas then bind one)."""
+    return mode in CHANNEL_MODES or (mode == "auto" and channel_max_bytes > 0)
 DIRECT = ("nixl", "cuda_ipc")
 
 
@@ -127,7 +133,8 @@ class Transport:
         self._by_reference: dict[str, DeploymentHandle] = {}
         self._warned = False
         self.calls: collections.Counter[str] = collections.Counter()  # calls sent per path (router /v1/stats)
-        self.channel: Any = None  # a ChannelClient (serving/channel.py) in the channel modes, set by its owner
+        self.channel: Any = None  # a ChannelClient (serving/channel.py) when uses_channel, set by its owner
+        self.channel_max_bytes = 0  # auto: calls of at most this many bytes go on the channel (set with it)
 
     def by_value(self, nbytes: int) -> bool:
         """Whether a call of `nbytes` bytes of rows goes by value."""
@@ -143,7 +150,7 @@ class Transport:
 
     def use_channel(self, nbytes: int) -> bool:
         """Whether a call of `nbytes` bytes of rows goes on the channel (counted when it does)."""
-        if self.channel is None or self.mode not in CHANNEL_MODES:
+        if self.channel is None or (self.mode not in CHANNEL_MODES and nbytes > self.channel_max_bytes):
             return False
         self.calls["channel"] += 1
         return True
@@ -182,7 +189,7 @@ class Transport:
 
     def paths(self) -> dict[str, int]:
         """Calls sent per path, every path this transport may take (for /v1/stats)."""
-        extra = (self.mode,) if self.mode in DIRECT else ("channel",) if self.mode in CHANNEL_MODES else ()
+        extra = (self.mode,) if self.mode in DIRECT else ("channel",) if self.channel is not None else ()
         return {path: self.calls[path] for path in ("by_value", "object_store", *extra)}
 
 

@@ -67,6 +67,7 @@ class BenchSettings:
     experts_per_deployment: int | None = None  # None: 8 for 64+ experts (olmoe-mini), else 1
     decode: bool = False  # also time greedy decoding through the runner (bench_decode.py)
     decode_model: tuple[tuple[str, Any], ...] = ()  # MixtralConfig fields over bench_decode.DECODE_MODEL (tests)
+    transport: str = "auto"  # AppArgs.transport of the cluster and the decode MoE app (channel: on 127.0.0.1)
 
 
 @dataclass

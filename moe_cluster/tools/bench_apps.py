@@ -82,4 +82,5 @@ def cluster_args(settings: BenchSettings) -> AppArgs:
         "max_tokens_per_request": max(settings.tokens) * 2, "placement": placement,
         "router": {"num_replicas": 1, "max_ongoing_requests": 256},
         "experts": {"num_replicas": 1, "max_ongoing_requests": 256},
+        "transport": settings.transport, "channel_host": "127.0.0.1",  # the bench's cluster is this machine
     })

@@ -51,7 +51,7 @@ def decode_records(settings, out_dir: Path, log: Callable[[str], None]) -> Decod
 
     shape = {**DECODE_MODEL, **dict(settings.decode_model)}
     hf_dir, checkpoint = write_decode_model(out_dir, settings.seed, shape, log)
-    generators = deploy_runners(hf_dir, checkpoint, log)
+    generators = deploy_runners(hf_dir, checkpoint, log, getattr(settings, "transport", "auto"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -60,13 +60,14 @@ def decode_records(settings, out_dir: Path, log: Callable[[str], None]) -> Decod
         results = DecodeResults(model={**shape, "seed": settings.seed, "prompt_tokens": PROMPT_TOKENS,
                                        "new_tokens": NEW_TOKENS, "timed_runs": RUNS})
         for batch in BATCHES:
-            time_batch(generators, batch, shape["vocab_size"], results, log)
+            time_batch(generators, batch, shape["vocab_size"], results, log, getattr(settings, "transport", "auto"))
     finally:
         torch.set_num_threads(threads)
     return results
 
 
-def time_batch(generators: dict[str, Callable], batch: int, vocab_size: int, results: DecodeResults, log) -> None:
+def time_batch(generators: dict[str, Callable], batch: int, vocab_size: int, results: DecodeResults, log,
+               transport: str = "auto") -> None:
     """Every mode at one batch size, in turns: one warm-up run each, then RUNS timed runs each."""
     ids = [[(17 * b + 3 * i) % (vocab_size - 1) + 1 for i in range(PROMPT_TOKENS)] for b in range(batch)]
     steps_ms: dict[str, list[float]] = {mode: [] for mode in generators}
@@ -86,7 +87,7 @@ def time_batch(generators: dict[str, Callable], batch: int, vocab_size: int, res
         results.records.append({
             "mode": mode, "tokens": batch, "clients": 1, "batch": batch, "ms_per_token": p50,
             "tokens_per_s": batch * 1e3 / p50, "p50_ms": p50, "p99_ms": p99, "requests": len(ms),
-            "transport": None if calls is None else "auto", "moe_calls": calls})
+            "transport": None if calls is None else transport, "moe_calls": calls})
         log(f"  {mode:>22}  batch {batch}: {p50:8.2f} ms per decode step (median of {len(ms)}), "
             f"p99 {p99:8.2f} ms, {batch * 1e3 / p50:7.1f} tokens/s")
 
@@ -115,13 +116,15 @@ def write_decode_model(out_dir: Path, seed: int, shape: dict[str, Any], log) -> 
     return hf_dir, checkpoint
 
 
-def deploy_runners(hf_dir: Path, checkpoint: Path, log) -> dict[str, Callable]:
-    """The MoE app of the decode model (one deployment per expert) and two runner apps calling it."""
+def deploy_runners(hf_dir: Path, checkpoint: Path, log, transport: str = "auto") -> dict[str, Callable]:
+    """The MoE app of the decode model (one deployment per expert, `transport` between its callers and
+    experts; channels on 127.0.0.1) and two runner apps calling it."""
     from ..serving.app import build_app
     from ..serving.runner import build_runner_app
 
     log("deploying the decode model's MoE app and its runners (direct, via the router) ...")
-    serve.run(build_app({"checkpoint": str(checkpoint), "torch_threads": 1, "router_torch_threads": 1}),
+    serve.run(build_app({"checkpoint": str(checkpoint), "torch_threads": 1, "router_torch_threads": 1,
+                         "transport": transport, "channel_host": "127.0.0.1"}),
               name="decode-moe", route_prefix=None)
     generators = {}
     for mode, calls in CLUSTER_MODES.items():

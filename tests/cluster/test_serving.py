@@ -43,8 +43,9 @@ def cluster(tmp_path_factory):
                              {"name": "experts-4-7", "experts": [4, 5, 6, 7]}],
                   max_tokens_per_call=16, transport="object_store")
     serve.run(build_app(packed), name="packed", route_prefix="/packed")
-    # auto with a small threshold: calls of <= 4 rows (1 KiB) by value, larger ones through the object store
-    mixed = dict(common, by_value_max_bytes=1024,
+    # auto with a small threshold and no channel: calls of <= 4 rows (1 KiB) by value, larger ones through the
+    # object store
+    mixed = dict(common, by_value_max_bytes=1024, channel_max_bytes=0,
                  placement=[{"name": "mixed-0-3", "experts": [0, 1, 2, 3]}, {"name": "mixed-4-7", "experts": [4, 5, 6, 7]}])
     serve.run(build_app(mixed), name="mixed", route_prefix="/mixed")
     # direct channels (serving/channel.py): every call on a ZeroMQ socket of the replica, on loopback

@@ -122,3 +122,20 @@ def test_an_expert_failure_is_not_retried(monkeypatch):
                 s.close()
 
     assert _run(scenario)["retries"] == 0
+
+
+def test_auto_sends_calls_up_to_channel_max_bytes_on_the_channel():
+    from moe_cluster.serving.args import AppArgs
+    from moe_cluster.serving.transport import Transport, uses_channel
+
+    assert AppArgs().transport == "auto" and AppArgs().channel_max_bytes == 0  # no channel unless asked
+    assert uses_channel("auto", 4 * 2**20) and uses_channel("channel", 0)
+    assert not uses_channel("auto", 0) and not uses_channel("by_value", 2**20) and not uses_channel("nixl", 2**20)
+    transport = Transport("auto")
+    assert not transport.use_channel(10) and "channel" not in transport.paths()  # no ChannelClient: never
+    transport.channel, transport.channel_max_bytes = object(), 1000
+    assert transport.use_channel(1000) and not transport.use_channel(1001)
+    assert transport.by_value(1001) and transport.paths() == {"by_value": 0, "object_store": 0, "channel": 1}
+    forced = Transport("channel")
+    forced.channel = object()
+    assert forced.use_channel(2**30) and forced.paths()["channel"] == 1

@@ -49,3 +49,10 @@ def test_summary_ratios_include_decode_and_ignore_decode_records_elsewhere():
     assert summary["handle_T64_p50_over_inprocess"] == pytest.approx(1.5)
     assert summary["decode-cluster_over_inprocess_batch1"] == pytest.approx(1.5)
     assert summary["decode-cluster_over_inprocess_batch8"] == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("transport", ["auto", "channel", "object_store"])
+def test_the_bench_cluster_takes_the_transport_and_keeps_channels_on_loopback(transport):
+    args = cluster_args(BenchSettings(preset="tiny", transport=transport))
+    # set by the bench itself (tests/conftest.py makes loopback the default of every app a test builds)
+    assert args.transport == transport and args.channel_host == "127.0.0.1" and "channel_host" in args.model_fields_set
