@@ -179,9 +179,12 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
                        help="experts packed into one deployment of the cluster (default: 8 for presets with 64+ "
                             "experts such as olmoe-mini, else 1)")
     bench.add_argument("--decode", action="store_true",
-                       help="also time greedy decoding of the README's 4-layer Mixtral-like model through the "
-                            "runner, MoE blocks in process vs on the cluster, batch 1 and 8 (needs the hf extra; "
-                            "writes the 1.7 GB model under --out once)")
+                       help="also time greedy decoding of whole Mixtral-like models through the runner, MoE blocks "
+                            "in process vs on the cluster, batch 1 and 8 (needs the hf extra; writes the models "
+                            "under --out once: 4-layer 1.7 GB, 16-layer 60 MB)")
+    bench.add_argument("--decode-models", nargs="+", choices=["4-layer", "16-layer"], default=["4-layer", "16-layer"],
+                       help="the models --decode times: 4-layer (D=1024, F=3584) and 16-layer (D=256, F=512, 16 MoE "
+                            "layers: the per-call cost of a deep model)")
     bench.add_argument("--transport", choices=["auto", "object_store", "by_value", "channel"], default="auto",
                        help="how the cluster's rows travel to the experts (AppArgs.transport; channel: direct ZeroMQ "
                             "channels on 127.0.0.1)")
@@ -293,7 +296,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(preset=args.preset, seed=args.seed, tokens=tuple(args.tokens), clients=args.clients,
                              client_tokens=args.client_tokens, min_seconds=args.min_seconds, port=args.port,
                              experts_per_deployment=args.experts_per_deployment, decode=args.decode,
-                             transport=args.transport)
+                             decode_models=tuple(args.decode_models), transport=args.transport)
     output_dir(args.out, "--out")
     try:
         results = run_bench(settings, args.out, log=lambda line: print(line, flush=True))

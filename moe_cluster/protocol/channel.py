@@ -30,7 +30,8 @@ import msgpack
 import numpy as np
 
 __all__ = ["ChannelMessageError", "CallHeader", "Answer", "ERRORS", "VERSION", "MAX_HEADER_BYTES", "MAX_SPANS",
-           "encode_call", "decode_call", "encode_answer", "encode_error", "decode_answer", "wire_dtype_of"]
+           "encode_call", "decode_call", "encode_answer", "encode_error", "decode_answer", "wire_dtype_of",
+           "dtype_of_wire"]
 
 VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024  # a header is a few hundred bytes; the spans of a call are at most a few hundred
@@ -54,6 +55,17 @@ def wire_dtype_of(dtype: str) -> np.dtype:
     if not isinstance(dtype, str) or dtype not in _WIRE:
         raise ChannelMessageError(f"dtype must be one of {sorted(_WIRE)}, got {dtype!r:.40}")
     return _WIRE[dtype]
+
+
+def dtype_of_wire(rows_ND: np.ndarray) -> str:
+    """The model dtype whose wire form `rows_ND` has (uint16: bfloat16); ChannelMessageError if none.
+    An expert's answer travels in the dtype it has, so that the caller's answer check names what the
+    expert really answered, as on Serve's path."""
+    for dtype, wire in _WIRE.items():
+        if rows_ND.dtype == wire:
+            return dtype
+    raise ChannelMessageError(f"an answer of dtype {rows_ND.dtype} cannot travel on the channel; "
+                              f"it takes {sorted(_WIRE)} (bfloat16 as uint16)")
 
 
 @dataclass(frozen=True)

@@ -94,18 +94,19 @@ class AppArgs(BaseModel):
     transport: Literal["auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel"] = Field(
         default="auto", description="how rows travel between the router and the experts: by_value (Serve's gRPC "
                                     "path, no object store; fastest for small calls), object_store (Ray's object "
-                                    "store; for large calls), auto (by value up to by_value_max_bytes), or torch "
-                                    "tensors through Ray's direct transport: nixl (needs the nixl extra) or "
+                                    "store; for large calls), auto (the channel up to channel_max_bytes, then by "
+                                    "value up to by_value_max_bytes, then the object store), or torch tensors "
+                                    "through Ray's direct transport: nixl (needs the nixl extra) or "
                                     "cuda_ipc (router and experts on one GPU), or channel (a ZeroMQ socket of each "
                                     "expert replica: serving/channel.py); serving/transport.py")
     channel_host: str | None = Field(default=None, min_length=1,
                                      description="address the expert replicas' channel sockets bind on and "
                                                  "publish (transport: channel); default: the node address Ray "
                                                  "reports (a multi-node cluster); 127.0.0.1 on one machine")
-    channel_max_bytes: int = Field(default=0, ge=0,
+    channel_max_bytes: int = Field(default=4 * 2**20, ge=0,
                                    description="auto sends calls of at most this many bytes on the expert replicas' "
-                                               "channels, larger ones as before (0, the default until the "
-                                               "autoscaling policy counts channel calls: no channel); "
+                                               "channels, larger ones by value or through the object store (4 MiB: "
+                                               "the measured crossover on CPU; 0: no channel, no socket bound); "
                                                "docs/channel.md")
     by_value_max_bytes: int = Field(default=2**20, ge=0, description="auto sends calls of at most this many bytes "
                                                                      "by value (README: Configuring experts)")

@@ -1,14 +1,16 @@
 """Per-expert autoscaling on token load and on the work waiting.
 
-Each expert replica reports two custom metrics (`ExpertServer.record_autoscaling_stats`):
+Each expert replica reports three custom metrics (`ExpertServer.record_autoscaling_stats`):
 `rows_per_s`, the token rows it computed per second over the last `RowRate.window_s`
-seconds, and `rows_waiting`, the rows of the calls it has received and not yet answered.
-Serve itself counts the calls of a deployment: queued at the callers' handles and ongoing
-in its replicas (`AutoscalingContext.total_num_requests`). `TokenLoadPolicy` asks for
-enough replicas for whichever demand is larger:
+seconds, `rows_waiting`, the rows of the calls it has received and not yet answered, and
+`channel_calls`, the calls that came on its direct channel (serving/channel.py) and are not
+yet answered. Serve itself counts the calls of a deployment that take its request path:
+queued at the callers' handles and ongoing in its replicas
+(`AutoscalingContext.total_num_requests`); channel calls never pass through Serve, so the
+replicas count them. `TokenLoadPolicy` asks for enough replicas for whichever demand is larger:
 
     by rows  = ceil((sum of rows_per_s + sum of rows_waiting / drain_s) / target_rows_per_s)
-    by calls = ceil(calls queued or ongoing / target_ongoing_requests)
+    by calls = ceil((calls queued or ongoing + sum of channel_calls) / target_ongoing_requests)
     replicas = max(by rows, by calls)
 
 So a saturated deployment (calls waiting beyond `target_ongoing_requests` per replica, Serve's
@@ -45,10 +47,11 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["RowRate", "TokenLoadPolicy", "ROWS_PER_S", "ROWS_WAITING", "POLICY_PATH"]
+__all__ = ["RowRate", "TokenLoadPolicy", "ROWS_PER_S", "ROWS_WAITING", "CHANNEL_CALLS", "POLICY_PATH"]
 
 ROWS_PER_S = "rows_per_s"
 ROWS_WAITING = "rows_waiting"
+CHANNEL_CALLS = "channel_calls"
 DEFAULT_TARGET_ONGOING_REQUESTS = 2.0  # Serve's own default for autoscaling_config.target_ongoing_requests
 POLICY_PATH = "moe_cluster.serving.autoscaling:TokenLoadPolicy"
 
@@ -104,7 +107,8 @@ class TokenLoadPolicy:
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         by_rows, rows_demand = self._by_rows(ctx)
-        calls = float(ctx.total_num_requests or 0.0)
+        on_channels = sum(((ctx.aggregated_metrics or {}).get(CHANNEL_CALLS) or {}).values())
+        calls = float(ctx.total_num_requests or 0.0) + float(on_channels)
         by_calls = math.ceil(calls / _target_ongoing_requests(ctx))
         state = dict(ctx.policy_state)
         state.update(last_rows_demand=rows_demand, last_calls=calls)

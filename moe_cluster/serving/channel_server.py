@@ -21,7 +21,8 @@ from typing import Awaitable, Callable
 import numpy as np
 import zmq
 
-from ..protocol.channel import CallHeader, ChannelMessageError, decode_call, encode_answer, encode_error
+from ..protocol.channel import (CallHeader, ChannelMessageError, decode_call, dtype_of_wire, encode_answer,
+                                encode_error)
 from .errors import MoEAppChanged
 
 __all__ = ["ChannelServer", "MAX_WAITING"]
@@ -106,7 +107,7 @@ class ChannelServer:
         """Run the call on the event loop and hand its answer (or error) to the socket thread."""
         try:
             out_ND = await self._handler(header, rows_ND)
-            frames = encode_answer(header.request_id, out_ND, header.dtype)
+            frames = encode_answer(header.request_id, out_ND, dtype_of_wire(out_ND))  # checked by the caller
             self.counts["answered"] += 1
         except MoEAppChanged as exc:
             frames = encode_error(header.request_id, "app_changed", str(exc))

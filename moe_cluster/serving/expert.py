@@ -26,7 +26,7 @@ from ..core.init import random_expert
 from ..core.placement import ExpertGroup
 from ..protocol.channel import CallHeader
 from .args import AppArgs, ResolvedApp
-from .autoscaling import ROWS_PER_S, ROWS_WAITING, RowRate
+from .autoscaling import CHANNEL_CALLS, ROWS_PER_S, ROWS_WAITING, RowRate
 from .channel_server import ChannelServer
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
@@ -144,10 +144,12 @@ class ExpertServer:
         return module
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics (see autoscaling.py): token rows computed per second, and rows
-        received but not yet answered. Serve calls it from a threadpool: RowRate has a lock, and
-        rows_waiting is an int that only the event loop writes."""
-        return {ROWS_PER_S: self.row_rate.per_second(), ROWS_WAITING: float(self.rows_waiting)}
+        """Custom autoscaling metrics (see autoscaling.py): token rows computed per second, rows received
+        but not yet answered, and calls that came on the channel and are not yet answered (Serve does not
+        see those). Serve calls it from a threadpool: RowRate has a lock; rows_waiting and the channel's
+        `waiting` are ints that one thread each writes."""
+        return {ROWS_PER_S: self.row_rate.per_second(), ROWS_WAITING: float(self.rows_waiting),
+                CHANNEL_CALLS: float(self.channel.waiting if self.channel is not None else 0)}
 
     async def ping(self) -> str:
         """The router's health check: answered on the event loop, which the expert math never holds."""

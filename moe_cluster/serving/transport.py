@@ -7,8 +7,8 @@ Shape legend: N rows of one expert call, D model dim.
     by_value      the same arrays through Serve's own gRPC path (`handle.options(_by_reference=False)`),
                   no object store: 2.3x faster than the object store at T=1 for 64 small experts;
                   at most RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH (4 MiB) a message
-    auto          on the channel up to channel_max_bytes (default 0: none), else by value up to by_value_max_bytes
-                  (1 MiB), else the object store (the default)
+    auto          on the channel up to channel_max_bytes (4 MiB), else by value up to by_value_max_bytes
+                  (1 MiB: so none with the defaults), else the object store (the default)
     nixl          torch tensors through Ray's direct transport (`ray.put(t, _tensor_transport="nixl")`):
                   GPU memory to GPU memory, across nodes; needs `pip install 'moe-cluster[nixl]'`
     cuda_ipc      the same with CUDA IPC: router and experts on one node and one GPU

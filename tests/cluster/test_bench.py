@@ -28,7 +28,7 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     settings = BenchSettings(preset="tiny", tokens=TOKENS, clients=4, client_tokens=16, min_reps=2,
                              min_seconds=0.1, client_requests=2, port=free_port(), decode=True,
-                             decode_model=TINY_MIXTRAL)
+                             decode_models=("16-layer",), decode_model=TINY_MIXTRAL)
     lines = []
     returned = run_bench(settings, out, log=lines.append)
     return {"out": out, "settings": settings, "lines": lines, "returned": returned,
@@ -90,12 +90,13 @@ def test_results_file_shape(bench):
 def test_decode_modes_equal_the_in_process_runner_at_batch_1_and_8(bench):
     results = bench["results"]
     decode = [r for r in results["records"] if "batch" in r]
-    assert {(r["mode"], r["batch"]) for r in decode} == {(m, b) for m in DECODE_MODES for b in (1, 8)}
+    assert {(r["mode"], r["decode_model"], r["batch"]) for r in decode} \
+        == {(m, "16-layer", b) for m in DECODE_MODES for b in (1, 8)}
     for r in decode:
         assert r["ms_per_token"] == r["p50_ms"] > 0 and r["requests"] > 0, r
         assert r["moe_calls"] == {"decode-cluster": "direct", "decode-cluster-router": "router"}.get(r["mode"])
-    assert results["decode_model"]["hidden_size"] == 32
+    assert list(results["decode_models"]) == ["16-layer"] and results["decode_models"]["16-layer"]["hidden_size"] == 32
     # a cluster mode whose tokens differ from the in-process runner's would be listed here
     assert not [w for w in results["wrong_answers"] if "decode" in w]
-    assert {"decode-cluster_over_inprocess_batch1", "decode-cluster_over_inprocess_batch8",
-            "decode-cluster-router_over_inprocess_batch1"} <= set(results["summary"])
+    assert {"decode-cluster-16-layer_over_inprocess_batch1", "decode-cluster-16-layer_over_inprocess_batch8",
+            "decode-cluster-router-16-layer_over_inprocess_batch1"} <= set(results["summary"])

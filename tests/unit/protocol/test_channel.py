@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_cluster.protocol.channel import (CallHeader, ChannelMessageError, decode_answer, decode_call,
+from moe_cluster.protocol.channel import (CallHeader, ChannelMessageError, decode_answer, decode_call, dtype_of_wire,
                                           encode_answer, encode_call, encode_error)
 
 SECRET = "s3cret-of-this-app"
@@ -36,6 +36,15 @@ def test_call_and_answer_round_trip(dtype):
     assert got.dtype == rows.dtype and np.array_equal(got, rows) and not got.flags.writeable
     answer = decode_answer(_bytes(encode_answer(7, rows[::-1], dtype)))
     assert answer.request_id == 7 and answer.error is None and np.array_equal(answer.rows, rows[::-1])
+
+
+def test_an_answer_travels_in_the_dtype_it_has():
+    """The expert replica names its answer's own dtype (the caller's answer check then says what a wrong
+    expert really answered, as on Serve's path); a dtype no model has cannot travel."""
+    for dtype, wire in WIRE.items():
+        assert dtype_of_wire(np.zeros((1, 2), wire)) == dtype
+    with pytest.raises(ChannelMessageError, match="float64 cannot travel"):
+        dtype_of_wire(np.zeros((1, 2), np.float64))
 
 
 def test_error_answer_round_trip():

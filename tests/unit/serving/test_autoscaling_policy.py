@@ -10,7 +10,7 @@ import types
 import pytest
 from ray.serve.config import AutoscalingConfig
 
-from moe_cluster.serving.autoscaling import ROWS_PER_S, ROWS_WAITING, RowRate, TokenLoadPolicy
+from moe_cluster.serving.autoscaling import CHANNEL_CALLS, ROWS_PER_S, ROWS_WAITING, RowRate, TokenLoadPolicy
 
 ADDERS, READERS, ADDS_PER_THREAD = 4, 4, 10000
 
@@ -73,11 +73,13 @@ def test_row_rate_stays_exact_while_threads_expire_rows(frequent_thread_switches
 
 # --- TokenLoadPolicy -------------------------------------------------------------------------------
 
-def _ctx(rows_per_s=None, rows_waiting=None, calls=0.0, target=1, current=None, target_ongoing=2.0):
+def _ctx(rows_per_s=None, rows_waiting=None, calls=0.0, target=1, current=None, target_ongoing=2.0,
+         channel_calls=None):
     """An AutoscalingContext as Serve 2.60 builds it, with the fields the policy reads: per-replica
     custom metrics (None: no replica reported yet), calls queued or ongoing, the current target."""
     metrics = {name: dict(enumerate(values)) for name, values in ((ROWS_PER_S, rows_per_s),
-                                                                    (ROWS_WAITING, rows_waiting))
+                                                                    (ROWS_WAITING, rows_waiting),
+                                                                    (CHANNEL_CALLS, channel_calls))
                if values is not None}
     return types.SimpleNamespace(
         aggregated_metrics=metrics, total_num_requests=calls, target_num_replicas=target, policy_state={},
@@ -106,6 +108,16 @@ def test_a_saturated_deployment_grows_whatever_its_rows_per_s():
     assert policy(_ctx([3.0], [2.0], calls=5.0))[0] == 3  # ceil(5 calls / 2 per replica)
     assert policy(_ctx([3.0, 3.0], [2.0, 2.0], calls=8.0, target=2, target_ongoing=1.0))[0] == 8
     assert policy(_ctx([3.0], [2.0], calls=2.0))[0] == 1  # at its target: stays
+
+
+def test_calls_on_the_channels_count_as_calls():
+    """Calls that came on the replicas' channels never pass Serve's request path (total_num_requests
+    does not see them): the replicas report them, and they count like Serve's own."""
+    policy = TokenLoadPolicy(target_rows_per_s=1e9)
+    assert policy(_ctx([3.0], [2.0], calls=0.0, channel_calls=[5.0]))[0] == 3
+    assert policy(_ctx([3.0, 3.0], [2.0, 2.0], calls=1.0, channel_calls=[4.0, 3.0]))[0] == 4  # (1 + 7) / 2
+    _, state = policy(_ctx([0.0], [0.0], calls=0.0, channel_calls=[1.0]))
+    assert _ == 1 and state["last_calls"] == 1.0
 
 
 def test_calls_waiting_keep_or_wake_a_replica():

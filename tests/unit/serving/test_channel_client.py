@@ -128,7 +128,7 @@ def test_auto_sends_calls_up_to_channel_max_bytes_on_the_channel():
     from moe_cluster.serving.args import AppArgs
     from moe_cluster.serving.transport import Transport, uses_channel
 
-    assert AppArgs().transport == "auto" and AppArgs().channel_max_bytes == 0  # no channel unless asked
+    assert AppArgs().transport == "auto" and AppArgs().channel_max_bytes == 4 * 2**20  # docs/channel.md: crossover
     assert uses_channel("auto", 4 * 2**20) and uses_channel("channel", 0)
     assert not uses_channel("auto", 0) and not uses_channel("by_value", 2**20) and not uses_channel("nixl", 2**20)
     transport = Transport("auto")

@@ -37,9 +37,13 @@ def test_summary_ratios_include_decode_and_ignore_decode_records_elsewhere():
     records = [_record(m, t, p50) for m, t, p50 in [("inprocess", 1, 2.0), ("handle", 1, 6.0), ("monolithic", 1, 3.0),
                                                      ("inprocess", 64, 10.0), ("handle", 64, 15.0),
                                                      ("monolithic", 64, 12.0)]]
-    records += [_record(mode, batch, ms, batch=batch, ms_per_token=ms)
-                for mode, batch, ms in [("decode-inprocess", 1, 40.0), ("decode-cluster", 1, 60.0),
-                                        ("decode-inprocess", 8, 100.0), ("decode-cluster", 8, 120.0)]]
+    records += [_record(mode, batch, ms, batch=batch, ms_per_token=ms, decode_model=model)
+                for mode, model, batch, ms in [("decode-inprocess", "4-layer", 1, 40.0),
+                                               ("decode-cluster", "4-layer", 1, 60.0),
+                                               ("decode-inprocess", "4-layer", 8, 100.0),
+                                               ("decode-cluster", "4-layer", 8, 120.0),
+                                               ("decode-inprocess", "16-layer", 1, 10.0),
+                                               ("decode-cluster", "16-layer", 1, 14.0)]]
     results = {"records": records, "serve_floor_p50_ms": 3.0, "serve_fanout_floor_p50_ms": 4.0,
                "matmul_peak_gflops": 100.0}
     summary = summarize(results, preset_config("tiny"))
@@ -49,6 +53,8 @@ def test_summary_ratios_include_decode_and_ignore_decode_records_elsewhere():
     assert summary["handle_T64_p50_over_inprocess"] == pytest.approx(1.5)
     assert summary["decode-cluster_over_inprocess_batch1"] == pytest.approx(1.5)
     assert summary["decode-cluster_over_inprocess_batch8"] == pytest.approx(1.2)
+    assert summary["decode-cluster-16-layer_over_inprocess_batch1"] == pytest.approx(1.4)  # each model to its own
+    assert "decode-cluster-16-layer_over_inprocess_batch8" not in summary
 
 
 @pytest.mark.parametrize("transport", ["auto", "channel", "object_store"])
