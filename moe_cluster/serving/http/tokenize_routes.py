@@ -1,0 +1,96 @@
+"""vLLM's tokenizer endpoints of a runner: POST /tokenize and POST /detokenize (wire: protocol/tokenize.py).
+
+    request ──auth (401, as the OpenAI API: openai_routes.py dispatches these paths too)
+        ──► parse + check (400 naming the field; 404 for a `model` that is not the served one)
+        ──► the served model's tokenizer, off the event loop ──► {"count", "max_model_len", "tokens", ...}
+                                                                 or {"prompt": text}
+
+The ids are those the OpenAI API runs: /tokenize of a text prompt gives the ids of /v1/completions'
+prompt, of `messages` the ids of /v1/chat/completions' prompt (the tokenizer's chat template, or
+hf/text.py's plain one when it has none). A client counts tokens, or sends token-id prompts, without
+the model's files. `max_model_len` is the longest sequence this server runs: prompt + generated
+tokens, within the model's context and the runner's limits (max_input_tokens + max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from starlette.responses import Response
+
+from ...hf.text import PLAIN_CHAT_TEMPLATE
+from ...protocol import tokenize as tok
+from ...protocol.errors import WireError
+from .common import json_response
+
+if TYPE_CHECKING:
+    from .openai_routes import OpenAIFace
+
+__all__ = ["TOKENIZE_PATHS", "answer_tokenizer_request", "tokenize", "detokenize", "max_model_len"]
+
+TOKENIZE_PATHS = {"/tokenize": "POST", "/detokenize": "POST"}
+
+
+async def answer_tokenizer_request(face: "OpenAIFace", path: str, body: bytes, content_type: str | None) -> Response:
+    """The answer to a POST of `body` to one of TOKENIZE_PATHS; a client's mistake raises WireError."""
+    if path == "/tokenize":
+        return json_response(await asyncio.to_thread(tokenize, face, tok.parse_tokenize(body, content_type)))
+    return json_response(await asyncio.to_thread(detokenize, face, tok.parse_detokenize(body, content_type)))
+
+
+def tokenize(face: "OpenAIFace", request: tok.TokenizeCompletionRequest | tok.TokenizeChatRequest) -> dict:
+    """vLLM's TokenizeResponse of `request` on the served model's tokenizer."""
+    tokenizer = _tokenizer(face, request.model)
+    chat = isinstance(request, tok.TokenizeChatRequest)
+    try:
+        text = _chat_text(tokenizer, request) if chat else request.prompt
+        ids = [int(t) for t in tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]]
+    except (TypeError, UnicodeError) as exc:  # a lone UTF-16 surrogate ("\ud800"), which JSON allows
+        raise WireError(400, f"the {'messages are' if chat else 'prompt is'} not valid Unicode text "
+                             f"({type(exc).__name__}): a lone surrogate or similar; send UTF-8 text",
+                        param="messages" if chat else "prompt", code="invalid_value") from None
+    strings = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+    return tok.tokenize_body(ids, max_model_len(face), strings)
+
+
+def detokenize(face: "OpenAIFace", request: tok.DetokenizeRequest) -> dict:
+    """vLLM's DetokenizeResponse: the tokenizer's decode of the ids, special tokens kept."""
+    tokenizer = _tokenizer(face, request.model)
+    bad = [(i, t) for i, t in enumerate(request.tokens) if not 0 <= t < face.vocab_size]
+    if bad:
+        index, token = bad[0]
+        raise WireError(400, f"token id {token} (tokens[{index}]) is outside the vocabulary [0, {face.vocab_size})",
+                        param="tokens", code="invalid_value")
+    return tok.detokenize_body(tokenizer.decode(request.tokens, skip_special_tokens=False))
+
+
+def max_model_len(face: "OpenAIFace") -> int:
+    """The most tokens (prompt + generated) one sequence may have on this server."""
+    longest = face.limits.max_input_tokens + face.limits.max_new_tokens
+    return min(longest, face.context) if face.context else longest
+
+
+def _tokenizer(face: "OpenAIFace", model: str | None):
+    """The served tokenizer, after checking `model` (when given) names the served model."""
+    if model is not None:
+        face.check_model(model)
+    if face.tokenizer is None:
+        raise WireError(503, f"this runner has no tokenizer, so no tokenizer endpoints: {face.no_tokenizer}",
+                        code="no_tokenizer")
+    return face.tokenizer
+
+
+def _chat_text(tokenizer, request: tok.TokenizeChatRequest) -> str:
+    """The prompt text of a chat: the tokenizer's chat template (hf/text.py's plain one if it has none)."""
+    import jinja2
+
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    template = None if getattr(tokenizer, "chat_template", None) else PLAIN_CHAT_TEMPLATE
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=request.add_generation_prompt,
+                                             continue_final_message=request.continue_final_message)
+    except (jinja2.TemplateError, ValueError) as exc:  # e.g. the template's own "roles must alternate"
+        raise WireError(400, f"the model's chat template refused the messages: {exc}", param="messages",
+                        code="invalid_value") from None

@@ -1,0 +1,122 @@
+"""The runner's /tokenize and /detokenize answers (serving/http/tokenize_routes.py) on real tokenizers built
+offline (tests/support/tokenizers_zoo.py): the ids are those the OpenAI API runs for the same prompt or chat,
+the text is the tokenizer's decode, and every mistake is a 4xx naming the field. No Ray, no model."""
+
+import asyncio
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from moe_cluster.hf.runner import GenerateLimits
+from moe_cluster.hf.text import chat_prompt
+from moe_cluster.protocol import tokenize as tok
+from moe_cluster.protocol.errors import WireError
+from moe_cluster.serving.http import tokenize_routes as routes
+from moe_cluster.serving.http.openai_routes import OpenAIFace
+from tests.support.tokenizers_zoo import byte_level_bpe, sentencepiece_bpe, wordpiece
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
+
+
+def face(tokenizer, vocab_size=None, context=None, limits=GenerateLimits(4096, 256), name="tiny"):
+    """What the routes read of an OpenAIFace: the tokenizer, the model's name, vocabulary, context, limits."""
+    stub = SimpleNamespace(tokenizer=tokenizer, no_tokenizer="no tokenizer.json in /m", model_name=name,
+                           vocab_size=vocab_size or len(tokenizer), context=context, limits=limits)
+    stub.check_model = lambda model: OpenAIFace.check_model(stub, model)
+    return stub
+
+
+def post(stub, path: str, payload) -> tuple[int, dict]:
+    """(status, JSON answer) of a POST to `path`, a WireError told as the dispatch tells it."""
+    try:
+        response = asyncio.run(routes.answer_tokenizer_request(stub, path, json.dumps(payload).encode(),
+                                                               "application/json"))
+    except WireError as exc:
+        return exc.status, {"param": exc.param, "code": exc.code, "message": exc.message}
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.mark.parametrize("make", [byte_level_bpe, sentencepiece_bpe], ids=["byte_level_bpe", "sentencepiece_bpe"])
+def test_text_prompts_tokenize_as_completions_and_detokenize_back(make):
+    tokenizer, text = make(), "The quick brown fox, naïve café."
+    status, answer = post(face(tokenizer), "/tokenize", {"prompt": text})
+    assert status == 200 and set(answer) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert answer["tokens"] == tokenizer(text)["input_ids"]  # what /v1/completions runs for this prompt
+    assert answer["count"] == len(answer["tokens"]) and answer["token_strs"] is None
+    status, back = post(face(tokenizer), "/detokenize", {"tokens": answer["tokens"]})
+    assert status == 200 and back == {"prompt": tokenizer.decode(answer["tokens"])}
+    assert back["prompt"].endswith(text)
+
+
+def test_add_special_tokens_and_token_strings():
+    tokenizer = wordpiece()  # BERT-style: [CLS] ... [SEP] when special tokens are added
+    _, with_special = post(face(tokenizer), "/tokenize", {"prompt": "hello world", "return_token_strs": True})
+    _, without = post(face(tokenizer), "/tokenize", {"prompt": "hello world", "add_special_tokens": False})
+    assert with_special["tokens"] == [tokenizer.cls_token_id] + without["tokens"] + [tokenizer.sep_token_id]
+    assert with_special["token_strs"] == ["[CLS]", "hello", "world", "[SEP]"] and without["token_strs"] is None
+    _, text = post(face(tokenizer), "/detokenize", {"tokens": with_special["tokens"]})
+    assert text == {"prompt": "[CLS] hello world [SEP]"}  # special tokens kept, as vLLM's detokenize
+
+
+@pytest.mark.parametrize("own_template", [False, True], ids=["plain_template", "tokenizers_template"])
+def test_messages_tokenize_as_chat_completions_runs_them(own_template):
+    tokenizer = copy.deepcopy(byte_level_bpe())
+    if own_template:
+        tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                   "{% if add_generation_prompt %}[assistant]{% endif %}")
+    _, answer = post(face(tokenizer), "/tokenize", {"messages": MESSAGES})
+    assert answer["tokens"] == chat_prompt(tokenizer, MESSAGES)  # /v1/chat/completions' prompt ids
+    _, no_turn = post(face(tokenizer), "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False})
+    assert len(no_turn["tokens"]) < len(answer["tokens"])
+    assert tokenizer.decode(answer["tokens"]).startswith(tokenizer.decode(no_turn["tokens"]))
+    continued = MESSAGES + [{"role": "assistant", "content": "I am"}]
+    _, open_end = post(face(tokenizer), "/tokenize", {"messages": continued, "add_generation_prompt": False,
+                                                      "continue_final_message": True})
+    assert tokenizer.decode(open_end["tokens"]).endswith("I am")
+
+
+def test_max_model_len_is_the_longest_sequence_the_server_runs():
+    tokenizer = byte_level_bpe()
+    assert routes.max_model_len(face(tokenizer, limits=GenerateLimits(100, 28))) == 128
+    assert routes.max_model_len(face(tokenizer, context=64, limits=GenerateLimits(100, 28))) == 64
+    assert post(face(tokenizer, context=64), "/tokenize", {"prompt": "x"})[1]["max_model_len"] == 64
+
+
+@pytest.mark.parametrize("path, payload, status, param", [
+    ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
+    ("/detokenize", {"model": "other", "tokens": [1]}, 404, "model"),
+    ("/detokenize", {"tokens": [1, 400]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/tokenize", {"prompt": "\ud800 lone surrogate"}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/tokenize", {"prompt": "x", "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+])
+def test_mistakes_are_4xx_naming_the_field(path, payload, status, param):
+    got, answer = post(face(byte_level_bpe()), path, payload)
+    assert (got, answer["param"]) == (status, param), answer
+    assert answer["message"]
+
+
+def test_the_served_name_is_accepted_and_a_template_that_refuses_is_a_400():
+    tokenizer = copy.deepcopy(byte_level_bpe())
+    assert post(face(tokenizer), "/tokenize", {"model": "tiny", "prompt": "x"})[0] == 200
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    status, answer = post(face(tokenizer), "/tokenize", {"messages": MESSAGES})
+    assert (status, answer["param"]) == (400, "messages") and "alternate" in answer["message"]
+
+
+def test_without_a_tokenizer_the_endpoints_answer_503():
+    stub = face(byte_level_bpe())
+    stub.tokenizer = None
+    for path, payload in [("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})]:
+        status, answer = post(stub, path, payload)
+        assert (status, answer["code"]) == (503, "no_tokenizer") and "tokenizer.json" in answer["message"]
+
+
+def test_the_wire_checks_come_first():
+    status, answer = post(face(byte_level_bpe()), "/tokenize", {"prompt": 3})
+    assert (status, answer["param"]) == (400, "prompt")
+    assert isinstance(tok.parse_tokenize(b'{"prompt": "a"}', None), tok.TokenizeCompletionRequest)
