@@ -9,9 +9,12 @@ By default it starts an embedded local Ray cluster with the app of a Serve confi
 (`deployments/default.yaml`: the tiny preset), like `moe-cluster serve`. `--clients`
 threads each send one request at a time (a closed loop: the load is bounded), drawn from
 a pool of requests whose answers were computed in-process with `reference_forward`. At
-the start and at the end it records the RSS of every Ray process of the app (router,
-experts, proxy, controller, raylet, GCS) and the object store's usage, and prints them
-with the request counts. It exits 1 if any answer was wrong or any request failed.
+the start and at the end it records the RSS, the open file descriptors and the TCP
+connections of every Ray process of the app (router, experts, proxy, controller, raylet,
+GCS) and the object store's usage, and prints them with the request counts: growth of any
+of them over a long soak is a leak (the direct channels of `--transport channel` keep one
+socket per router-replica pair, and must not add one per call). It exits 1 if any answer was
+wrong or any request failed. Every socket of the app it starts is on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                              "(default: a free one)")
     parser.add_argument("--config", type=Path, default=ROOT / "deployments" / "default.yaml",
                         help="Serve config file of the app to start (default: deployments/default.yaml)")
-    parser.add_argument("--transport", choices=("auto", "object_store", "by_value", "nixl", "cuda_ipc"),
+    parser.add_argument("--transport", choices=("auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel"),
                         help="the app's transport of rows to the experts (default: the config's)")
     parser.add_argument("--url", help="soak a running server instead of starting one (RSS and object store "
                                       "figures need the cluster to be this script's)")
@@ -72,7 +75,8 @@ def start_app(config: Path, port: int, transport: str | None = None) -> str:
     file_app = read_serve_config(config)
     port = port or free_port()
     start_local_serve(("127.0.0.1", port))
-    app_args = dict(file_app.args, **({"transport": transport} if transport else {}))
+    # An embedded cluster is this machine: the experts' channels on loopback, as `moe-cluster serve` does.
+    app_args = dict({"channel_host": "127.0.0.1"}, **file_app.args, **({"transport": transport} if transport else {}))
     serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
     return f"http://127.0.0.1:{port}{file_app.route_prefix.rstrip('/')}"
 
@@ -149,6 +153,20 @@ def rss_mib(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def open_files(pids: dict[str, int]) -> dict[str, dict[str, int | None]]:
+    """{label: {"fds": open file descriptors, "tcp": TCP connections}} of each process (None: it is gone)."""
+    import psutil
+
+    out = {}
+    for label, pid in sorted(pids.items()):
+        try:
+            process = psutil.Process(pid)
+            out[label] = {"fds": process.num_fds(), "tcp": len(process.net_connections(kind="tcp"))}
+        except psutil.Error:
+            out[label] = {"fds": None, "tcp": None}
+    return out
+
+
 def object_store() -> dict[str, float]:
     """Bytes used in the object store (all nodes) and the number of objects."""
     import ray
@@ -164,9 +182,11 @@ def snapshot(own_cluster: bool) -> dict:
     if not own_cluster:
         return {}
     pids = ray_processes()
-    rss = rss_mib(pids)
-    return {"time": time.time(), "pids": pids, "rss_mib": rss,
-            "rss_total_mib": round(sum(v for v in rss.values() if v), 1), "object_store": object_store()}
+    rss, files = rss_mib(pids), open_files(pids)
+    return {"time": time.time(), "pids": pids, "rss_mib": rss, "open": files,
+            "rss_total_mib": round(sum(v for v in rss.values() if v), 1),
+            "fds_total": sum(f["fds"] or 0 for f in files.values()),
+            "tcp_total": sum(f["tcp"] or 0 for f in files.values()), "object_store": object_store()}
 
 
 # --- the load ----------------------------------------------------------------------------------
@@ -247,8 +267,10 @@ def rss_sample(own_cluster: bool) -> dict:
     """RSS of the router and of all the app's Ray processes now, for the progress lines."""
     if not own_cluster:
         return {}
-    rss = rss_mib(ray_processes())
-    return {"router_rss_mib": rss.get("router"), "total_rss_mib": round(sum(v for v in rss.values() if v))}
+    pids = ray_processes()
+    rss, files = rss_mib(pids), open_files(pids)
+    return {"router_rss_mib": rss.get("router"), "total_rss_mib": round(sum(v for v in rss.values() if v)),
+            "fds": sum(f["fds"] or 0 for f in files.values()), "tcp": sum(f["tcp"] or 0 for f in files.values())}
 
 
 def summary(soak: Soak, duration_s: float, start: dict, end: dict, samples: list[dict]) -> dict:
@@ -275,14 +297,22 @@ def print_summary(result: dict) -> None:
     start, end = result["start"], result["end"]
     if not start:
         return
-    print(f"{'process':<16}{'RSS start MiB':>15}{'RSS end MiB':>13}  pid")
+    print(f"{'process':<16}{'RSS start MiB':>15}{'RSS end MiB':>13}{'fds':>11}{'tcp':>9}  pid")
     for label in sorted(set(start["rss_mib"]) | set(end["rss_mib"])):
         same = start["pids"].get(label) == end["pids"].get(label)
-        print(f"{label:<16}{start['rss_mib'].get(label) or '-':>15}{end['rss_mib'].get(label) or '-':>13}  "
+        before, after = start["open"].get(label, {}), end["open"].get(label, {})
+        print(f"{label:<16}{start['rss_mib'].get(label) or '-':>15}{end['rss_mib'].get(label) or '-':>13}"
+              f"{_change(before.get('fds'), after.get('fds')):>11}{_change(before.get('tcp'), after.get('tcp')):>9}  "
               f"{end['pids'].get(label, '-')}{'' if same else ' (new process)'}")
-    print(f"{'total':<16}{start['rss_total_mib']:>15}{end['rss_total_mib']:>13}")
+    print(f"{'total':<16}{start['rss_total_mib']:>15}{end['rss_total_mib']:>13}"
+          f"{_change(start['fds_total'], end['fds_total']):>11}{_change(start['tcp_total'], end['tcp_total']):>9}")
     print(f"object store: {start['object_store']['used_mib']} MiB / {start['object_store']['objects']} objects at "
           f"the start, {end['object_store']['used_mib']} MiB / {end['object_store']['objects']} at the end")
+
+
+def _change(before: int | None, after: int | None) -> str:
+    """`before->after` of a count, '-' where a process was not there."""
+    return f"{'-' if before is None else before}->{'-' if after is None else after}"
 
 
 def main(argv: list[str] | None = None) -> int:

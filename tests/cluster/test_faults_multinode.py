@@ -10,6 +10,13 @@ A is killed without warning while four clients send requests. Serve restarts the
 on node B; the router retries the failed calls meanwhile. Every answer must equal the
 oracle, failures may only be clear 503/504s, and the service must answer again within
 the measured recovery time (printed with -s).
+
+The rows travel on the expert replicas' direct channels (`transport: channel`, serving/channel.py)
+across raylets: the router's connections to node A's replicas drop when it dies, their calls go
+again (to node B's replicas once Serve starts them, or Serve's handle path meanwhile), and the
+router's stats show the calls on the channel, the retries and the replicas it dropped. Every
+channel binds 127.0.0.1 (all three raylets are on this machine; a real cluster takes the
+node address Ray reports).
 """
 
 import os
@@ -28,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 RECOVERY_LIMIT_S = 90.0  # node death detection (~15 s) + a replica start on a busy machine (~15-30 s)
 ARGS = {
-    "torch_threads": 1,
+    "torch_threads": 1, "transport": "channel", "channel_host": "127.0.0.1",
     "router": {"ray_actor_options": {"num_cpus": 0, "resources": {"router_node": 0.1}}},
     "experts": {"health_check_period_s": 1, "health_check_timeout_s": 5,
                 "ray_actor_options": {"num_cpus": 0, "resources": {"expert_node": 0.1}}},
@@ -123,3 +130,19 @@ def test_the_service_survives_losing_the_expert_node(cluster):
     assert recovered_s <= RECOVERY_LIMIT_S
     late = [o for o in load.outcomes if o.started > removed_at + moved_s + 1]
     assert late and all(o.status == 200 for o in late), "requests after the recovery must all succeed"
+    transport = _router_stats(cluster["url"])["transport"]
+    channel = transport["channel"]
+    print(f"router: calls per path {transport['calls']}, channel {channel}")
+    assert transport["mode"] == "channel" and transport["calls"]["channel"] > 0, transport
+    assert channel["answers"] > 0 and channel["dropped"] >= 2, channel  # both of node A's replicas left
+    assert channel["retries"] + channel["fallback"] > 0, channel  # calls of the lost node went again
+    # The router's channels now lead to node B's two replicas only.
+    assert sorted(map(len, channel["replicas"].values())) == [1, 1], channel["replicas"]
+
+
+def _router_stats(url: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as response:
+        return json.loads(response.read())
