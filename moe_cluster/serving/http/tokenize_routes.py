@@ -1,4 +1,5 @@
-"""vLLM's tokenizer endpoints of a runner: POST /tokenize and POST /detokenize (wire: protocol/tokenize.py).
+"""vLLM's tokenizer endpoints of a runner: POST /tokenize, POST /detokenize, GET /tokenizer_info
+(wire: protocol/tokenize.py).
 
     request ──auth (401, as the OpenAI API: openai_routes.py dispatches these paths too)
         ──► parse + check (400 naming the field; 404 for a `model` that is not the served one)
@@ -10,6 +11,10 @@ prompt, of `messages` the ids of /v1/chat/completions' prompt (the tokenizer's c
 hf/text.py's plain one when it has none). A client counts tokens, or sends token-id prompts, without
 the model's files. `max_model_len` is the longest sequence this server runs: prompt + generated
 tokens, within the model's context and the runner's limits (max_input_tokens + max_new_tokens).
+
+GET /tokenizer_info is vLLM's `--enable-tokenizer-info-endpoint` answer: the tokenizer's settings, its
+special tokens and the chat template the server applies. With it and /tokenize, lm-evaluation-harness'
+`local-completions` finds the server's tokenizer by itself (tokenizer_backend auto -> remote).
 """
 
 from __future__ import annotations
@@ -17,26 +22,41 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from starlette.requests import Request
 from starlette.responses import Response
 
 from ...hf.text import PLAIN_CHAT_TEMPLATE
 from ...protocol import tokenize as tok
 from ...protocol.errors import WireError
-from .common import json_response
+from .common import json_response, read_body
 
 if TYPE_CHECKING:
     from .openai_routes import OpenAIFace
 
-__all__ = ["TOKENIZE_PATHS", "answer_tokenizer_request", "tokenize", "detokenize", "max_model_len"]
+__all__ = ["TOKENIZER_PATHS", "answer_tokenizer_request", "answer_body", "tokenize", "detokenize",
+           "tokenizer_info", "max_model_len"]
 
-TOKENIZE_PATHS = {"/tokenize": "POST", "/detokenize": "POST"}
+TOKENIZER_PATHS = {"/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}
+# Special tokens every /tokenizer_info answer names (null when the tokenizer has none): clients look them up.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-async def answer_tokenizer_request(face: "OpenAIFace", path: str, body: bytes, content_type: str | None) -> Response:
-    """The answer to a POST of `body` to one of TOKENIZE_PATHS; a client's mistake raises WireError."""
+async def answer_tokenizer_request(owner, request: Request, face: "OpenAIFace", path: str) -> Response:
+    """The answer to a request to one of TOKENIZER_PATHS (auth and method already checked by the caller);
+    a client's mistake raises WireError. `owner.args.max_body_bytes` bounds the body."""
+    if path == "/tokenizer_info":
+        return json_response(tokenizer_info(face))
+    body = await read_body(request, getattr(getattr(owner, "args", None), "max_body_bytes", 2**20))
+    return await answer_body(face, path, body, request.headers.get("content-type"))
+
+
+async def answer_body(face: "OpenAIFace", path: str, body: bytes, content_type: str | None) -> Response:
+    """The answer to a POST of `body` to /tokenize or /detokenize, parsed and tokenized off the event loop."""
     if path == "/tokenize":
-        return json_response(await asyncio.to_thread(tokenize, face, tok.parse_tokenize(body, content_type)))
-    return json_response(await asyncio.to_thread(detokenize, face, tok.parse_detokenize(body, content_type)))
+        request = await asyncio.to_thread(tok.parse_tokenize, body, content_type)
+        return json_response(await asyncio.to_thread(tokenize, face, request))
+    request = await asyncio.to_thread(tok.parse_detokenize, body, content_type)
+    return json_response(await asyncio.to_thread(detokenize, face, request))
 
 
 def tokenize(face: "OpenAIFace", request: tok.TokenizeCompletionRequest | tok.TokenizeChatRequest) -> dict:
@@ -65,6 +85,18 @@ def detokenize(face: "OpenAIFace", request: tok.DetokenizeRequest) -> dict:
     return tok.detokenize_body(tokenizer.decode(request.tokens, skip_special_tokens=False))
 
 
+def tokenizer_info(face: "OpenAIFace") -> dict:
+    """vLLM's TokenizerInfoResponse: the tokenizer's init settings (JSON values only), its class, its special
+    tokens and the chat template this server applies to messages."""
+    tokenizer = _tokenizer(face, None)
+    info = {key: value for key, value in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+            if key not in ("vocab_file", "merges_file") and _is_json(value)}
+    info.update({name: getattr(tokenizer, name, None) for name in SPECIAL_TOKENS})
+    info["tokenizer_class"] = type(tokenizer).__name__
+    info["chat_template"] = getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
+    return info
+
+
 def max_model_len(face: "OpenAIFace") -> int:
     """The most tokens (prompt + generated) one sequence may have on this server."""
     longest = face.limits.max_input_tokens + face.limits.max_new_tokens
@@ -79,6 +111,15 @@ def _tokenizer(face: "OpenAIFace", model: str | None):
         raise WireError(503, f"this runner has no tokenizer, so no tokenizer endpoints: {face.no_tokenizer}",
                         code="no_tokenizer")
     return face.tokenizer
+
+
+def _is_json(value) -> bool:
+    """Whether `value` is plain JSON (special tokens as AddedToken objects are told by name instead)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if isinstance(value, list):
+        return all(_is_json(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_json(v) for k, v in value.items())
 
 
 def _chat_text(tokenizer, request: tok.TokenizeChatRequest) -> str:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from moe_cluster.hf.runner import GenerateLimits
-from moe_cluster.hf.text import chat_prompt
+from moe_cluster.hf.text import PLAIN_CHAT_TEMPLATE, chat_prompt
 from moe_cluster.protocol import tokenize as tok
 from moe_cluster.protocol.errors import WireError
 from moe_cluster.serving.http import tokenize_routes as routes
@@ -31,8 +31,7 @@ def face(tokenizer, vocab_size=None, context=None, limits=GenerateLimits(4096, 2
 def post(stub, path: str, payload) -> tuple[int, dict]:
     """(status, JSON answer) of a POST to `path`, a WireError told as the dispatch tells it."""
     try:
-        response = asyncio.run(routes.answer_tokenizer_request(stub, path, json.dumps(payload).encode(),
-                                                               "application/json"))
+        response = asyncio.run(routes.answer_body(stub, path, json.dumps(payload).encode(), "application/json"))
     except WireError as exc:
         return exc.status, {"param": exc.param, "code": exc.code, "message": exc.message}
     return response.status_code, json.loads(response.body)
@@ -114,6 +113,21 @@ def test_without_a_tokenizer_the_endpoints_answer_503():
     for path, payload in [("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})]:
         status, answer = post(stub, path, payload)
         assert (status, answer["code"]) == (503, "no_tokenizer") and "tokenizer.json" in answer["message"]
+    with pytest.raises(WireError) as raised:
+        routes.tokenizer_info(stub)
+    assert raised.value.status == 503
+
+
+def test_tokenizer_info_names_the_special_tokens_and_the_template_applied():
+    info = routes.tokenizer_info(face(sentencepiece_bpe()))
+    assert (info["bos_token"], info["eos_token"], info["pad_token"], info["unk_token"]) == ("<s>", "</s>", None, "<unk>")
+    assert info["tokenizer_class"] == type(sentencepiece_bpe()).__name__ and "vocab_file" not in info
+    assert info["chat_template"] == PLAIN_CHAT_TEMPLATE  # it has none: the server's plain one applies
+    json.dumps(info)  # JSON only
+    tokenizer = copy.deepcopy(byte_level_bpe())
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert routes.tokenizer_info(face(tokenizer))["chat_template"] == tokenizer.chat_template
+    assert routes.tokenizer_info(face(tokenizer))["eos_token"] == "<|endoftext|>"
 
 
 def test_the_wire_checks_come_first():
