@@ -9,11 +9,15 @@
 
 `write_tasks(directory, tokenizer_dir)` writes the YAML files, the JSON-lines data and the `utils.py` that
 counts tokens with the served model's tokenizer; run them with `lm_eval --include_path DIRECTORY --tasks
-moe_cluster_ppl,moe_cluster_mc` and HF_DATASETS_OFFLINE=1 (the `json` dataset builder reads local files).
+moe_cluster_ppl,moe_cluster_mc` (the `json` dataset builder reads local files: nothing is downloaded).
+From the shell, with documents of your own (one file each):
+
+    .venv/bin/python -m tests.support.lm_eval_tasks DIRECTORY --tokenizer HF_MODEL_DIR --text doc1.txt doc2.txt
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -101,13 +105,30 @@ def process_results(doc, results):
 '''
 
 
-def write_tasks(directory: Path, tokenizer_dir: Path) -> Path:
-    """Write both tasks (YAML, data, utils.py) into `directory`; returns it (the harness' --include_path)."""
+def write_tasks(directory: Path, tokenizer_dir: Path, documents: list[str] | None = None) -> Path:
+    """Write both tasks (YAML, data, utils.py) into `directory`, the perplexity task over `documents` (default:
+    DOCUMENTS); returns the directory, absolute (the harness' --include_path)."""
+    directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     ppl_data, mc_data = directory / "ppl.jsonl", directory / "mc.jsonl"
-    ppl_data.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS))
+    ppl_data.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents or DOCUMENTS))
     mc_data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (directory / f"{PPL_TASK}.yaml").write_text(PPL_YAML.format(task=PPL_TASK, data=ppl_data))
     (directory / f"{MC_TASK}.yaml").write_text(MC_YAML.format(task=MC_TASK, data=mc_data))
-    (directory / "utils.py").write_text(UTILS.format(tokenizer_dir=str(tokenizer_dir)))
+    (directory / "utils.py").write_text(UTILS.format(tokenizer_dir=str(Path(tokenizer_dir).resolve())))
     return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="write lm-evaluation-harness tasks on local data: "
+                                                 f"{PPL_TASK} (perplexity) and {MC_TASK} (multiple choice)")
+    parser.add_argument("directory", type=Path, help="where to write them (lm_eval --include_path DIRECTORY)")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="the served model's directory, for token counts")
+    parser.add_argument("--text", type=Path, nargs="+", help="UTF-8 files, one document each (default: 3 sentences)")
+    args = parser.parse_args()
+    documents = [path.read_text(encoding="utf-8") for path in args.text] if args.text else None
+    print(f"wrote {PPL_TASK} and {MC_TASK} in {write_tasks(args.directory, args.tokenizer, documents)}")
+
+
+if __name__ == "__main__":
+    main()
