@@ -3,20 +3,23 @@
 Shape legend: N rows of one expert call, D model dim.
 
 The socket thread receives each call (protocol/channel.py), checks it (the secret, the header,
-the sizes), refuses it with `busy` when `max_waiting` calls already wait, and hands it to the
-replica's event loop, where the expert's own `forward` runs it exactly as a Serve call (the same
-answer checks, fingerprint check, autoscaling counters, and the math on the math thread). The
-answer comes back to the socket thread through an inproc pipe: a ZeroMQ socket is used by one
-thread only (the ROUTER and the pipe's reader by the socket thread, the pipe's writer by the loop).
+the sizes), refuses it with `busy` when `max_waiting` calls already wait, and hands it straight
+to the replica's math thread (the one-thread executor every call of the replica computes on),
+where `compute` checks and answers it as Serve's `forward` would (the same fingerprint and dtype
+checks, the same counters). The event loop is not on this path: a call crosses two threads (the
+socket thread and the math thread) instead of four, and never waits behind Serve's own work on
+the loop. The answer comes back to the socket thread through an inproc pipe: a ZeroMQ socket is
+used by one thread only (the ROUTER and the pipe's reader by the socket thread, each pipe writer
+by the thread that made it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
-from typing import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -32,34 +35,34 @@ logger = logging.getLogger("ray.serve")
 MAX_WAITING = 64  # calls received and not yet answered; more are refused with `busy` (the caller tries elsewhere)
 _pipes = itertools.count()
 
-Handler = Callable[[CallHeader, np.ndarray], Awaitable[np.ndarray]]
+Compute = Callable[[CallHeader, np.ndarray], np.ndarray]  # out_ND for a call's rows x_ND, or raises
 
 
 class ChannelServer:
-    """Binds tcp://`host`:<random port> and answers calls with `handler` (a coroutine run on `loop`)."""
+    """Binds tcp://`host`:<random port> and answers calls with `compute`, run on `executor`."""
 
-    def __init__(self, host: str, secret: str, handler: Handler, loop: asyncio.AbstractEventLoop,
+    def __init__(self, host: str, secret: str, compute: Compute, executor: Executor,
                  max_waiting: int = MAX_WAITING) -> None:
-        self._secret, self._handler, self._loop, self.max_waiting = secret, handler, loop, max_waiting
+        self._secret, self._compute, self._executor, self.max_waiting = secret, compute, executor, max_waiting
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
-        pipe = f"inproc://channel-answers-{next(_pipes)}"
+        self._pipe = f"inproc://channel-answers-{next(_pipes)}"
         self._answers_in = self._ctx.socket(zmq.PULL)
-        self._answers_in.bind(pipe)
-        self._answers_out = self._ctx.socket(zmq.PUSH)  # written on the event loop only
-        self._answers_out.setsockopt(zmq.SNDHWM, 0)  # never blocks the loop; bounded by max_waiting
-        self._answers_out.connect(pipe)
-        self.waiting = 0  # calls handed to the loop and not yet answered (the socket thread's own counter)
+        self._answers_in.bind(self._pipe)
+        self._writers = threading.local()  # each computing thread's own end of the pipe
+        self._lock = threading.Lock()  # guards waiting and rows_waiting (socket thread and computing thread)
+        self.waiting = 0  # calls received and not yet answered
+        self.rows_waiting = 0  # their rows (autoscaling: work waiting)
         self.counts = {"calls": 0, "answered": 0, "busy": 0, "refused": 0, "failed": 0}
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="expert-channel", daemon=True)
         self._thread.start()
 
     def stats(self) -> dict:
-        return {"address": self.address, "waiting": self.waiting, **self.counts}
+        return {"address": self.address, "waiting": self.waiting, "rows_waiting": self.rows_waiting, **self.counts}
 
     def close(self) -> None:
         self._closed.set()
@@ -75,7 +78,6 @@ class ChannelServer:
                 if self._answers_in in ready:
                     while self._answers_in.poll(0):
                         self._router.send_multipart(self._answers_in.recv_multipart(copy=False), copy=False)
-                        self.waiting -= 1
                 if self._router in ready:
                     while self._router.poll(0):
                         self._receive(self._router.recv_multipart(copy=False))
@@ -86,7 +88,7 @@ class ChannelServer:
                 sock.close(linger=0)
 
     def _receive(self, frames: list) -> None:
-        """One call from `frames` ([caller identity, header, rows]): refused, or handed to the loop."""
+        """One call from `frames` ([caller identity, header, rows]): refused, or handed to the executor."""
         identity, body = frames[0], frames[1:]
         self.counts["calls"] += 1
         try:
@@ -100,13 +102,21 @@ class ChannelServer:
             self._router.send_multipart([identity, *encode_error(header.request_id, "busy",
                                                                  f"{self.waiting} calls wait on this replica")])
             return
-        self.waiting += 1
-        asyncio.run_coroutine_threadsafe(self._answer(identity, header, rows_ND), self._loop)
-
-    async def _answer(self, identity: zmq.Frame, header: CallHeader, rows_ND: np.ndarray) -> None:
-        """Run the call on the event loop and hand its answer (or error) to the socket thread."""
+        with self._lock:
+            self.waiting += 1
+            self.rows_waiting += rows_ND.shape[0]
         try:
-            out_ND = await self._handler(header, rows_ND)
+            self._executor.submit(self._answer, identity, header, rows_ND)
+        except RuntimeError:  # the replica is shutting its executor down: the caller tries another replica
+            with self._lock:
+                self.waiting -= 1
+                self.rows_waiting -= rows_ND.shape[0]
+            self._router.send_multipart([identity, *encode_error(header.request_id, "busy", "the replica is stopping")])
+
+    def _answer(self, identity: zmq.Frame, header: CallHeader, rows_ND: np.ndarray) -> None:
+        """Compute the call (on the executor's thread) and hand its answer (or error) to the socket thread."""
+        try:
+            out_ND = self._compute(header, rows_ND)
             frames = encode_answer(header.request_id, out_ND, dtype_of_wire(out_ND))  # checked by the caller
             self.counts["answered"] += 1
         except MoEAppChanged as exc:
@@ -114,4 +124,17 @@ class ChannelServer:
         except Exception as exc:  # noqa: BLE001 - the expert failed: the caller fails the request
             self.counts["failed"] += 1
             frames = encode_error(header.request_id, "compute", f"{type(exc).__name__}: {exc}")
-        self._answers_out.send_multipart([identity, *frames], copy=False)
+        with self._lock:
+            self.waiting -= 1
+            self.rows_waiting -= rows_ND.shape[0]
+        self._writer().send_multipart([identity, *frames], copy=False)
+
+    def _writer(self) -> zmq.Socket:
+        """This thread's end of the answers pipe (a ZeroMQ socket belongs to one thread)."""
+        writer = getattr(self._writers, "socket", None)
+        if writer is None:
+            writer = self._writers.socket = self._ctx.socket(zmq.PUSH)
+            writer.setsockopt(zmq.SNDHWM, 0)  # never blocks the computing thread; bounded by max_waiting
+            writer.setsockopt(zmq.LINGER, 0)
+            writer.connect(self._pipe)
+        return writer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,7 +55,10 @@ class ExpertServer:
         self.row_rate = RowRate(window_s=2.0)
         self.compute_s = 0.0  # time spent in expert math (for stats: where the time goes)
         self.requests = 0  # calls received (each may carry several experts' rows)
-        self.rows_waiting = 0  # rows of calls received and not yet answered (autoscaling: work waiting)
+        self.rows_waiting = 0  # rows of Serve calls received and not yet answered (autoscaling: work waiting)
+        # Guards the counters of answered calls: Serve's calls count them on the event loop, channel calls on
+        # the math thread, and stats() reads them on the loop.
+        self._counting = threading.Lock()
         # The one thread that runs the expert math: calls compute one at a time, as they did on the event
         # loop, so torch's intra-op threads (set_torch_threads: a process-wide setting that new threads
         # adopt) keep their meaning and concurrent calls do not oversubscribe the replica's cores.
@@ -75,16 +79,10 @@ class ExpertServer:
 
         The math runs on this replica's math thread, never on its event loop: a call that computes
         for seconds must not hold up `ping` (the router's health check), `stats` or Serve's own calls."""
-        if fingerprint is not None and fingerprint != self.fingerprint:
-            raise MoEAppChanged(f"deployment {self.group_name} serves app version {self.fingerprint}, the rows were "
-                                f"routed for version {fingerprint}: its app was redeployed with other weights or "
-                                "placement")
-        modules = [self._module(layer, expert) for expert, _ in spans]
         direct = isinstance(x_ND, DirectRows)  # a torch tensor in Ray's direct transport (NIXL, CUDA IPC)
         x = await x_ND.get() if direct else x_ND
         n = x.shape[0]
-        if sum(rows for _, rows in spans) != n:
-            raise ValueError(f"spans {spans} cover {sum(r for _, r in spans)} rows but {n} were sent")
+        modules = self._checked_modules(layer, spans, n, fingerprint)
         # Counted on the event loop only (Serve reads it from another thread: an int read is atomic).
         # A call cancelled by its caller stops counting here although its math may still finish.
         self.rows_waiting += n
@@ -103,15 +101,32 @@ class ExpertServer:
         if self._channel_host is None:
             return {}
         if self.channel is None:
-            self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call,
-                                         asyncio.get_running_loop())
+            self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call, self._math)
         return {"channel": self.channel.address, "group": self.group_name}
 
-    async def _channel_call(self, header: CallHeader, x_ND: np.ndarray) -> np.ndarray:
-        """A call that came on the channel: exactly a Serve call of `forward` (checks, counters, math thread)."""
+    def _channel_call(self, header: CallHeader, x_ND: np.ndarray) -> np.ndarray:
+        """A call that came on the channel, on the math thread: `forward`'s checks, math and counters (its
+        rows waiting are the channel's own count)."""
         if header.dtype != self.dtype:
             raise ValueError(f"rows of dtype {header.dtype} sent to a replica of a {self.dtype} model")
-        return await self.forward(header.layer, list(header.spans), x_ND, header.fingerprint)
+        spans = list(header.spans)
+        modules = self._checked_modules(header.layer, spans, x_ND.shape[0], header.fingerprint)
+        y, seconds = self._compute(modules, spans, x_ND, False)
+        self._count(header.layer, spans, x_ND.shape[0], seconds)
+        return y
+
+    def _checked_modules(self, layer: int, spans: list[tuple[int, int]], rows: int,
+                         fingerprint: str | None) -> list[torch.nn.Module]:
+        """The module of each span's expert; MoEAppChanged for another app version's rows, ValueError for an
+        expert not hosted here or spans that do not cover the `rows` sent."""
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise MoEAppChanged(f"deployment {self.group_name} serves app version {self.fingerprint}, the rows were "
+                                f"routed for version {fingerprint}: its app was redeployed with other weights or "
+                                "placement")
+        modules = [self._module(layer, expert) for expert, _ in spans]
+        if sum(count for _, count in spans) != rows:
+            raise ValueError(f"spans {spans} cover {sum(count for _, count in spans)} rows but {rows} were sent")
+        return modules
 
     def _compute(self, modules: list[torch.nn.Module], spans: list[tuple[int, int]],
                  x_ND: np.ndarray | torch.Tensor, direct: bool) -> tuple[np.ndarray | torch.Tensor, float]:
@@ -128,12 +143,13 @@ class ExpertServer:
         return out, time.perf_counter() - started
 
     def _count(self, layer: int, spans: list[tuple[int, int]], rows: int, seconds: float) -> None:
-        """Record one answered call (on the event loop, like every reader of these counters but Serve's)."""
-        self.compute_s += seconds
-        self.requests += 1
-        for expert, count in spans:
-            self.calls[(layer, expert)] += 1
-            self.rows[(layer, expert)] += count
+        """Record one answered call (on the event loop for Serve's calls, the math thread for the channel's)."""
+        with self._counting:
+            self.compute_s += seconds
+            self.requests += 1
+            for expert, count in spans:
+                self.calls[(layer, expert)] += 1
+                self.rows[(layer, expert)] += count
         self.row_rate.add(int(rows))
 
     def _module(self, layer: int, expert: int) -> torch.nn.Module:
@@ -148,8 +164,10 @@ class ExpertServer:
         but not yet answered, and calls that came on the channel and are not yet answered (Serve does not
         see those). Serve calls it from a threadpool: RowRate has a lock; rows_waiting and the channel's
         `waiting` are ints that one thread each writes."""
-        return {ROWS_PER_S: self.row_rate.per_second(), ROWS_WAITING: float(self.rows_waiting),
-                CHANNEL_CALLS: float(self.channel.waiting if self.channel is not None else 0)}
+        channel = self.channel
+        return {ROWS_PER_S: self.row_rate.per_second(),
+                ROWS_WAITING: float(self.rows_waiting + (channel.rows_waiting if channel is not None else 0)),
+                CHANNEL_CALLS: float(channel.waiting if channel is not None else 0)}
 
     async def ping(self) -> str:
         """The router's health check: answered on the event loop, which the expert math never holds."""
@@ -157,18 +175,21 @@ class ExpertServer:
 
     async def stats(self) -> dict:
         """What this replica hosts and has done: for tests, health checks and the stats endpoint."""
+        with self._counting:
+            calls, rows = sorted(self.calls.items()), sorted(self.rows.items())
+            compute_s, requests = self.compute_s, self.requests
         return {
             "group": self.group_name,
             "pid": os.getpid(),
             "device": str(self.device),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "hosted": [list(p) for p in sorted(self.experts)],
-            "calls": [[layer, expert, n] for (layer, expert), n in sorted(self.calls.items())],
-            "rows": [[layer, expert, n] for (layer, expert), n in sorted(self.rows.items())],
+            "calls": [[layer, expert, n] for (layer, expert), n in calls],
+            "rows": [[layer, expert, n] for (layer, expert), n in rows],
             ROWS_PER_S: self.row_rate.per_second(),
             ROWS_WAITING: self.rows_waiting,
-            "compute_s": self.compute_s,
-            "requests": self.requests,
+            "compute_s": compute_s,
+            "requests": requests,
             "channel": self.channel.stats() if self.channel is not None else None,
             "time": time.time(),
         }

@@ -1,8 +1,9 @@
 """Test-only expert deployments that answer wrongly, raise, die or compute slowly, and an app that binds one.
 
-Each class is the real ExpertServer (same weights, same bind arguments) with `forward`
-changed: it computes the right answer, then breaks it (`Slow` changes its expert modules instead:
-they sleep before computing, inside the real forward's math). `expert_app` binds the router to one
+Each class is the real ExpertServer (same weights, same bind arguments) with its math
+(`_compute`, which Serve's calls and the direct channel's both reach) changed: it computes the
+right answer, then breaks it (`Slow` changes its expert modules instead: they sleep before
+computing, inside the real math). `expert_app` binds the router to one
 such deployment hosting every (layer, expert), the way `serving/app.py:build_app` binds the
 real app.
 
@@ -44,24 +45,27 @@ DIED_MARKER = "died"  # file in the marker dir of DiesOnce; holds the pid of the
 class ShortRows(_ExpertClass):
     """Answers one row fewer than it was sent."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND, fingerprint))[:-1]
+    def _compute(self, *args):
+        out, seconds = super()._compute(*args)
+        return out[:-1], seconds
 
 
 @serve.deployment(**_OPTIONS)
 class WrongD(_ExpertClass):
     """Answers [N, D - 1]."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND, fingerprint))[:, :-1]
+    def _compute(self, *args):
+        out, seconds = super()._compute(*args)
+        return out[:, :-1], seconds
 
 
 @serve.deployment(**_OPTIONS)
 class WrongDtype(_ExpertClass):
     """Answers float16 to a float32 model (the right numbers, rounded)."""
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
-        return (await super().forward(layer, spans, x_ND, fingerprint)).astype(np.float16)
+    def _compute(self, *args):
+        out, seconds = super()._compute(*args)
+        return out.astype(np.float16), seconds
 
 
 @serve.deployment(**_OPTIONS)
@@ -72,9 +76,9 @@ class Raises(_ExpertClass):
         super().__init__(*args)
         self.raised = 0
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
+    def _compute(self, modules, spans, *args):
         self.raised += 1
-        raise RuntimeError(f"deliberate failure of test expert (layer {layer}, experts {[e for e, _ in spans]})")
+        raise RuntimeError(f"deliberate failure of test expert (experts {[e for e, _ in spans]})")
 
     async def stats(self) -> dict:
         return {**await super().stats(), "raised": self.raised}
@@ -82,19 +86,19 @@ class Raises(_ExpertClass):
 
 @serve.deployment(**_OPTIONS)
 class DiesOnce(_ExpertClass):
-    """The first forward call of the whole deployment kills its replica (os._exit) mid-call; every
-    other call, on any replica, answers right. The marker file in `marker_dir` decides who dies
-    (created atomically) and records the pid."""
+    """The first call of the whole deployment kills its replica (os._exit) mid-call; every other call,
+    on any replica, answers right. The marker file in `marker_dir` decides who dies (created
+    atomically) and records the pid."""
 
     def __init__(self, app: ResolvedApp, group: ExpertGroup, marker_dir: str) -> None:
         super().__init__(app, group)
         self.marker = os.path.join(marker_dir, DIED_MARKER)
 
-    async def forward(self, layer: int, spans: list, x_ND: np.ndarray, fingerprint: str | None = None) -> np.ndarray:
+    def _compute(self, *args):
         try:
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:  # a replica already died: answer
-            return await super().forward(layer, spans, x_ND, fingerprint)
+            return super()._compute(*args)
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os._exit(1)

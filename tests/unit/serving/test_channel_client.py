@@ -7,7 +7,9 @@ Serve handle path); an expert's failure is an ExpertComputeError, not retried.
 """
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,14 +27,14 @@ def _run(scenario):
 
 
 async def _servers(monkeypatch, *handlers, max_waiting=64):
-    loop = asyncio.get_running_loop()
-    servers = [ChannelServer("127.0.0.1", SECRET, h, loop, max_waiting) for h in handlers]
+    """One ChannelServer per handler, each computing on a math thread of its own as a replica does."""
+    servers = [ChannelServer("127.0.0.1", SECRET, h, ThreadPoolExecutor(1), max_waiting) for h in handlers]
     metadata = {f"r{i}": {"channel": s.address} for i, s in enumerate(servers)}
     monkeypatch.setattr(channel_module, "running_replicas", lambda handle: dict(metadata))
     return servers, metadata
 
 
-async def _double(header, rows):
+def _double(header, rows):
     return rows * 2
 
 
@@ -58,15 +60,13 @@ def test_answers_from_the_replica(monkeypatch):
 
 
 def test_a_silent_replica_is_left_for_another_and_its_late_answer_dropped(monkeypatch):
-    release = None
+    release = threading.Event()
 
-    async def silent(header, rows):
-        await release.wait()
+    def silent(header, rows):
+        release.wait(10)
         return rows * 3  # a wrong answer: it must never be used
 
     async def scenario():
-        nonlocal release
-        release = asyncio.Event()
         servers, _ = await _servers(monkeypatch, silent, _double)
         client = ChannelClient(SECRET, silent_s=0.3)
         rows = np.ones((3, 4), np.float32)
@@ -106,7 +106,7 @@ def test_busy_replicas_and_no_replica_fall_back(monkeypatch):
 
 
 def test_an_expert_failure_is_not_retried(monkeypatch):
-    async def broken(header, rows):
+    def broken(header, rows):
         raise RuntimeError("exploded")
 
     async def scenario():
