@@ -15,8 +15,8 @@ One local Ray cluster for the module, two small apps sharing a checkpoint (tiny 
           endpoints are asked.
 
 `pytest -s` prints the measured recovery times and success rates. The faults app uses the
-default transport (`auto`: these small calls go by value); `MOE_FAULTS_TRANSPORT=object_store`
-(or `by_value`, or `channel`: direct ZeroMQ channels on 127.0.0.1) runs the same test with that transport forced.
+default transport (`auto`: these small calls go on the experts' direct channels, on 127.0.0.1);
+`MOE_FAULTS_TRANSPORT=object_store` (or `by_value`, or `channel`) runs the same test with that transport forced.
 """
 
 import json
