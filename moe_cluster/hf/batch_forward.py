@@ -1,7 +1,8 @@
 """The forwards of the decode loop (no Ray): one prompt's prefill, a batch of decoding sequences.
 
-    prefill(ids)             one sequence, its exact shape [1, S]: logits of its last position,
-                             its KV cache (per decoder layer: keys, values [1, H, S, d])
+    prefill(ids)             one sequence, its exact shape [1, S]: logits of its last position (of
+                             every position: `every_position`, for the prompt's logprobs), its KV
+                             cache (per decoder layer: keys, values [1, H, S, d])
     decode(tokens, caches)   B sequences of different lengths, one new token each, as ONE batched
                              forward [B, 1]: each cache is left-padded to the longest (the padding
                              masked out, positions per sequence), as transformers' batched generate
@@ -39,11 +40,11 @@ class Forwards:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.batched = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, KV]:
-        """(logits [V] of the last position, the KV cache) of one prompt."""
+    def prefill(self, ids: list[int], every_position: bool = False) -> tuple[torch.Tensor, KV]:
+        """(logits [1, V] of the last position, or [S, V] of every position; the KV cache) of one prompt."""
         cache = self._new_cache(config=self.model.config)
         ids_1S = torch.tensor([ids], dtype=torch.long)
-        logits = self._forward(ids_1S, torch.ones_like(ids_1S), None, cache)
+        logits = self._forward(ids_1S, torch.ones_like(ids_1S), None, cache, keep=0 if every_position else 1)
         return logits[0], [(layer.keys, layer.values) for layer in cache.layers]
 
     def decode(self, tokens: list[int], caches: list[KV]) -> tuple[torch.Tensor, list[KV]]:
@@ -57,15 +58,16 @@ class Forwards:
         mask_BL = torch.tensor([[0] * (longest - n) + [1] * (n + 1) for n in lengths], dtype=torch.long)
         positions_B1 = torch.tensor([[n] for n in lengths], dtype=torch.long)
         ids_B1 = torch.tensor([[t] for t in tokens], dtype=torch.long)
-        logits = self._forward(ids_B1, mask_BL, positions_B1, cache)
+        logits = self._forward(ids_B1, mask_BL, positions_B1, cache)[:, -1]
         new = [[(torch.cat([kv[i][0], layer.keys[b:b + 1, :, -1:]], dim=2),
                  torch.cat([kv[i][1], layer.values[b:b + 1, :, -1:]], dim=2)) for i, layer in enumerate(cache.layers)]
                for b, kv in enumerate(caches)]
         return logits, new
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None,
-                 cache) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache,
+                 keep: int = 1) -> torch.Tensor:
+        """Logits [B, keep, V] of the last `keep` positions (0: every position)."""
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{self._cache_arg: cache})
-        return out.logits[:, -1]
+                             logits_to_keep=keep, **{self._cache_arg: cache})
+        return out.logits

@@ -3,13 +3,16 @@
     submit(request) ──► waiting ──(step boundary)──► active sequences ──► finished ones leave
 
     one STEP (the scheduler thread): one forward per member, each in a worker thread of its own
-      - each sequence that just joined: its prefill, alone, in its exact shape [1, S]
+      - each sequence that just joined: its prefill, alone, in its exact shape [1, S] (keeping the
+        logits of every position when the request asks for its prompt's logprobs: hf/logprobs.py)
       - every decoding sequence together: ONE batched forward [B, 1] of their last tokens, each
         with its own KV cache (left-padded to the longest for this forward: hf/batch_forward.py)
         └─ the MoE blocks of every member post their rows [T_i, D] for layer L to the step's
            StepGather; when every member still in the step is waiting there, the rows are
            concatenated and ONE moe_call(x_TD, L) is made for all of them; each gets its rows back
-      then each sequence chooses its next token (hf/sampling.py) and tells it to its request
+      then each sequence chooses its next token (hf/sampling.py: min_tokens, penalties, greedy or a
+      draw), with its raw logprob when asked, and tells it to its request; hf/stopping.py says when
+      it ends (EOS, stop ids, stop strings, max_new_tokens)
 
 So each MoE layer costs one call per step whatever the number of sequences, and the dense
 weights are read once per step for all decoding sequences. Greedy output equals transformers'
@@ -30,8 +33,9 @@ What one request does stays with that request, and nothing waits forever:
     step has run longer than `step_timeout_s`, the request ends with an error, and `failure()`
     says why (the runner's /healthz then answers 503 and Serve replaces the replica).
 
-Requests come from any thread (an asyncio event loop: `events()`); what happens to a request
-is told through its `emit` callback, called in the scheduler thread.
+Requests come from any thread (an asyncio event loop: `events()`, or `events_of()` for the
+choices of one answer, which join the same step); what happens to a request is told through its
+`emit` callback, called in the scheduler thread.
 """
 
 from __future__ import annotations
@@ -49,9 +53,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..protocol.openai_logprobs import TokenLogprob
 from .batch_forward import KV, Forwards
+from .logprobs import prompt_logprobs, token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler, SamplingParams
+from .step_gather import StepGather
+from .stopping import StopStringsAfter, Stopping
 from .text import TextStream
 
 __all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure", "eos_token_ids"]
@@ -66,85 +74,30 @@ class DecodeLoopFailure(RuntimeError):
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: the prefill only (for the prompt's logprobs), no token
     sampling: SamplingParams = SamplingParams()
-    text: TextStream | None = None  # the text of the answer (and its stop strings); None: ids only
+    text: TextStream | StopStringsAfter | None = None  # the answer's text (and stop strings); None: ids only
+    logprobs: int | None = None  # each generated token's logprob and its k most likely; None: not asked
+    prompt_logprobs: int | None = None  # the same of each prompt token, from the prefill (hf/logprobs.py)
 
 
 @dataclass(frozen=True)
 class Event:
-    """A generated token (token_id, its new text), or the end: finish_reason or error set."""
+    """A generated token (token_id, its new text), or the end: finish_reason or error set. The first event
+    of a request that asked for prompt_logprobs carries them (also when it is the end, with no token)."""
 
     token_id: int | None
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str | None = None  # "stop" (EOS, a stop id or a stop string) | "length"
     error: BaseException | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprob: TokenLogprob | None = None  # of token_id, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def last(self) -> bool:
         return self.finish_reason is not None or self.error is not None
-
-
-class StepGather:
-    """The MoE rows of every sequence of one step: one moe_call per layer for all of them.
-
-    `call(member, x_TD, layer)` blocks until every member still in the step has posted its rows
-    (for whatever layer: they all go through the layers in the same order) or left; the thread
-    that completes the set makes the calls and hands out the slices. `leave(member)` when its
-    forward is over, normally or not.
-    """
-
-    def __init__(self, moe_call: MoECall, members: int) -> None:
-        self.moe_call = moe_call
-        self.calls = 0
-        self._cv = threading.Condition()
-        self._members = set(range(members))
-        self._posted: dict[int, dict[int, torch.Tensor]] = {}  # layer -> member -> rows
-        self._answers: dict[int, torch.Tensor | BaseException] = {}  # member -> its rows back
-
-    def call(self, member: int, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
-        with self._cv:
-            self._posted.setdefault(layer, {})[member] = x_TD
-            ready = self._take_ready()
-        self._run(ready)
-        with self._cv:
-            self._cv.wait_for(lambda: member in self._answers)
-            answer = self._answers.pop(member)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    def leave(self, member: int) -> None:
-        with self._cv:
-            self._members.discard(member)
-            ready = self._take_ready()
-        self._run(ready)
-
-    def _take_ready(self) -> dict[int, dict[int, torch.Tensor]]:
-        """Every posted layer, once each member still in the step has posted (caller holds the lock)."""
-        waiting = {m for rows in self._posted.values() for m in rows}
-        if not self._posted or waiting != self._members:
-            return {}
-        ready, self._posted = self._posted, {}
-        return ready
-
-    def _run(self, ready: dict[int, dict[int, torch.Tensor]]) -> None:
-        answers: dict[int, torch.Tensor | BaseException] = {}
-        for layer, rows in sorted(ready.items()):
-            members = sorted(rows)
-            try:
-                y_TD = self.moe_call(torch.cat([rows[m] for m in members]), layer)
-                pieces = torch.split(y_TD, [rows[m].shape[0] for m in members])
-                answers.update(zip(members, pieces))
-            except BaseException as exc:  # noqa: BLE001 - every member of the call gets the failure
-                answers.update((m, exc) for m in members)
-            self.calls += 1
-        if answers:
-            with self._cv:
-                self._answers.update(answers)
-                self._cv.notify_all()
 
 
 @dataclass
@@ -152,7 +105,9 @@ class _Sequence:
     request: GenerationRequest
     emit: Callable[[Event], None]
     sampler: Sampler
+    stopping: Stopping
     kv: KV | None = None  # its KV cache, made by its prefill
+    prompt_logprobs: list[TokenLogprob] | None = None  # made by its prefill (when asked), told once
     pending: list[int] = field(default_factory=list)  # ids to feed in the next forward
     generated: int = 0
     cancelled: bool = False
@@ -204,42 +159,61 @@ class DecodeLoop:
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
         """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
-        if not request.prompt_ids or request.max_new_tokens < 1:
-            raise ValueError("a request needs at least one prompt token and max_new_tokens >= 1")
-        sequence = _Sequence(request, emit, Sampler(request.sampling), pending=list(request.prompt_ids))
+        return self.submit_all([(request, emit)])[0]
+
+    def submit_all(self, requests: list[tuple[GenerationRequest, Callable[[Event], None]]]) -> list[SequenceHandle]:
+        """Queue several (request, emit) at once: they join the same step while there is room."""
+        sequences = [self._sequence(request, emit) for request, emit in requests]
         with self._cv:
             if self._closed:
                 raise RuntimeError("the decode loop is closed")
             if self._died is not None:
                 raise DecodeLoopFailure(f"the decode loop has stopped ({self.failure()}); the replica must be "
                                         "replaced: its /healthz answers 503")
-            self._waiting.append(sequence)
+            self._waiting.extend(sequences)
             self._cv.notify()
-        return SequenceHandle(sequence)
+        return [SequenceHandle(sequence) for sequence in sequences]
+
+    def _sequence(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Sequence:
+        if not request.prompt_ids or request.max_new_tokens < 0:
+            raise ValueError("a request needs at least one prompt token and max_new_tokens >= 0 (0: its prefill "
+                             "only, for its prompt logprobs)")
+        params = request.sampling
+        stop_ids = params.stop_token_ids | (frozenset() if params.ignore_eos else self.eos_ids)
+        return _Sequence(request, emit, Sampler(params, request.prompt_ids, stop_ids),
+                         Stopping(request.text, request.max_new_tokens, stop_ids), pending=list(request.prompt_ids))
 
     async def events(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """The events of `request`, on the running event loop; leaving early cancels it."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(request, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
-        try:
-            while True:
-                event = await self._next_event(queue, request)
-                yield event
-                if event.last:
-                    return
-        finally:
-            handle.cancel()
+        async for _, event in self.events_of([request]):
+            yield event
 
-    async def _next_event(self, queue: asyncio.Queue[Event], request: GenerationRequest) -> Event:
-        """The next event of a request, or an error event once the loop cannot answer any more."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=min(1.0, self.step_timeout_s))
-            except asyncio.TimeoutError:
-                failure = self.failure()
-                if failure is not None:
-                    return Event(None, error=DecodeLoopFailure(failure), prompt_tokens=len(request.prompt_ids))
+    async def events_of(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Event]]:
+        """(position in `requests`, event) of several requests as their events come; leaving early cancels
+        them all. Once the loop cannot answer any more, each open request ends with an error event."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        open_ = set(range(len(requests)))
+        handles = self.submit_all([(request, lambda event, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, event)))
+                                   for i, request in enumerate(requests)])
+        try:
+            while open_:
+                try:
+                    i, event = await asyncio.wait_for(queue.get(), timeout=min(1.0, self.step_timeout_s))
+                except asyncio.TimeoutError:
+                    failure = self.failure()
+                    if failure is None:
+                        continue
+                    for i in sorted(open_):
+                        yield i, Event(None, error=DecodeLoopFailure(failure),
+                                       prompt_tokens=len(requests[i].prompt_ids))
+                    return
+                yield i, event
+                if event.last:
+                    open_.discard(i)
+        finally:
+            for handle in handles:
+                handle.cancel()
 
     def failure(self) -> str | None:
         """Why the loop cannot answer (its thread ended, or a step is stuck), or None while it works."""
@@ -350,8 +324,7 @@ class DecodeLoop:
         token = MOE_CALL_OVERRIDE.set(functools.partial(gather.call, member))
         try:
             if group[0].kv is None:
-                logits_V, group[0].kv = self._forwards.prefill(group[0].pending)
-                return logits_V[None]
+                return self._prefill(group[0])
             logits_BV, caches = self._forwards.decode([s.pending[0] for s in group], [s.kv for s in group])
             for sequence, kv in zip(group, caches):
                 sequence.kv = kv
@@ -359,6 +332,15 @@ class DecodeLoop:
         finally:
             MOE_CALL_OVERRIDE.reset(token)
             gather.leave(member)
+
+    def _prefill(self, sequence: _Sequence) -> torch.Tensor:
+        """The prompt's forward (its KV cache); the logits [1, V] of its last position. Asked for prompt
+        logprobs, the same forward keeps the logits of every position and they are made here."""
+        k = sequence.request.prompt_logprobs
+        logits_SV, sequence.kv = self._forwards.prefill(sequence.pending, every_position=k is not None)
+        if k is not None:
+            sequence.prompt_logprobs = prompt_logprobs(logits_SV, sequence.pending, k)
+        return logits_SV[-1:]
 
     def _advance(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
         """The sequence's next token: sampled, its text decoded, told. Whatever raises ends this request alone."""
@@ -372,28 +354,26 @@ class DecodeLoop:
                 self._end(sequence, error=exc)
 
     def _choose(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
+        request = sequence.request
+        if request.max_new_tokens == 0:  # the prompt's logprobs were all it asked for
+            return self._end(sequence, finish="length")
         token_id = sequence.sampler(logits_V)
+        logprob = token_logprob(logits_V, token_id, request.logprobs) if request.logprobs is not None else None
         sequence.generated += 1
         sequence.pending = [token_id]
-        text = sequence.request.text
-        piece = text.push(token_id) if text is not None else ""
-        finish = None
-        if token_id in self.eos_ids or (text is not None and text.stopped):
-            finish = "stop"
-        elif sequence.generated >= sequence.request.max_new_tokens:
-            finish = "length"
+        piece, finish = sequence.stopping.push(token_id, sequence.generated)
         if finish is None:
-            return sequence.emit(Event(token_id, piece))
-        if text is not None:  # the held-back end may complete a stop string
-            piece, finish = piece + text.finish(), "stop" if text.stopped else finish
-        self._end(sequence, token_id, piece, finish)
+            prompt, sequence.prompt_logprobs = sequence.prompt_logprobs, None
+            return sequence.emit(Event(token_id, piece, logprob=logprob, prompt_logprobs=prompt))
+        self._end(sequence, token_id, piece, finish, logprob=logprob)
 
     def _end(self, sequence: _Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
-             error: BaseException | None = None) -> None:
+             error: BaseException | None = None, logprob: TokenLogprob | None = None) -> None:
         sequence.done = True
         sequence.kv = None
         self.stats["sequences"] += 1
-        event = Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated)
+        event = Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated,
+                      logprob, sequence.prompt_logprobs)
         try:
             sequence.emit(event)
         except Exception:  # noqa: BLE001 - its receiver is gone or broken: nobody else is concerned

@@ -8,8 +8,14 @@
 naming the offending field; `error_body` is OpenAI's error object
 `{"error": {"message", "type", "param", "code"}}`. Streaming answers are server-sent events:
 `sse(chunk)` per chunk, then `SSE_DONE`. Fields OpenAI has but this server does not implement
-(n > 1, logprobs, penalties, tools, ...) are refused by name unless they carry their neutral
-value (`n: 1`, `presence_penalty: 0`, `logprobs: null`, ...), which some clients always send.
+(logit_bias, tools, suffix, ...) are refused by name unless they carry their neutral value
+(`logit_bias: null`, `tools: []`, ...), which some clients always send.
+
+What vLLM adds to OpenAI's fields is taken with vLLM's meaning: a completion's `prompt` may be a
+list of prompts (text or token ids: one choice per prompt and `n`, in order), `echo` with
+`max_tokens: 0` scores a prompt without generating, `top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `ignore_eos`, `stop_token_ids`. A sampling value the request leaves out is the
+model's (`sampling_values(defaults)`: its generation_config.json), else OpenAI's.
 """
 
 from __future__ import annotations
@@ -17,23 +23,29 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .bodies import JSON, media_type, parse_json
 from .errors import WireError
+from .openai_logprobs import MAX_LOGPROBS
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "SamplingFields", "parse_request",
-           "error_body", "error_type", "completion_body", "completion_chunk", "chat_body", "chat_chunk",
-           "models_body", "usage", "sse", "SSE_DONE", "FinishReason", "new_id"]
+           "error_body", "error_type", "completion_choice", "completion_body", "completion_chunk", "chat_choice",
+           "chat_body", "chat_delta", "chat_chunk", "models_body", "usage", "sse", "SSE_DONE", "FinishReason", "new_id",
+           "SAMPLING_DEFAULTS", "MAX_CHOICES"]
 
 FinishReason = Literal["stop", "length"]
 SSE_DONE = b"data: [DONE]\n\n"
 MAX_STOP_CHARS = 256  # a stop string is checked against the text at every token, in the thread all requests share
+MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses send more (a task's `until` and the EOS text)
+MAX_CHOICES = 1024  # prompts x n of one request: each is a sequence of the decode loop
+# The sampling values of a request that says nothing, unless the model's generation config sets them (vLLM's rule)
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                     "presence_penalty": 0.0, "frequency_penalty": 0.0}
 # Fields of OpenAI's API that are accepted only with their neutral value (what it means: the default).
-_NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False), "top_logprobs": (None, 0),
-            "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": (None, {}),
+_NEUTRAL = {"best_of": (None, 1), "logit_bias": (None, {}),
             "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
             "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
             "parallel_tool_calls": (None, False, True), "service_tier": (None, "auto", "default"),
@@ -47,13 +59,25 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Neutral fields of the other kind of request, accepted here too (some clients send them to both)
+    OTHER_KIND: ClassVar[dict[str, tuple]] = {}
+
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
+    n: int = Field(default=1, ge=1, le=128, description="choices per prompt")
+    # None: the model's generation config, else SAMPLING_DEFAULTS
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="0 or -1: no top-k cut")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOPS * 4)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, description="tokens before EOS, a stop id or a stop string may end")
     stream: bool = False
     stream_options: dict[str, bool] | None = None
 
@@ -61,8 +85,9 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop takes at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                             "characters")
         return stops
 
     @field_validator("stream_options")
@@ -76,21 +101,60 @@ class SamplingFields(BaseModel):
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])
 
+    def sampling_values(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The values of hf/sampling.py's SamplingParams: the request's, else the model's `defaults`
+        (its generation config), else SAMPLING_DEFAULTS; `seed` is the first choice's (choice j: seed + j)."""
+        values = {name: value if (value := getattr(self, name)) is not None else defaults.get(name, neutral)
+                  for name, neutral in SAMPLING_DEFAULTS.items()}
+        return {**values, "seed": self.seed, "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+                "stop_token_ids": frozenset(self.stop_token_ids or ())}
+
+    def check(self) -> None:
+        """What one field's validation cannot see: WireError 400 naming the field."""
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(description="text, or token ids")
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    OTHER_KIND: ClassVar[dict[str, tuple]] = {"top_logprobs": (None, 0)}
 
-    @field_validator("prompt")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, token ids, or a list of either: one choice per prompt (and n), in order")
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0: echo only
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="each token's logprob and its k most likely; with echo, the prompt's")
+
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _prompt(cls, value: str | list[int]) -> str | list[int]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list of token ids")
+    def _prompt(cls, value: Any, handler) -> str | list[str] | list[int] | list[list[int]]:
+        try:
+            value = handler(value)
+        except ValidationError:  # one message, not one per member of the union
+            raise ValueError("prompt must be text, a list of token ids, or a list of either") from None
+        if isinstance(value, list) and (not value or any(not p for p in value if isinstance(p, (str, list)))):
+            raise ValueError("prompt must not be empty, nor hold an empty prompt")
+        if isinstance(value, list) and isinstance(value[0], (str, list)) and len(value) > MAX_CHOICES:
+            raise ValueError(f"prompt holds {len(value)} prompts; at most {MAX_CHOICES} per request")
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise WireError(400, "max_tokens 0 scores the prompt without generating: it needs echo: true",
+                            param="max_tokens", code="invalid_value")
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise WireError(400, f"{len(self.prompts)} prompts x n {self.n} is over {MAX_CHOICES} choices per "
+                                 "request: send fewer at once", param="n", code="invalid_value")
 
 
 class ChatMessage(BaseModel):
@@ -111,12 +175,26 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    OTHER_KIND: ClassVar[dict[str, tuple]] = {"echo": (False,)}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
+    logprobs: bool = Field(default=False, description="each generated token's logprob")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="and its k most likely")
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """k most likely per generated token (0: the token's own logprob only); None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise WireError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
 
 def parse_request(body: bytes, content_type: str | None, kind: type[SamplingFields]) -> SamplingFields:
@@ -126,16 +204,19 @@ def parse_request(body: bytes, content_type: str | None, kind: type[SamplingFiel
     payload = parse_json(body)
     if not isinstance(payload, dict):
         raise WireError(400, "the body must be a JSON object")
-    for name in sorted(set(payload) & set(_NEUTRAL)):
-        if not _is_neutral(payload.pop(name), _NEUTRAL[name]):
-            raise WireError(400, f"{name} is not supported by this server (only {_NEUTRAL[name][0]!r})",
+    neutral = {**_NEUTRAL, **kind.OTHER_KIND}
+    for name in sorted(set(payload) & set(neutral)):
+        if not _is_neutral(payload.pop(name), neutral[name]):
+            raise WireError(400, f"{name} is not supported by this server (only {neutral[name][0]!r})",
                             param=name, code="unsupported_parameter")
     for name in _IGNORED:
         payload.pop(name, None)
     try:
-        return kind.model_validate(payload)
+        request = kind.model_validate(payload)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    request.check()
+    return request
 
 
 def _is_neutral(value: Any, neutral: tuple) -> bool:
@@ -182,30 +263,43 @@ def _envelope(obj: str, rid: str, model: str, created: int | None) -> dict[str, 
     return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model}
 
 
-def completion_body(rid: str, model: str, text: str, finish: FinishReason, use: dict[str, int]) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return {**_envelope("text_completion", rid, model, None), "choices": [choice], "usage": use}
+def completion_choice(index: int, text: str, finish: FinishReason | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A completion's choice, or a streamed chunk's (its new text; logprobs: openai_logprobs.py)."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: FinishReason | None = None,
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {**_envelope("text_completion", rid, model, None), "choices": choices, "usage": use}
+
+
+def completion_chunk(rid: str, model: str, created: int, choice: dict[str, Any] | None = None,
                      use: dict[str, int] | None = None) -> dict[str, Any]:
-    """One streamed chunk; with `use` (stream_options.include_usage), the final usage-only chunk."""
-    choices = [] if use else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
-    return {**_envelope("text_completion", rid, model, created), "choices": choices,
+    """One streamed chunk of one choice; with `use` (stream_options.include_usage), the final usage-only chunk."""
+    return {**_envelope("text_completion", rid, model, created), "choices": [choice] if choice else [],
             **({"usage": use} if use else {})}
 
 
-def chat_body(rid: str, model: str, text: str, finish: FinishReason, use: dict[str, int]) -> dict[str, Any]:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": finish}
-    return {**_envelope("chat.completion", rid, model, None), "choices": [choice], "usage": use}
+def chat_choice(index: int, text: str, finish: FinishReason | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str], finish: FinishReason | None = None,
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    return {**_envelope("chat.completion", rid, model, None), "choices": choices, "usage": use}
+
+
+def chat_delta(index: int, delta: dict[str, str], finish: FinishReason | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A streamed chat choice: delta {"role": "assistant", "content": ""} first, then {"content": ...}."""
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_chunk(rid: str, model: str, created: int, choice: dict[str, Any] | None = None,
                use: dict[str, int] | None = None) -> dict[str, Any]:
-    """One streamed chunk: delta {"role": "assistant"} first, then {"content": ...}; `use`: the usage chunk."""
-    choices = [] if use else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    return {**_envelope("chat.completion.chunk", rid, model, created), "choices": choices,
+    """One streamed chunk of one choice (chat_delta); `use`: the usage-only chunk."""
+    return {**_envelope("chat.completion.chunk", rid, model, created), "choices": [choice] if choice else [],
             **({"usage": use} if use else {})}
 
 

@@ -165,8 +165,10 @@ def test_stop_strings_and_seeded_sampling(server):
 
 BAD = [  # (request kwargs, the client's exception, status, param)
     (dict(model="no-such-model"), openai.NotFoundError, 404, "model"),
-    (dict(n=2), openai.BadRequestError, 400, "n"),
-    (dict(logprobs=2), openai.BadRequestError, 400, "logprobs"),
+    (dict(n=0), openai.BadRequestError, 400, "n"),
+    (dict(logprobs=21), openai.BadRequestError, 400, "logprobs"),
+    (dict(logit_bias={"5": 1.0}), openai.BadRequestError, 400, "logit_bias"),
+    (dict(extra_body={"stop_token_ids": [VOCAB + 1]}), openai.BadRequestError, 400, "stop_token_ids"),
     (dict(temperature=3.5), openai.BadRequestError, 400, "temperature"),
     (dict(top_p=0), openai.BadRequestError, 400, "top_p"),
     (dict(max_tokens=0), openai.BadRequestError, 400, "max_tokens"),
@@ -187,6 +189,62 @@ def test_bad_requests_get_openai_error_objects(server, kwargs, error, status, pa
     assert set(body) == {"message", "type", "param", "code"} and body["message"]
     assert body["param"] == param
     assert body["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def hf_logprobs(server, ids: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' own logits [S, V] for `ids`: row i is the distribution of token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(server["model"](torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_the_harness_scoring_request_through_the_cluster(server):
+    """What lm-evaluation-harness sends for loglikelihood (token-id prompts, echo, logprobs 1, max_tokens 1):
+    each choice's prompt logprobs (first null) and top_logprobs are transformers' own; one forward each."""
+    prompts = [[5, 9, 17, 33, 40], [60, 2, 71], list(range(10, 30))]
+    before = runner_stats(server)["decode_loop"]
+    answer = server["client"].completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=1,
+                                                 logprobs=1, echo=True, seed=1234)
+    after = runner_stats(server)["decode_loop"]
+    assert after["steps"] - before["steps"] == 1  # the three prefills, together: the scoring costs one forward
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    for choice, ids in zip(answer.choices, prompts):
+        rows, logprobs = hf_logprobs(server, ids), choice.logprobs
+        greedy = int(torch.argmax(rows[-1]))
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        expected = [float(rows[i, t]) for i, t in enumerate(ids[1:] + [greedy])]
+        assert logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        for i, top in enumerate(logprobs.top_logprobs[1:]):  # the token, and the most likely (the same if greedy)
+            best = int(torch.argmax(rows[i]))
+            assert max(top.values()) == pytest.approx(float(rows[i, best]), abs=1e-4)
+            assert (logprobs.token_logprobs[i + 1] == max(top.values())) == (best == (ids + [greedy])[i + 1])
+        assert choice.text == server["tokenizer"].decode(ids) + server["tokenizer"].decode([greedy])
+    scored = server["client"].completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True, logprobs=0)
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].text == server["tokenizer"].decode(prompts[0])
+    assert scored.choices[0].logprobs.token_logprobs == answer.choices[0].logprobs.token_logprobs[:-1]
+
+
+def test_streamed_logprobs_n_choices_and_chat_logprobs(server):
+    client, prompt = server["client"], server["tokenizer"](PROMPTS[1])["input_ids"]
+    kwargs = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2, n=2)
+    answer = client.completions.create(**kwargs)
+    text = hf_text(server, prompt, 6)
+    assert [c.text for c in answer.choices] == [text, text] and answer.usage.completion_tokens == 12
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)]
+    for choice in answer.choices:
+        mine = [c for c in chunks if c.index == choice.index]
+        assert "".join(c.text for c in mine) == text
+        assert sum((c.logprobs.token_logprobs for c in mine), []) == pytest.approx(choice.logprobs.token_logprobs,
+                                                                                  abs=1e-5)
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    ids = chat_prompt(server["tokenizer"], messages)
+    out = server["model"].generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
+    rows = hf_logprobs(server, ids + out)[len(ids) - 1:]
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([float(rows[i, t]) for i, t in enumerate(out)], abs=1e-4)
+    assert all([t.logprob for t in c.top_logprobs] == pytest.approx(torch.topk(rows[i], 3).values.tolist(), abs=1e-4)
+               for i, c in enumerate(content))
 
 
 def test_auth_applies_and_generate_stays(server):

@@ -2,8 +2,11 @@
 
     request ──auth (401)── parse + check (protocol/openai.py: 400 naming the field; 404 unknown model)
         ──► prompt ids (the tokenizer; chat: its chat template or hf/text.py's plain one)
-        ──► DecodeLoop (hf/decode_loop.py): the request joins the next step, shares its MoE calls
-        ──► one JSON answer, or server-sent events (`stream: true`) ending with `data: [DONE]`
+        ──► choices: one GenerationRequest per prompt and n (sampling values: the request's, else the
+            model's generation_config.json), all joining the DecodeLoop's next step (hf/decode_loop.py)
+        ──► one JSON answer, or server-sent events (`stream: true`, one choice per chunk) ending with
+            `data: [DONE]`; echo puts the prompt (and its logprobs) first; logprobs in OpenAI's formats
+            (protocol/openai_logprobs.py)
 
 Every error is OpenAI's error object `{"error": {"message", "type", "param", "code"}}`: 4xx for
 the client's mistakes, 500 for a failure inside (a failed MoE call); a failure in the middle of
@@ -16,16 +19,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ...hf.decode_loop import DecodeLoop, GenerationRequest
+from ...hf.decode_loop import DecodeLoop, Event, GenerationRequest
 from ...hf.runner import HFMoERunner
-from ...hf.sampling import SamplingParams
-from ...hf.text import TextStream, chat_prompt, load_tokenizer
+from ...hf.sampling import SamplingParams, generation_defaults
+from ...hf.stopping import text_stream
+from ...hf.text import chat_prompt, load_tokenizer
 from ...protocol import openai as oai
+from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError
 from .common import json_response, read_body, relative_path
@@ -34,6 +40,33 @@ __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
 logger = logging.getLogger("ray.serve")
 OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET"}
+
+
+@dataclass
+class Choice:
+    """One choice of an answer: the decode loop's request, and the prompt's text told first (echo)."""
+
+    index: int
+    generation: GenerationRequest
+    echo_text: str | None = None  # None: no echo
+
+
+@dataclass
+class Told:
+    """What one choice has told so far (the whole answer's choice, or the offset of a streamed chunk)."""
+
+    pieces: list[str] = field(default_factory=list)
+    positions: list[TokenLogprob] = field(default_factory=list)
+    chars: int = 0  # characters told: where the next chunk's text_offset starts
+    started: bool = False
+    end: Event | None = None
+
+    def add(self, text: str, positions: list[TokenLogprob], event: Event) -> None:
+        self.pieces.append(text)
+        self.positions += positions
+        self.chars += len(text)
+        self.started = True
+        self.end = event if event.last else None
 
 
 class OpenAIFace:
@@ -52,8 +85,14 @@ class OpenAIFace:
         self.limits = runner.limits  # prompt tokens above max_input_tokens, max_tokens above max_new_tokens: 400
         self.context = runner.max_positions  # None: the model sets no limit
         self.vocab_size = runner.vocab_size
+        self.defaults = generation_defaults(runner.model)  # what generation_config.json sets for sampling
+        try:
+            SamplingParams(**self.defaults)
+        except ValueError as exc:
+            raise ValueError(f"the generation config of {runner.hf_dir} sets {self.defaults}: {exc}") from None
         self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s)
         self.created = int(time.time())
+        self._token_texts: dict[int, str] = {}
 
     def close(self, wait: bool = True) -> None:
         self.loop.close(wait)
@@ -65,95 +104,153 @@ class OpenAIFace:
             raise WireError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r} "
                                  "(GET /v1/models)", param="model", code="model_not_found")
 
-    def prompt_ids(self, request: oai.SamplingFields) -> list[int]:
+    def prompts(self, request: oai.SamplingFields) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt: one for a chat, one per prompt of a completion."""
+        chat = isinstance(request, oai.ChatCompletionRequest)
         try:
-            return self._prompt_ids(request)
+            if chat:
+                return [(chat_prompt(self.tokenizer, [{"role": m.role, "content": m.text()}
+                                                      for m in request.messages]), "")]
+            return [self._prompt(prompt, request.echo) for prompt in request.prompts]
         except (TypeError, UnicodeError) as exc:  # e.g. a lone UTF-16 surrogate ("\ud800"), which JSON allows
             raise WireError(400, f"the prompt is not valid Unicode text ({type(exc).__name__}): a lone surrogate "
-                                 "or similar; send UTF-8 text", param="messages" if isinstance(
-                                     request, oai.ChatCompletionRequest) else "prompt", code="invalid_value") from None
+                                 "or similar; send UTF-8 text", param="messages" if chat else "prompt",
+                            code="invalid_value") from None
 
-    def _prompt_ids(self, request: oai.SamplingFields) -> list[int]:
-        if isinstance(request, oai.ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-            return chat_prompt(self.tokenizer, messages)
-        if isinstance(request.prompt, str):
-            ids = self.tokenizer(request.prompt)["input_ids"]
+    def _prompt(self, prompt: str | list[int], echo: bool) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
             if not ids:
                 raise WireError(400, "the prompt is empty", param="prompt", code="invalid_value")
-            return ids
-        bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
+            return ids, prompt
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise WireError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                             param="prompt", code="invalid_value")
-        return list(request.prompt)
+        return list(prompt), self.tokenizer.decode(prompt) if echo else ""  # vLLM's echo of token ids
 
-    def generation(self, request: oai.SamplingFields) -> GenerationRequest:
-        """The decode loop's request, or WireError: unknown model, prompt over the context, ..."""
-        self.check_model(request.model)
-        if self.tokenizer is None:
-            raise WireError(503, f"this runner has no tokenizer, so no text API: {self.no_tokenizer}",
-                            code="no_tokenizer")
-        ids = self.prompt_ids(request)
+    def new_tokens(self, request: oai.SamplingFields, ids: list[int]) -> int:
+        """The max_tokens of one prompt, or WireError: the prompt or it over a limit or the context."""
+        chat = isinstance(request, oai.ChatCompletionRequest)
+        asked = request.max_new_tokens if chat else request.max_tokens
         context = self.context or 2**62
-        if len(ids) > self.limits.max_input_tokens or len(ids) >= context:
-            raise WireError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
+        if len(ids) > self.limits.max_input_tokens or len(ids) > context or (len(ids) == context and asked != 0):
+            raise WireError(400, f"a prompt has {len(ids)} tokens; this server takes at most "
                                  f"{min(self.limits.max_input_tokens, context - 1)} (context {self.context})",
-                            param="messages" if isinstance(request, oai.ChatCompletionRequest) else "prompt",
-                            code="context_length_exceeded")
-        asked = request.max_new_tokens if isinstance(request, oai.ChatCompletionRequest) else request.max_tokens
-        new = asked or min(self.limits.max_new_tokens, context - len(ids))
+                            param="messages" if chat else "prompt", code="context_length_exceeded")
+        new = asked if asked is not None else min(self.limits.max_new_tokens, context - len(ids))
         if new > self.limits.max_new_tokens:
             raise WireError(400, f"max_tokens {new} is over this server's limit of {self.limits.max_new_tokens}",
                             param="max_tokens", code="invalid_value")
         if len(ids) + new > context:
             raise WireError(400, f"the prompt's {len(ids)} tokens + max_tokens {new} exceed the model's context of "
                                  f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
-        sampling = SamplingParams(request.temperature, request.top_p, request.top_k, request.seed)
-        return GenerationRequest(ids, new, sampling, TextStream(self.tokenizer, request.stop_strings))
+        if request.min_tokens > new:
+            raise WireError(400, f"min_tokens {request.min_tokens} is over max_tokens {new}", param="min_tokens",
+                            code="invalid_value")
+        return new
+
+    def choices(self, request: oai.SamplingFields) -> list[Choice]:
+        """The decode loop's requests of an answer, n per prompt in order, or WireError (unknown model, ...)."""
+        self.check_model(request.model)
+        if self.tokenizer is None:
+            raise WireError(503, f"this runner has no tokenizer, so no text API: {self.no_tokenizer}",
+                            code="no_tokenizer")
+        chat = isinstance(request, oai.ChatCompletionRequest)
+        k, echo = (request.logprobs_k, False) if chat else (request.logprobs, request.echo)
+        values = request.sampling_values(self.defaults)
+        bad = [t for t in values["stop_token_ids"] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise WireError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                            param="stop_token_ids", code="invalid_value")
+        choices = []
+        for ids, text in self.prompts(request):
+            new = self.new_tokens(request, ids)
+            for j in range(request.n):  # choice j of a seeded request draws from seed + j (vLLM's)
+                seed = None if request.seed is None else request.seed + j
+                generation = GenerationRequest(ids, new, SamplingParams(**{**values, "seed": seed}),
+                                               text_stream(self.tokenizer, request.stop_strings, request.min_tokens),
+                                               logprobs=k, prompt_logprobs=k if echo else None)
+                choices.append(Choice(len(choices), generation, text if echo else None))
+        return choices
 
     # --- answers --------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text alone, as logprobs tell it (vLLM's: the tokenizer's decode of that one id)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    @staticmethod
+    def delta(choice: Choice, event: Event, told: Told) -> tuple[str, list[TokenLogprob]]:
+        """An event's new text and logprob positions; a choice's first event also tells the prompt (echo)."""
+        text, positions = event.text, [event.logprob] if event.logprob is not None else []
+        if choice.echo_text is not None and not told.started:
+            text, positions = choice.echo_text + text, (event.prompt_logprobs or []) + positions
+        return text, positions
+
+    def logprobs(self, request: oai.SamplingFields, positions: list[TokenLogprob], offset: int) -> dict | None:
+        if isinstance(request, oai.ChatCompletionRequest):
+            k = request.logprobs_k
+            return None if k is None else chat_logprobs(positions, self.token_text, k)
+        return None if request.logprobs is None else completion_logprobs(positions, self.token_text, offset)
+
+    @staticmethod
+    def usage(request: oai.SamplingFields, choices: list[Choice], told: list[Told]) -> dict[str, int]:
+        """The prompt's tokens once per prompt (not per choice), every choice's tokens (vLLM's count)."""
+        prompts = sum(len(c.generation.prompt_ids) for c in choices[::request.n])
+        return oai.usage(prompts, sum(t.end.completion_tokens for t in told))
 
     async def answer(self, request: oai.SamplingFields) -> Response:
         # Tokenizing (a chat template, a long prompt) takes ms to a second: not on the event loop, where
         # health checks and every other stream wait.
-        generation = await asyncio.to_thread(self.generation, request)
-        chat = isinstance(request, oai.ChatCompletionRequest)
+        choices = await asyncio.to_thread(self.choices, request)
         if request.stream:
-            return StreamingResponse(self._stream(generation, request, chat), media_type="text/event-stream",
+            return StreamingResponse(self._stream(choices, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        pieces, end = [], None
-        async for event in self.loop.events(generation):
-            pieces.append(event.text)
-            end = event
-        if end.error is not None:
-            raise end.error
+        told = [Told() for _ in choices]
+        async for i, event in self.loop.events_of([c.generation for c in choices]):
+            if event.error is not None:
+                raise event.error
+            told[i].add(*self.delta(choices[i], event, told[i]), event)
+        return json_response(await asyncio.to_thread(self._body, request, choices, told))
+
+    def _body(self, request: oai.SamplingFields, choices: list[Choice], told: list[Told]) -> dict:
+        chat = isinstance(request, oai.ChatCompletionRequest)
+        choice = oai.chat_choice if chat else oai.completion_choice
+        made = [choice(c.index, "".join(t.pieces), t.end.finish_reason, self.logprobs(request, t.positions, 0))
+                for c, t in zip(choices, told)]
         body = oai.chat_body if chat else oai.completion_body
-        rid = oai.new_id("chatcmpl" if chat else "cmpl")
-        return json_response(body(rid, self.model_name, "".join(pieces), end.finish_reason,
-                                  oai.usage(end.prompt_tokens, end.completion_tokens)))
+        return body(oai.new_id("chatcmpl" if chat else "cmpl"), self.model_name, made,
+                    self.usage(request, choices, told))
 
-    async def _stream(self, generation: GenerationRequest, request: oai.SamplingFields,
-                      chat: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, choices: list[Choice], request: oai.SamplingFields) -> AsyncIterator[bytes]:
+        chat = isinstance(request, oai.ChatCompletionRequest)
         rid, created = oai.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        chunk = oai.chat_chunk if chat else oai.completion_chunk
 
-        def chunk(text: str, finish: str | None = None, use: dict | None = None, first: bool = False) -> bytes:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return oai.sse(oai.chat_chunk(rid, self.model_name, created, delta, finish, use))
-            return oai.sse(oai.completion_chunk(rid, self.model_name, created, text, finish, use))
+        def sse(choice: dict | None = None, use: dict | None = None) -> bytes:
+            return oai.sse(chunk(rid, self.model_name, created, choice, use))
 
-        if chat:
-            yield chunk("", first=True)
-        async for event in self.loop.events(generation):
+        for c in choices if chat else ():
+            yield sse(oai.chat_delta(c.index, {"role": "assistant", "content": ""}))
+        told, failed = [Told() for _ in choices], False
+        async for i, event in self.loop.events_of([c.generation for c in choices]):
             if event.error is not None:
                 logger.error("generation failed in a stream: %s: %s", type(event.error).__name__, event.error)
                 yield b"data: " + oai.error_body(500, f"{type(event.error).__name__}: {event.error}") + b"\n\n"
+                failed = True
                 break
-            if event.text or event.last:
-                yield chunk(event.text, event.finish_reason)
-            if event.last and request.include_usage:
-                yield chunk("", use=oai.usage(event.prompt_tokens, event.completion_tokens))
+            text, positions = self.delta(choices[i], event, told[i])
+            logprobs = self.logprobs(request, positions, told[i].chars)
+            told[i].add(text, positions, event)
+            if text or positions or event.last:
+                yield sse(oai.chat_delta(i, {"content": text} if text else {}, event.finish_reason, logprobs) if chat
+                          else oai.completion_choice(i, text, event.finish_reason, logprobs))
+        if request.include_usage and not failed:
+            yield sse(use=self.usage(request, choices, told))
         yield oai.SSE_DONE
 
 
