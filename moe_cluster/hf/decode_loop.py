@@ -135,12 +135,17 @@ class DecodeLoop:
     """The scheduler thread of one model: steps over every active sequence (see the module doc)."""
 
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
-                 eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0) -> None:
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+                 eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0,
+                 max_prefill_tokens: int = 8192) -> None:
+        if max_num_seqs < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
+                             f"{max_prefill_tokens}")
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
+        # Prompt tokens joining one step (a longer prompt joins alone): bounds a step's prefill time and, for
+        # prompt logprobs, its logits of every position ([S, V] each; a batch of long prompts would be GBs)
+        self.max_prefill_tokens = max_prefill_tokens
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forwards = Forwards(model)
@@ -274,10 +279,15 @@ class DecodeLoop:
         with self._cv:
             while True:
                 self._active = [s for s in self._active if not self._drop_if_cancelled(s)]
+                prefill = 0
                 while self._waiting and len(self._active) < self.max_num_seqs:
+                    tokens = len(self._waiting[0].pending)
+                    if prefill and prefill + tokens > self.max_prefill_tokens:
+                        break  # it joins the next step
                     sequence = self._waiting.popleft()
                     if not self._drop_if_cancelled(sequence):
                         self._active.append(sequence)
+                        prefill += tokens
                 if self._closed or self._active:
                     return not self._closed
                 self._cv.wait()

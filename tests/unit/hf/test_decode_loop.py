@@ -221,3 +221,23 @@ def test_a_step_is_counted_before_its_tokens_go_out_and_close_need_not_wait(tiny
     assert "closed" in str(got.ends["b"].error)
     with pytest.raises(RuntimeError, match="closed"):
         loop.submit(GenerationRequest([3], 1), got.emit("c"))
+
+
+def test_prompts_join_a_step_within_the_prefill_token_budget(tiny):
+    """At most max_prefill_tokens prompt tokens join one step (a longer prompt joins alone); each answer is
+    still what generate gives that prompt alone."""
+    hf_model, runner, _ = tiny
+    calls = []
+    loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls), max_prefill_tokens=10)
+    prompts = [[1, 5, 9, 17, 33], list(range(40, 60)), [7, 300], [2, 4, 6, 8]]
+    got = Collector(len(prompts))
+    try:
+        loop.submit_all([(GenerationRequest(p, 3), got.emit(i)) for i, p in enumerate(prompts)])
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 3) for p in prompts]
+    rows_per_step = [rows for rows, layer in calls if layer == 0]
+    # step 1: the 5-token prompt (20 more would pass 10); 2: the 20 alone, beside 1 decoding row;
+    # 3: the 2- and 4-token prompts beside 2 decoding rows
+    assert rows_per_step[:3] == [5, 20 + 1, 2 + 4 + 2]
