@@ -59,7 +59,7 @@ from .logprobs import prompt_logprobs, token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler, SamplingParams
 from .step_gather import StepGather
-from .stopping import StopStringsAfter, Stopping
+from .stopping import StopStringsAfter, Stopping, eos_token_ids
 from .text import TextStream
 
 __all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure", "eos_token_ids"]
@@ -124,19 +124,12 @@ class SequenceHandle:
         self._sequence.cancelled = True
 
 
-def eos_token_ids(model: nn.Module) -> frozenset[int]:
-    """The ids that end a generation, as transformers' generate reads them (generation_config)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = getattr(model.config, "eos_token_id", None) if eos is None else eos
-    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-
-
 class DecodeLoop:
     """The scheduler thread of one model: steps over every active sequence (see the module doc)."""
 
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
                  eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0,
-                 max_prefill_tokens: int = 8192) -> None:
+                 max_prefill_tokens: int = 8192, on_load: Callable[[int, int], None] | None = None) -> None:
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_prefill_tokens}")
@@ -146,11 +139,12 @@ class DecodeLoop:
         # Prompt tokens joining one step (a longer prompt joins alone): bounds a step's prefill time and, for
         # prompt logprobs, its logits of every position ([S, V] each; a batch of long prompts would be GBs)
         self.max_prefill_tokens = max_prefill_tokens
+        self.on_load = on_load  # (sequences running, waiting) at each step boundary (Prometheus gauges)
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forwards = Forwards(model)
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
-                      "request_failures": 0, "loop_failures": 0}
+                      "request_failures": 0, "loop_failures": 0, "running": 0, "waiting": 0}
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._cv = threading.Condition()
@@ -279,18 +273,32 @@ class DecodeLoop:
         with self._cv:
             while True:
                 self._active = [s for s in self._active if not self._drop_if_cancelled(s)]
-                prefill = 0
-                while self._waiting and len(self._active) < self.max_num_seqs:
-                    tokens = len(self._waiting[0].pending)
-                    if prefill and prefill + tokens > self.max_prefill_tokens:
-                        break  # it joins the next step
-                    sequence = self._waiting.popleft()
-                    if not self._drop_if_cancelled(sequence):
-                        self._active.append(sequence)
-                        prefill += tokens
+                self._join_waiting()
+                self._tell_load()
                 if self._closed or self._active:
                     return not self._closed
                 self._cv.wait()
+
+    def _join_waiting(self) -> None:
+        """Waiting sequences join, in order, while there is room: max_num_seqs, max_prefill_tokens (caller locks)."""
+        prefill = 0
+        while self._waiting and len(self._active) < self.max_num_seqs:
+            tokens = len(self._waiting[0].pending)
+            if prefill and prefill + tokens > self.max_prefill_tokens:
+                break  # it joins the next step
+            sequence = self._waiting.popleft()
+            if not self._drop_if_cancelled(sequence):
+                self._active.append(sequence)
+                prefill += tokens
+
+    def _tell_load(self) -> None:
+        self.stats["running"], self.stats["waiting"] = len(self._active), len(self._waiting)
+        if self.on_load is None:
+            return
+        try:
+            self.on_load(self.stats["running"], self.stats["waiting"])
+        except Exception:  # noqa: BLE001 - a broken metrics sink must not stop the loop
+            logger.exception("on_load failed; the decode loop goes on")
 
     def _drop_if_cancelled(self, sequence: _Sequence) -> bool:
         if not sequence.cancelled:

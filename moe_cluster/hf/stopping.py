@@ -12,9 +12,18 @@ hf/sampling.py); stop strings are looked for only in the text of the tokens afte
 
 from __future__ import annotations
 
+from torch import nn
+
 from .text import StopStrings, TextStream
 
-__all__ = ["Stopping", "StopStringsAfter", "text_stream"]
+__all__ = ["Stopping", "StopStringsAfter", "text_stream", "eos_token_ids"]
+
+
+def eos_token_ids(model: nn.Module) -> frozenset[int]:
+    """The ids that end a generation, as transformers' generate reads them (generation_config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(model.config, "eos_token_id", None) if eos is None else eos
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
 class StopStringsAfter:

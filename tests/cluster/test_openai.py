@@ -12,6 +12,7 @@ bad requests get OpenAI's error objects with the documented status codes.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -245,6 +246,44 @@ def test_streamed_logprobs_n_choices_and_chat_logprobs(server):
     assert [c.logprob for c in content] == pytest.approx([float(rows[i, t]) for i, t in enumerate(out)], abs=1e-4)
     assert all([t.logprob for t in c.top_logprobs] == pytest.approx(torch.topk(rows[i], 3).values.tolist(), abs=1e-4)
                for i, c in enumerate(content))
+
+
+def metrics_port(server) -> int:
+    """The Prometheus port of Ray's metrics export on the server's node, asked of its Ray cluster (the banner
+    gives the cluster's address) by a short-lived driver."""
+    address = re.search(r"Ray cluster at (\S+);", server["log"].read_text()).group(1)
+    driver = ("import ray; ray.init(address='%s', log_to_driver=False); "
+              "print(ray.nodes()[0]['MetricsExportPort'])" % address)
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def scraped(port: int, name: str) -> dict[str, float]:
+    """{labels: value} of the samples of metric `name` in the Prometheus text of Ray's export."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}(\{{.*\}}) (\S+)$", text, re.M)}
+
+
+def test_the_runners_prometheus_metrics(server):
+    """/metrics of Ray's export has the runner's histograms, gauges and counters, tagged with the model."""
+    port = metrics_port(server)
+    answer = complete(server["client"], PROMPTS[0], max_tokens=5)  # at least one request with 5 tokens
+    assert answer[2].completion_tokens == 5
+    model = f'model="{MODEL}"'
+
+    def exported():
+        tokens = scraped(port, "ray_moe_runner_generation_tokens_total")
+        return tokens if any(model in labels and value >= 5 for labels, value in tokens.items()) else None
+
+    wait_until(exported, timeout=90, interval=2, what="the runner's metrics in Ray's Prometheus export")
+    for name in ("ray_moe_runner_time_to_first_token_seconds_count", "ray_moe_runner_time_per_output_token_seconds_count",
+                 "ray_moe_runner_e2e_request_latency_seconds_count", "ray_moe_runner_prompt_tokens_total"):
+        assert any(model in labels and value >= 1 for labels, value in scraped(port, name).items()), name
+    assert any('reason="length"' in labels and value >= 1
+               for labels, value in scraped(port, "ray_moe_runner_requests_finished_total").items())
+    for gauge in ("ray_moe_runner_requests_running", "ray_moe_runner_requests_waiting"):
+        assert any(model in labels for labels in scraped(port, gauge)), gauge
 
 
 def test_auth_applies_and_generate_stays(server):

@@ -35,6 +35,7 @@ from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError
 from .common import json_response, read_body, relative_path
+from .openai_metrics import AnswerClock, RunnerMetrics
 
 __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
@@ -90,7 +91,9 @@ class OpenAIFace:
             SamplingParams(**self.defaults)
         except ValueError as exc:
             raise ValueError(f"the generation config of {runner.hf_dir} sets {self.defaults}: {exc}") from None
-        self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s)
+        self.metrics = RunnerMetrics(self.model_name)  # Prometheus, through Ray's metrics export
+        self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s,
+                               on_load=self.metrics.load)
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}
 
@@ -206,15 +209,21 @@ class OpenAIFace:
     async def answer(self, request: oai.SamplingFields) -> Response:
         # Tokenizing (a chat template, a long prompt) takes ms to a second: not on the event loop, where
         # health checks and every other stream wait.
+        clock = self.metrics.answer()
         choices = await asyncio.to_thread(self.choices, request)
+        clock.start([len(c.generation.prompt_ids) for c in choices])
         if request.stream:
-            return StreamingResponse(self._stream(choices, request), media_type="text/event-stream",
+            return StreamingResponse(self._stream(choices, request, clock), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         told = [Told() for _ in choices]
-        async for i, event in self.loop.events_of([c.generation for c in choices]):
-            if event.error is not None:
-                raise event.error
-            told[i].add(*self.delta(choices[i], event, told[i]), event)
+        try:
+            async for i, event in self.loop.events_of([c.generation for c in choices]):
+                clock.event(i, event)
+                if event.error is not None:
+                    raise event.error
+                told[i].add(*self.delta(choices[i], event, told[i]), event)
+        finally:
+            clock.close()  # what did not end here was left: an error of another choice, or the client gone
         return json_response(await asyncio.to_thread(self._body, request, choices, told))
 
     def _body(self, request: oai.SamplingFields, choices: list[Choice], told: list[Told]) -> dict:
@@ -226,7 +235,8 @@ class OpenAIFace:
         return body(oai.new_id("chatcmpl" if chat else "cmpl"), self.model_name, made,
                     self.usage(request, choices, told))
 
-    async def _stream(self, choices: list[Choice], request: oai.SamplingFields) -> AsyncIterator[bytes]:
+    async def _stream(self, choices: list[Choice], request: oai.SamplingFields,
+                      clock: AnswerClock) -> AsyncIterator[bytes]:
         chat = isinstance(request, oai.ChatCompletionRequest)
         rid, created = oai.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         chunk = oai.chat_chunk if chat else oai.completion_chunk
@@ -237,18 +247,22 @@ class OpenAIFace:
         for c in choices if chat else ():
             yield sse(oai.chat_delta(c.index, {"role": "assistant", "content": ""}))
         told, failed = [Told() for _ in choices], False
-        async for i, event in self.loop.events_of([c.generation for c in choices]):
-            if event.error is not None:
-                logger.error("generation failed in a stream: %s: %s", type(event.error).__name__, event.error)
-                yield b"data: " + oai.error_body(500, f"{type(event.error).__name__}: {event.error}") + b"\n\n"
-                failed = True
-                break
-            text, positions = self.delta(choices[i], event, told[i])
-            logprobs = self.logprobs(request, positions, told[i].chars)
-            told[i].add(text, positions, event)
-            if text or positions or event.last:
-                yield sse(oai.chat_delta(i, {"content": text} if text else {}, event.finish_reason, logprobs) if chat
-                          else oai.completion_choice(i, text, event.finish_reason, logprobs))
+        try:
+            async for i, event in self.loop.events_of([c.generation for c in choices]):
+                clock.event(i, event)
+                if event.error is not None:
+                    logger.error("generation failed in a stream: %s: %s", type(event.error).__name__, event.error)
+                    yield b"data: " + oai.error_body(500, f"{type(event.error).__name__}: {event.error}") + b"\n\n"
+                    failed = True
+                    break
+                text, positions = self.delta(choices[i], event, told[i])
+                logprobs = self.logprobs(request, positions, told[i].chars)
+                told[i].add(text, positions, event)
+                if text or positions or event.last:
+                    yield sse(oai.chat_delta(i, {"content": text} if text else {}, event.finish_reason, logprobs)
+                              if chat else oai.completion_choice(i, text, event.finish_reason, logprobs))
+        finally:
+            clock.close()
         if request.include_usage and not failed:
             yield sse(use=self.usage(request, choices, told))
         yield oai.SSE_DONE

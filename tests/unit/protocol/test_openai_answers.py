@@ -5,6 +5,7 @@ logprob is log_softmax of transformers' logits for the same ids (1e-4), every gr
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
@@ -220,3 +221,61 @@ def test_bad_values_only_the_model_knows_name_the_field(face, payload, param):
     with pytest.raises(WireError) as raised:
         face.choices(parse(payload))
     assert (raised.value.status, raised.value.param) == (400, param)
+
+
+class Recorded:
+    """Stands in for a Ray metric: what was observed, set or added, with the tags."""
+
+    def __init__(self):
+        self.values = []
+
+    def observe(self, value, tags=None):
+        self.values.append((value, tags))
+
+    set = observe
+
+    def inc(self, value=1.0, tags=None):
+        self.values.append((value, tags))
+
+    def total(self, **tags):
+        return sum(v for v, t in self.values if all((t or {}).get(k) == w for k, w in tags.items()))
+
+
+def test_metrics_time_count_and_end_every_sequence(tiny, face):  # noqa: F811
+    names = ("ttft", "tpot", "e2e", "running", "waiting", "prompt_tokens", "generation_tokens", "finished")
+    recorded = {name: Recorded() for name in names}
+    real = {name: getattr(face.metrics, name) for name in names}
+    for name in names:
+        setattr(face.metrics, name, recorded[name])
+
+    async def abandoned_stream():  # a client that reads the first chunk and goes away
+        response = await face.answer(parse({"prompt": "Hello", "max_tokens": 50, "stream": True}))
+        chunks = response.body_iterator
+        await chunks.__anext__()
+        await chunks.aclose()
+
+    try:
+        started = time.monotonic()
+        body = run(face, {"prompt": PROMPTS[:2], "max_tokens": 4, "temperature": 0})
+        took = time.monotonic() - started
+        first = tiny[0].generate(torch.tensor([PROMPTS[0]]), max_new_tokens=1, do_sample=False)[0, -1]
+        stopped = run(face, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+                             "stop_token_ids": [int(first)]})  # ends at its first token
+        asyncio.run(abandoned_stream())
+        deadline = time.monotonic() + 30
+        while face.loop.stats["running"] and time.monotonic() < deadline:  # it leaves at the next step boundary
+            time.sleep(0.01)
+    finally:
+        for name in names:
+            setattr(face.metrics, name, real[name])
+    assert body["usage"]["completion_tokens"] == 8 and stopped["usage"]["completion_tokens"] == 1
+    prompt = len(PROMPTS[0]) + len(PROMPTS[1]) + len(PROMPTS[0]) + len(face.tokenizer("Hello")["input_ids"])
+    assert recorded["prompt_tokens"].total() == prompt
+    assert recorded["generation_tokens"].total() >= 8 + 1 + 1  # the abandoned stream's first token at least
+    finished = recorded["finished"]
+    assert (finished.total(reason="length"), finished.total(reason="stop"), finished.total(reason="abort")) == (2, 1, 1)
+    ttft, e2e = [v for v, _ in recorded["ttft"].values], [v for v, _ in recorded["e2e"].values]
+    assert len(ttft) == 4 and len(e2e) == 3 and all(0 < t <= took for t in ttft[:2] + e2e[:2])
+    assert len(recorded["tpot"].values) == 2 and all(0 < v < took for v, _ in recorded["tpot"].values)
+    running = [v for v, _ in recorded["running"].values]
+    assert max(running) == 2 and running[-1] == 0 and recorded["waiting"].values[-1][0] == 0
