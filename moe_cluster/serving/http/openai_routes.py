@@ -35,12 +35,13 @@ from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError
 from .common import json_response, read_body, relative_path
+from .tokenize_routes import TOKENIZER_PATHS, answer_tokenizer_request
 from .openai_metrics import AnswerClock, RunnerMetrics
 
 __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
 logger = logging.getLogger("ray.serve")
-OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET"}
+OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", **TOKENIZER_PATHS}
 
 
 @dataclass
@@ -288,6 +289,8 @@ async def _route(owner, request: Request, face: OpenAIFace, path: str) -> Respon
                         headers={"WWW-Authenticate": challenge})
     if request.method != OPENAI_PATHS[path]:
         raise WireError(405, f"{path} takes {OPENAI_PATHS[path]}, not {request.method}")
+    if path in TOKENIZER_PATHS:  # vLLM's /tokenize, /detokenize, /tokenizer_info (tokenize_routes.py)
+        return await answer_tokenizer_request(owner, request, face, path)
     if path == "/v1/models":
         return json_response(oai.models_body([face.model_name], face.created))
     kind = oai.ChatCompletionRequest if path == "/v1/chat/completions" else oai.CompletionRequest
