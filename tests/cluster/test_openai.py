@@ -149,7 +149,7 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
     assert loop["moe_calls"] - loop0["moe_calls"] == steps * layers
     moe, moe0 = after["moe"], before["moe"]  # the runner routes for itself (moe_calls: direct)
     assert after["moe_calls"] == "direct" and moe["transport"]["mode"] == "auto"
-    assert moe["transport"]["calls"]["by_value"] > moe0["transport"]["calls"]["by_value"]  # small calls by value
+    assert moe["transport"]["calls"]["channel"] > moe0["transport"]["calls"]["channel"]  # small calls: channels
     assert moe["router_phases"]["batches"] - moe0["router_phases"]["batches"] == steps * layers
 
 
