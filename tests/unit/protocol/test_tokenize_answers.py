@@ -134,3 +134,44 @@ def test_the_wire_checks_come_first():
     status, answer = post(face(byte_level_bpe()), "/tokenize", {"prompt": 3})
     assert (status, answer["param"]) == (400, "prompt")
     assert isinstance(tok.parse_tokenize(b'{"prompt": "a"}', None), tok.TokenizeCompletionRequest)
+
+
+# --- through the runner's HTTP dispatch (serving/runner.py -> openai_routes.py -> tokenize_routes.py) ----------
+
+def http(stub, method: str, path: str, payload=None, token: str | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of one request through the runner's HTTP face, as Serve hands it over."""
+    from starlette.requests import Request
+
+    from moe_cluster.serving.http.auth import BearerAuth
+    from moe_cluster.serving.runner import handle_runner_http
+
+    body = b"" if payload is None else json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json")] + ([(b"authorization", f"Bearer {token}".encode())]
+                                                           if token else [])
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers, "query_string": b""}
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    owner = SimpleNamespace(openai=stub, auth=BearerAuth(["secret"]), args=SimpleNamespace(max_body_bytes=4096))
+    response = asyncio.run(handle_runner_http(owner, Request(scope, receive)))
+    return response.status_code, json.loads(response.body)
+
+
+def test_the_runner_routes_the_tokenizer_endpoints_behind_its_token():
+    stub, tokenizer = face(byte_level_bpe()), byte_level_bpe()
+    assert http(stub, "POST", "/tokenize", {"prompt": "fox"}, "secret") == (200, tok.tokenize_body(
+        tokenizer("fox")["input_ids"], 4096 + 256))
+    assert http(stub, "POST", "/detokenize", {"tokens": tokenizer("fox")["input_ids"]}, "secret") == (
+        200, {"prompt": "fox"})
+    assert http(stub, "GET", "/tokenizer_info", None, "secret")[1]["eos_token"] == "<|endoftext|>"
+    for method, path in [("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info")]:
+        status, answer = http(stub, method, path, {"prompt": "fox"}, token="wrong")
+        assert (status, answer["error"]["type"]) == (401, "authentication_error")
+    status, answer = http(stub, "GET", "/tokenize", None, "secret")
+    assert status == 405 and answer["error"]["message"] == "/tokenize takes POST, not GET"
+    status, answer = http(stub, "POST", "/tokenize", {"prompt": "fox", "stream": True}, "secret")
+    assert (status, answer["error"]["param"], answer["error"]["code"]) == (400, "stream", "unsupported_parameter")
+    status, answer = http(stub, "POST", "/detokenize", {"tokens": [1] * 3000}, "secret")
+    assert status == 413  # max_body_bytes applies
