@@ -63,6 +63,9 @@ class ExpertServer:
         # loop, so torch's intra-op threads (set_torch_threads: a process-wide setting that new threads
         # adopt) keep their meaning and concurrent calls do not oversubscribe the replica's cores.
         self._math = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-math-{group.name}")
+        # Held by every computation (`_compute`): the channel's socket thread computes a call itself when it
+        # is free (serving/channel_server.py). Reentrant: that thread holds it around `_compute` too.
+        self._math_lock = threading.RLock()
         # The direct channel (serving/channel_server.py), bound in record_replica_metadata (on the event loop).
         self._channel_host = (app.args.channel_host or ray.util.get_node_ip_address()) \
             if uses_channel(app.args.transport, app.args.channel_max_bytes) else None
@@ -101,12 +104,13 @@ class ExpertServer:
         if self._channel_host is None:
             return {}
         if self.channel is None:
-            self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call, self._math)
+            self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call, self._math,
+                                         self._math_lock)
         return {"channel": self.channel.address, "group": self.group_name}
 
     def _channel_call(self, header: CallHeader, x_ND: np.ndarray) -> np.ndarray:
-        """A call that came on the channel, on the math thread: `forward`'s checks, math and counters (its
-        rows waiting are the channel's own count)."""
+        """A call that came on the channel, on the channel's socket thread or the math thread: `forward`'s
+        checks, math and counters (its rows waiting are the channel's own count)."""
         if header.dtype != self.dtype:
             raise ValueError(f"rows of dtype {header.dtype} sent to a replica of a {self.dtype} model")
         spans = list(header.spans)
@@ -133,7 +137,7 @@ class ExpertServer:
         """(the answer, seconds of math), on the math thread: a torch tensor for a direct-transport
         call, else the wire array. Touches no counter (they belong to the event loop)."""
         started = time.perf_counter()
-        with torch.no_grad():
+        with self._math_lock, torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
             # the matmuls only read x on CPU.
             x = x_ND if direct else from_wire(np.asarray(x_ND), self.dtype)

@@ -28,7 +28,8 @@ def _run(scenario):
 
 async def _servers(monkeypatch, *handlers, max_waiting=64):
     """One ChannelServer per handler, each computing on a math thread of its own as a replica does."""
-    servers = [ChannelServer("127.0.0.1", SECRET, h, ThreadPoolExecutor(1), max_waiting) for h in handlers]
+    servers = [ChannelServer("127.0.0.1", SECRET, h, ThreadPoolExecutor(1, thread_name_prefix="math"),
+                             threading.RLock(), max_waiting) for h in handlers]
     metadata = {f"r{i}": {"channel": s.address} for i, s in enumerate(servers)}
     monkeypatch.setattr(channel_module, "running_replicas", lambda handle: dict(metadata))
     return servers, metadata
@@ -139,3 +140,50 @@ def test_auto_sends_calls_up_to_channel_max_bytes_on_the_channel():
     forced = Transport("channel")
     forced.channel = object()
     assert forced.use_channel(2**30) and forced.paths()["channel"] == 1
+
+
+def test_an_idle_replica_computes_on_the_socket_thread_and_a_busy_one_queues_counted(monkeypatch):
+    """Idle math and quick calls: the socket thread computes the call itself (no hand-off). The math
+    busy (its lock held by another computation) or the previous call slow: the call waits for the math
+    thread, counted in `waiting` (autoscaling sees it) while the socket thread goes on receiving."""
+    from moe_cluster.serving.channel_server import INLINE_MAX_S
+
+    threads, delay_s, server = [], {"s": 0.0}, None
+
+    def record(header, rows):
+        with server._math_lock:  # as ExpertServer._compute: every computation holds the replica's math lock
+            threads.append(threading.current_thread().name)
+            time.sleep(delay_s["s"])
+            return rows * 2
+
+    async def scenario():
+        nonlocal server
+        servers, _ = await _servers(monkeypatch, record)
+        server, client = servers[0], ChannelClient(SECRET)
+        rows = np.ones((1, 4), np.float32)
+        try:
+            await _call(client, rows)  # idle: on the socket thread
+            server._math_lock.acquire()  # another computation holds the math: the call waits for the math thread
+            waiting = asyncio.ensure_future(_call(client, rows))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if server.stats()["waiting"] == 1:
+                    break
+            seen_waiting = server.stats()["waiting"]
+            server._math_lock.release()
+            await waiting
+            delay_s["s"] = 2 * INLINE_MAX_S
+            await _call(client, rows)  # idle, slow: on the socket thread (the previous call was quick)
+            delay_s["s"] = 0.0
+            await _call(client, rows)  # after a slow call: the math thread
+            await _call(client, rows)  # quick again: the socket thread
+            return seen_waiting, server.stats()
+        finally:
+            client.close()
+            server.close()
+
+    seen_waiting, stats = _run(scenario)
+    assert seen_waiting == 1 and stats["waiting"] == 0 and stats["answered"] == 5, stats
+    assert [name.startswith("math") for name in threads] == [False, True, False, True, False], threads
+    assert stats["inline"] == 3
+
