@@ -210,7 +210,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--config", type=Path, help="Serve config file whose args configure the MoE app "
                                                       "(placement, replicas); its checkpoint is replaced")
     generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                          help="dtype of the dense model (auto: as config.json says)")
+                          help="dtype of the dense model (auto: bfloat16 on a GPU, as config.json says on the CPU)")
+    generate.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                          help="where the dense model runs: cuda puts it on a GPU (in process: the MoE blocks "
+                               "too; on the cluster: the runner replica asks Ray for one GPU)")
     generate.add_argument("--torch-threads", type=int, help="torch threads of every process (default: torch's "
                                                             "in process, 1 per replica on the cluster)")
     generate.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured one")
@@ -337,7 +340,9 @@ def _generate(args: argparse.Namespace) -> dict:
         from .hf.runner import GenerateLimits, HFMoERunner
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, dtype=args.dtype,
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device here; leave --device out to run on the CPU")
+        runner = HFMoERunner.in_process(args.hf_model, args.checkpoint, device=args.device, dtype=args.dtype,
                                         limits=GenerateLimits(**limits))
         for _ in range(args.warmup):
             runner.generate(input_ids, args.max_new_tokens)
@@ -350,6 +355,8 @@ def _generate(args: argparse.Namespace) -> dict:
         moe["torch_threads"] = args.torch_threads
     runner_args = dict(limits, hf_model=str(args.hf_model.resolve()), moe=moe, dtype=args.dtype,
                        torch_threads=args.torch_threads)
+    if args.device == "cuda":  # the replica computes on the GPU Ray gives it (serving/runtime.py pick_device)
+        runner_args["runner"] = {"ray_actor_options": {"num_gpus": 1}}
     return generate_on_local_cluster(runner_args, input_ids, args.max_new_tokens, args.warmup, args.num_cpus,
                                      log=lambda line: print(line, flush=True))
 

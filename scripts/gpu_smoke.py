@@ -62,7 +62,6 @@ import torch  # noqa: E402
 
 from moe_cluster import MoEModel, preset_config  # noqa: E402
 from moe_cluster.core.config import ModelConfig  # noqa: E402
-from moe_cluster.core.layers import MoELayer  # noqa: E402
 from moe_cluster.core.reference import reference_forward  # noqa: E402
 from moe_cluster.tools.ports import free_port  # noqa: E402
 from moe_cluster.core.routing import gate_scores  # noqa: E402
@@ -156,10 +155,8 @@ def cpu_model(preset: str, dtype: str = "float32", seed: int = 0) -> MoEModel:
 
 
 def model_to(model: MoEModel, device: torch.device | str) -> MoEModel:
-    """A copy of `model` on `device` (MoEModel has no .to(); its router layers and experts do)."""
-    layers = [MoELayer(layer.gate_and_shared.to(device), [copy.deepcopy(e).to(device) for e in layer.experts])
-              for layer in model.layers]
-    return MoEModel(model.config, layers)
+    """A copy of `model` on `device` (the CPU model stays: it is the oracle)."""
+    return copy.deepcopy(model).to(device)
 
 
 def near_ties(model: MoEModel, x_TD: torch.Tensor, layer: int) -> torch.Tensor:

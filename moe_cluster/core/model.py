@@ -30,6 +30,13 @@ class MoEModel:
         self.experts = LocalExperts({layer_id: moe_layer.experts
                                      for layer_id, moe_layer in zip(config.moe_layer_ids, layers)})
 
+    def to(self, device: torch.device | str) -> "MoEModel":
+        """This model on `device`. As with nn.Module.to, the expert modules move in place (this model's too):
+        deep-copy the model first to keep one on each device."""
+        layers = [MoELayer(layer.gate_and_shared.to(device), [expert.to(device) for expert in layer.experts])
+                  for layer in self.layers]
+        return MoEModel(self.config, layers)
+
     def layer(self, layer: int) -> MoELayer:
         return self.layers[self.config.layer_position(layer)]
 

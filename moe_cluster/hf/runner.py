@@ -41,10 +41,12 @@ from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_config, load_model, load_router_layers
 
-__all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "check_compatible"]
+__all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "dense_dtype",
+           "check_compatible"]
 
-MoECall = Callable[[torch.Tensor, int], torch.Tensor]  # (x_TD, decoder layer) -> y_TD, x's dtype
-RUNNER_DTYPES = ("auto", *DTYPE_NAMES)  # auto: the dtype of the model's config.json
+# (x_TD, decoder layer) -> y_TD: rows on the runner's device in, the same device and x's dtype out
+MoECall = Callable[[torch.Tensor, int], torch.Tensor]
+RUNNER_DTYPES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on a GPU, else the dtype of the model's config.json
 
 
 # --- per-token accounting ----------------------------------------------------------------
@@ -98,7 +100,7 @@ def _after_forward(module: nn.Module, args: tuple, output: object) -> None:
 
 class MoEBlockProxy(nn.Module):
     """Stands in for the MoE block of decoder layer `layer_id`: hidden states [B, S, D] go to
-    `moe_call` as [B*S, D] rows and come back in the same shape and dtype."""
+    `moe_call` as [B*S, D] rows (on the runner's device) and come back in the same shape and dtype."""
 
     def __init__(self, layer_id: int, moe_call: MoECall) -> None:
         super().__init__()
@@ -142,10 +144,24 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def load_dense_model(hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto") -> tuple[nn.Module, list[int]]:
+def dense_dtype(dtype: str, device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the dense model: `dtype` by name; "auto" is bfloat16 on a GPU (what its tensor cores
+    are fast in, half the memory of float32) and config.json's dtype (`config_dtype`, float32 if unset)
+    on the CPU, where bfloat16 matmuls are slow on most processors."""
+    if dtype not in RUNNER_DTYPES:
+        raise ValueError(f"dtype must be one of {RUNNER_DTYPES}, got {dtype!r}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return config_dtype or torch.float32
+
+
+def load_dense_model(hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto",
+                     device: torch.device | str = "cpu") -> tuple[nn.Module, list[int]]:
     """(the HF causal LM of `hf_dir` with every MoE block replaced by a proxy, its MoE layer ids).
 
-    Only the dense parameters are read; `dtype` "auto" keeps config.json's dtype.
+    Only the dense parameters are read, in `dtype` (see dense_dtype), onto `device`.
     """
     try:
         import transformers
@@ -156,9 +172,9 @@ def load_dense_model(hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto")
     family = family_for(hf_config)
     layer_ids = moe_layer_ids(hf_config)
     config = transformers.AutoConfig.from_pretrained(hf_dir)
-    torch_dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
+    device = torch.device(device)
     with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype or torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dense_dtype(dtype, device, config.dtype))
     layers = model.model.layers
     for i, layer in enumerate(layers):
         name = next((n for n in family.block_names if hasattr(layer, n)), None)
@@ -169,7 +185,8 @@ def load_dense_model(hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto")
                              "the config and the installed transformers disagree")
         if is_moe:
             setattr(layer, name, MoEBlockProxy(i, moe_call))
-    _load_parameters(model, hf_dir, hf_config)
+    _load_parameters(model, hf_dir, hf_config, device)
+    model.to(device)  # the buffers (rotary inv_freq, computed in __init__); the parameters are there already
     model.register_forward_pre_hook(_before_forward)
     model.register_forward_hook(_after_forward)
     generation = hf_dir / "generation_config.json"
@@ -178,11 +195,13 @@ def load_dense_model(hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto")
     return model.eval(), layer_ids
 
 
-def _load_parameters(model: nn.Module, hf_dir: Path, hf_config: dict) -> None:
-    """Read every parameter still on meta from the checkpoint (names on disk are the module
-    names: only MoE blocks are renamed by transformers' loader, and those are proxies now)."""
+def _load_parameters(model: nn.Module, hf_dir: Path, hf_config: dict, device: torch.device) -> None:
+    """Read every parameter still on meta from the checkpoint onto `device`, one tensor at a time (names
+    on disk are the module names: only MoE blocks are renamed by transformers' loader, and those are
+    proxies now)."""
+    placeholders = dict(model.named_parameters())  # on meta; by identity, as `device` may be meta too
     with HFCheckpoint(hf_dir, hf_config) as ckpt:
-        for name, param in list(model.named_parameters()):
+        for name, param in placeholders.items():
             if name not in ckpt:
                 continue  # a tied weight (lm_head) saved once, tied below; else reported below
             module_name, _, attr = name.rpartition(".")
@@ -191,9 +210,9 @@ def _load_parameters(model: nn.Module, hf_dir: Path, hf_config: dict) -> None:
                 raise ValueError(f"{name} has shape {list(tensor.shape)} in {hf_dir}, the model expects "
                                  f"{list(param.shape)}: the checkpoint does not match its config.json")
             module = model.get_submodule(module_name)
-            module._parameters[attr] = nn.Parameter(tensor.to(param.dtype), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(tensor.to(device, param.dtype), requires_grad=False)
     model.tie_weights()  # lm_head = embed_tokens where tie_word_embeddings
-    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    missing = [name for name, param in model.named_parameters() if param is placeholders.get(name)]
     if missing:
         raise ValueError(f"{hf_dir} lacks {len(missing)} dense tensors the model needs, e.g. {missing[:3]}: "
                          "are all shards there?")
@@ -240,25 +259,28 @@ class GenerateLimits:
 
 
 class HFMoERunner:
-    """The dense model of a Hugging Face MoE checkpoint plus a `moe_call` for its MoE blocks."""
+    """The dense model of a Hugging Face MoE checkpoint on `device`, plus a `moe_call` for its MoE blocks
+    that takes and returns rows on that device. The serving deployments pass the device Ray gave their
+    replica (serving/runtime.py pick_device); without one, the CPU."""
 
     def __init__(self, hf_dir: str | Path, moe_call: MoECall, dtype: str = "auto",
-                 limits: GenerateLimits = GenerateLimits()) -> None:
-        if dtype not in RUNNER_DTYPES:
-            raise ValueError(f"dtype must be one of {RUNNER_DTYPES}, got {dtype!r}")
+                 limits: GenerateLimits = GenerateLimits(), device: torch.device | str = "cpu") -> None:
         self.hf_dir = Path(hf_dir)
         self.moe_call = moe_call
-        self.model, self.moe_layer_ids = load_dense_model(hf_dir, moe_call, dtype)
+        self.device = torch.device(device)
+        self.model, self.moe_layer_ids = load_dense_model(hf_dir, moe_call, dtype, self.device)
         self.limits = limits
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
 
     @classmethod
-    def in_process(cls, hf_dir: str | Path, checkpoint: str | Path, **kwargs) -> "HFMoERunner":
-        """The correctness baseline: MoE blocks computed by `load_model(checkpoint)` in this process."""
+    def in_process(cls, hf_dir: str | Path, checkpoint: str | Path, device: torch.device | str = "cpu",
+                   **kwargs) -> "HFMoERunner":
+        """The correctness baseline: MoE blocks computed by `load_model(checkpoint)` in this process, on the
+        dense model's `device` (the whole model on one device: the experts must fit there too)."""
         moe = load_model(checkpoint)
         check_compatible(hf_dir, moe.config, checkpoint)
-        return cls(hf_dir, moe.forward, **kwargs)
+        return cls(hf_dir, moe.to(device).forward, device=device, **kwargs)
 
     def info(self) -> dict:
         config = self.model.config
@@ -266,6 +288,7 @@ class HFMoERunner:
         return {"hf_model": str(self.hf_dir), "model_type": config.model_type, "vocab_size": self.vocab_size,
                 "num_hidden_layers": config.num_hidden_layers, "moe_layers": list(self.moe_layer_ids),
                 "dense_parameters": dense, "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "device": str(self.device),
                 "max_input_tokens": self.limits.max_input_tokens, "max_new_tokens": self.limits.max_new_tokens}
 
     def generate(self, input_ids: object, max_new_tokens: object = 16) -> dict:
@@ -277,6 +300,7 @@ class HFMoERunner:
         Bad input raises WireError (a ValueError) with the HTTP status to use.
         """
         ids_BS, new_tokens = self.check_request(input_ids, max_new_tokens)
+        ids_BS = ids_BS.to(self.device)
         recorder = _Recorder()
         token = _RECORDER.set(recorder)
         try:

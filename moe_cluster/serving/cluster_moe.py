@@ -45,7 +45,7 @@ class ClusterMoE:
 
     async def forward(self, x_TD: torch.Tensor, layer: int, timeout_s: float
                       ) -> tuple[torch.Tensor, DispatchPlan, ForwardTimings]:
-        """(y_TD on the CPU in the model dtype, plan, timings) for validated rows x_TD [T, D] of MoE layer
+        """(y_TD on this device in the model dtype, plan, timings) for validated rows x_TD [T, D] of MoE layer
         `layer`: route here, one call per expert deployment, combine. Failed calls are retried until
         `timeout_s` from now; the caller bounds the whole call (asyncio.wait_for)."""
         timings = ForwardTimings()
@@ -55,7 +55,7 @@ class ClusterMoE:
         self.metrics.record_plan(layer, plan.counts, self.placement.owner)
         self.metrics.record_phases(route_ms=timings.route_s * 1e3, experts_ms=timings.experts_s * 1e3,
                                    combine_ms=timings.combine_s * 1e3)
-        return y_TD.cpu(), plan, timings
+        return y_TD, plan, timings
 
     def stats(self) -> dict:
         """Per-layer rows per expert, per-expert calls, retries and latency, phases of the last and mean

@@ -96,7 +96,7 @@ class MoERouter:
     async def forward_batch(self, x_TD: torch.Tensor, layer: int) -> tuple[torch.Tensor, DispatchPlan]:
         """(y_TD on the CPU in the model dtype, plan): route on this replica's device, fan out, combine."""
         y_TD, plan, _ = await self.moe.forward(x_TD, layer, self.args.request_timeout_s)
-        return y_TD, plan
+        return y_TD.cpu(), plan  # the answer's wire (and the coalescer's split) are on the CPU
 
     # --- model, health, stats --------------------------------------------------------------
 

@@ -14,6 +14,12 @@ Two ways to wire it (`build_runner_app(args)`):
 - `moe_app: NAME`: the runner calls a MoE app already running under that name (one MoE
   cluster, several runners or other clients; the runner holds no expert).
 
+Its device: the dense model runs on the GPU Ray gave the replica (`runner: {ray_actor_options:
+{num_gpus: 1}}`), else on the CPU (runtime.pick_device, as the experts choose theirs), in `dtype`
+(auto: bfloat16 on a GPU). Each MoE call takes and returns rows on that device: direct calls route
+there (the gates are loaded on it); a call to the router sends the rows on the CPU (a CUDA tensor
+would be unpickled as one in a router without a GPU) and moves the answer back.
+
 Why a thread: transformers' forward is synchronous, and `.result()` on a response raises
 on the replica's event loop. `generate` runs in `asyncio.to_thread`, where no event loop
 runs, so `.result()` is allowed there and blocks only that thread; the replica's loop
@@ -57,7 +63,7 @@ from .cluster_moe import ClusterMoE
 from .errors import MoEAppChanged
 from .metrics import RouterMetrics
 from .http.auth import BearerAuth
-from .runtime import set_torch_threads
+from .runtime import pick_device, set_torch_threads
 from .http.common import dispatch, error_response, json_response, read_body, relative_path
 from .http.openai_routes import OPENAI_PATHS, OpenAIFace, openai_dispatch
 
@@ -79,7 +85,7 @@ class RunnerArgs(BaseModel):
                                                                  "the runner; its checkpoint is hf_model imported")
     moe_app: str | None = Field(default=None, description="or: name of a running MoE app to call")
     dtype: Literal[RUNNER_DTYPES] = Field(
-        default="auto", description="dtype of the dense model (auto: config.json's)")
+        default="auto", description="dtype of the dense model (auto: bfloat16 on a GPU, config.json's on the CPU)")
     max_input_tokens: int = Field(default=4096, ge=1, description="batch x prompt length; more gets 413")
     max_new_tokens: int = Field(default=256, ge=1, description="larger max_new_tokens gets 413")
     moe_calls: Literal["direct", "router"] = Field(
@@ -144,31 +150,36 @@ class ModelRunner:
         self.moe = moe
         info = await self.moe.info.remote()
         check_compatible(self.args.hf_model, ModelConfig.from_dict(info["model"]), info["source"].get("checkpoint"))
+        self.device = pick_device()  # the GPU Ray gave this replica, else the CPU
         self.loop = asyncio.get_running_loop()  # where direct MoE calls run (their expert calls are its tasks)
         self.direct = await self._direct_moe() if self.args.moe_calls == "direct" else None
         self.reload_lock = asyncio.Lock()
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self._moe_call, self.args.dtype,
-                                              limits)
+                                              limits, self.device)
         self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
                                               self.args.tokenizer, self.args.max_num_seqs,
                                               self.args.step_timeout_s)  # the OpenAI API
 
     async def _direct_moe(self) -> ClusterMoE:
-        """The MoE app's layers, routed here: the router tells which args and app (moe_spec), so the
-        runner loads the same gates and placement and holds handles to the same expert deployments."""
+        """The MoE app's layers, routed here on the runner's device: the router tells which args and app
+        (moe_spec), so the runner loads the same gates and placement and holds handles to the same expert
+        deployments."""
         spec = await self.moe.moe_spec.remote()
         app = resolve_app(spec["args"], spec["digests"], spec.get("channel_secret"))
         handles = await asyncio.to_thread(
             lambda: {g.name: serve.get_deployment_handle(g.name, app_name=spec["app_name"])
                      for g in app.placement.groups})
         metrics = RouterMetrics(app.config.moe_layer_ids, app.config.num_experts)
-        return await asyncio.to_thread(ClusterMoE, app, handles, torch.device("cpu"), metrics)
+        return await asyncio.to_thread(ClusterMoE, app, handles, self.device, metrics)
 
     def _moe_call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
-        """One MoE block on the cluster. Runs in generate's worker thread, never on the event loop."""
+        """One MoE block on the cluster: rows [T, D] on the runner's device in, y [T, D] on it out. Runs in
+        generate's worker thread, never on the event loop."""
         if self.direct is None:
-            return self.moe.forward.remote(x_TD, layer).result(timeout_s=self.args.moe_timeout_s)
+            # The router may have no GPU: the rows travel on the CPU (a no-op there), the answer comes back.
+            y_TD = self.moe.forward.remote(x_TD.cpu(), layer).result(timeout_s=self.args.moe_timeout_s)
+            return y_TD.to(x_TD.device)
         call = asyncio.run_coroutine_threadsafe(self._direct_call(x_TD, layer), self.loop)
         try:
             return call.result(timeout=self.args.moe_timeout_s)
@@ -178,7 +189,7 @@ class ModelRunner:
                                "an expert deployment may be restarting or overloaded") from None
 
     async def _direct_call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
-        """One MoE layer routed here. If the MoE app was redeployed with other weights or placement since
+        """One MoE layer routed here (y on x's device and dtype). If the MoE app was redeployed with other weights or placement since
         its gates were loaded (the experts refuse the rows: MoEAppChanged), load them again, once, and resend."""
         direct = self.direct
         try:
@@ -190,14 +201,15 @@ class ModelRunner:
                                    "its gates and placement")
                     self.direct = await self._direct_moe()
             y_TD, _, _ = await self.direct.forward(x_TD, layer, self.args.moe_timeout_s)
-        return y_TD.to(x_TD.dtype)
+        return y_TD.to(x_TD.device, x_TD.dtype)
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
         """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError)."""
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
 
     async def info(self) -> dict:
-        return {**self.runner.info(), "moe": self.args.moe_app or "bound", "moe_calls": self.args.moe_calls}
+        return {**self.runner.info(), **replica_devices(), "moe": self.args.moe_app or "bound",
+                "moe_calls": self.args.moe_calls}
 
     async def stats(self) -> dict:
         """The decode loop's counters; routing for itself (moe_calls: direct), also what the router's
@@ -253,6 +265,14 @@ async def _healthz(runner: ModelRunner, request: Request) -> Response:
 
 _ROUTES = {"/v1/generate": ("POST", _generate), "/v1/info": ("GET", _info), "/v1/stats": ("GET", _stats),
            "/healthz": ("GET", _healthz)}
+
+
+def replica_devices() -> dict:
+    """What Ray gave this runner replica: {"gpu_ids": [...]} (empty: no GPU; fake GPUs are listed too,
+    while the model's own `device` says where it computes)."""
+    import ray
+
+    return {"gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
 
 
 def _decode_loop_failure(runner) -> str | None:

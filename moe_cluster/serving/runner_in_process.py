@@ -3,7 +3,7 @@
 The baseline the cluster is measured against: the same HTTP faces as `ModelRunner` (the OpenAI
 API with its decode loop, /v1/generate, /v1/info, /healthz) behind the same Serve proxy, but
 every MoE block is `load_model(moe.checkpoint).forward` in the runner's replica instead of a
-call to the experts' deployments. `moe-cluster serve --hf-model DIR --checkpoint CKPT --in-process`
+call to the experts' deployments, on the replica's device (its GPU, experts included, or the CPU). `moe-cluster serve --hf-model DIR --checkpoint CKPT --in-process`
 deploys it; the `args:` are `RunnerArgs` with `moe: {checkpoint: ...}` (other MoE args unused).
 """
 
@@ -23,8 +23,8 @@ from .http.auth import BearerAuth
 from .http.common import json_response
 from .http.openai_routes import OpenAIFace
 from .runner import (RUNNER_NAME, RunnerArgs, check_decode_loop, close_decode_loop, decode_loop_unhealthy,
-                     handle_runner_http)
-from .runtime import set_torch_threads
+                     handle_runner_http, replica_devices)
+from .runtime import pick_device, set_torch_threads
 
 __all__ = ["InProcessRunner", "build_in_process_runner_app"]
 
@@ -45,7 +45,7 @@ class InProcessRunner:
         self.auth = BearerAuth.from_args(self.args.auth_token_env, self.args.auth_token_file)
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner.in_process, self.args.hf_model, self.args.moe["checkpoint"],
-                                              dtype=self.args.dtype, limits=limits)
+                                              device=pick_device(), dtype=self.args.dtype, limits=limits)
         self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
                                               self.args.tokenizer, self.args.max_num_seqs, self.args.step_timeout_s)
 
@@ -53,7 +53,7 @@ class InProcessRunner:
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
 
     async def info(self) -> dict:
-        return {**self.runner.info(), "moe": "in_process"}
+        return {**self.runner.info(), **replica_devices(), "moe": "in_process"}
 
     async def stats(self) -> dict:
         return {"decode_loop": dict(self.openai.loop.stats), "moe_calls": "in_process"}
