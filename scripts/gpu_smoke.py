@@ -4,7 +4,7 @@
     export PYTHONPATH=/tmp/site:$PWD        # Ray & co. unpacked in /tmp/site, this checkout on the path
     python3 scripts/gpu_smoke.py --out $OUT  # writes $OUT/gpu_smoke.json; exit 1 if any check failed
 
-Four stages, each in its own try/except so that one failure does not hide the others:
+Five stages, each in its own try/except so that one failure does not hide the others:
 
   env    Python, torch, CUDA and GPU facts, and the versions of the serving stack (ray, pydantic, ...).
   core   `MoEModel` moved to CUDA against `reference_forward` on the CPU: presets tiny and
@@ -12,6 +12,12 @@ Four stages, each in its own try/except so that one failure does not hide the ot
          (atol = rtol = 1e-4) and bf16 (the same bf16 model on the CPU; loose tolerance).
   perf   The in-process path on the GPU (mixtral-mini, fp32 and bf16, T in {1, 64, 1024, 4096}):
          warm-up, then p50 / mean ms per call and tokens/s (torch.cuda.synchronize + perf_counter).
+  runner The whole-model runner on the device (no Ray): a tiny Mixtral (tests/support/hf_models.py)
+         imported, `HFMoERunner.in_process(device=...)` (dense model, inputs, KV and MoE blocks there),
+         greedy in float32 (TF32 off) through `generate` and through the decode loop (batched decode
+         steps, logits back on the CPU), each token for token against transformers' generate on the CPU;
+         then dtype auto (bfloat16 on a GPU): its dtype, its tokens' agreement with float32, and ms per
+         decode token of a batch of 8 for both dtypes.
   serve  A local Ray cluster with the real GPU (ray.init(num_gpus=1)); `build_app` for mixtral-mini
          with the router and every expert deployment on a fraction of it (num_gpus 0.1, num_cpus 0);
          /v1/info must say router_device cuda, every expert's stats must say device cuda; outputs
@@ -23,7 +29,7 @@ Four stages, each in its own try/except so that one failure does not hide the ot
 Tokens whose K-th and (K+1)-th gate scores are closer than 1e-5 (a near tie: float rounding
 on another device may pick another expert) are left out of the comparisons and counted.
 
-Without CUDA the CUDA-only stages (core, perf) are skipped with a message, unless `--device cpu`
+Without CUDA the CUDA-only stages (core, perf, runner) are skipped with a message, unless `--device cpu`
 asks to run them on the CPU (to test this script); the serve stage still runs, with a fake GPU
 resource (`ray.init(num_gpus=1)`), so the replicas fall back to the CPU and the device checks
 expect "cpu". Sizes are smaller on the CPU by default (see --serve-tokens, --latency-calls).
@@ -87,7 +93,7 @@ class Report:
         self.path = path
         self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
                                      "argv": sys.argv[1:], "stages": {}, "checks": [], "env": {}, "perf": {},
-                                     "serve": {}, "errors": []}
+                                     "runner": {}, "serve": {}, "errors": []}
 
     def check(self, name: str, passed: bool, **details: Any) -> bool:
         self.data["checks"].append({"name": name, "passed": bool(passed), **details})
@@ -331,6 +337,72 @@ def stage_perf(report: Report, device: torch.device, tokens: list[int]) -> None:
         perf["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+RUNNER_PROMPTS = [[1, 5, 9, 17, 33], [2, 127, 64, 8, 3], [7, 7, 7]]
+
+
+def stage_runner(report: Report, device: torch.device, new_tokens: int = 8) -> None:
+    """The whole-model runner on `device` against transformers' greedy generate on the CPU."""
+    import asyncio
+    import tempfile
+
+    from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
+    from moe_cluster.hf.importer import import_hf_checkpoint
+    from moe_cluster.hf.runner import HFMoERunner
+    from tests.support.hf_models import build_hf
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out: dict[str, Any] = report.data["runner"]
+    root = Path(tempfile.mkdtemp(prefix="gpu_smoke_runner_"))
+    hf_model = build_hf("mixtral")
+    hf_model.save_pretrained(root / "hf")
+    import_hf_checkpoint(root / "hf", root / "moe", log=lambda _: None)
+    expected = [_hf_greedy(hf_model, prompt, new_tokens) for prompt in RUNNER_PROMPTS]
+
+    runner = HFMoERunner.in_process(root / "hf", root / "moe", device=device, dtype="float32")
+    out["info"] = runner.info()
+    got = [runner.generate([prompt], new_tokens)["output_ids"][0] for prompt in RUNNER_PROMPTS]
+    report.check("runner.generate.fp32", got == expected, device=str(runner.device), got=got, expected=expected)
+    loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs=8)
+    try:
+        streamed = asyncio.run(_decode_all(loop, [GenerationRequest(p, new_tokens) for p in RUNNER_PROMPTS]))
+    finally:
+        loop.close()
+    report.check("runner.decode_loop.fp32", [p + t for p, t in zip(RUNNER_PROMPTS, streamed)] == expected,
+                 batched_steps=loop.stats["max_batch"], got=streamed)
+
+    auto = HFMoERunner.in_process(root / "hf", root / "moe", device=device)
+    dtype = auto.info()["dtype"]
+    report.check("runner.auto_dtype", dtype == ("bfloat16" if device.type == "cuda" else "float32"), dtype=dtype)
+    got_auto = [auto.generate([prompt], new_tokens)["output_ids"][0] for prompt in RUNNER_PROMPTS]
+    agree = sum(a == b for g, e in zip(got_auto, expected) for a, b in zip(g, e)) - sum(map(len, RUNNER_PROMPTS))
+    out["auto_tokens_equal_fp32"] = f"{agree}/{new_tokens * len(RUNNER_PROMPTS)}"
+    for name, model in (("fp32", runner), ("auto", auto)):
+        batch = [RUNNER_PROMPTS[0]] * 8
+        model.generate(batch, 32)  # warm-up in the same shapes: the first bf16 calls on a GPU are ~10x slower
+        timings = model.generate(batch, 32)["timings"]
+        out[f"{name}.batch8.decode_ms_per_token"] = timings["decode_ms_per_token"]
+        out[f"{name}.batch8.dense_ms_per_token"] = timings["dense_ms_per_token"]
+        log(f"runner {name} ({model.info()['dtype']}) on {device}, batch 8: {timings['decode_ms_per_token']:.2f} ms "
+            f"per decode token ({timings['dense_ms_per_token']:.2f} dense)")
+
+
+def _hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False)[0].tolist()
+
+
+async def _decode_all(loop, requests: list) -> list[list[int]]:
+    """The token ids of each request through the decode loop (they share its steps)."""
+    tokens: list[list[int]] = [[] for _ in requests]
+    async for i, event in loop.events_of(requests):
+        if event.error is not None:
+            raise event.error
+        if event.token_id is not None:
+            tokens[i].append(event.token_id)
+    return tokens
+
+
 def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
     import ray
     from ray import serve
@@ -517,10 +589,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ints = lambda text: [int(t) for t in text.split(",") if t]  # noqa: E731
     parser.add_argument("--out", type=Path, default=Path("."), help="directory for gpu_smoke.json (default: .)")
-    parser.add_argument("--stages", default="env,core,perf,serve", help="comma-separated subset of "
-                                                                         "env,core,perf,serve (default: all)")
+    parser.add_argument("--stages", default="env,core,perf,runner,serve",
+                        help="comma-separated subset of env,core,perf,runner,serve (default: all)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="device of the core and perf stages; auto: cuda if available, else skip them")
+                        help="device of the core, perf and runner stages; auto: cuda if available, else skip "
+                             "them")
     parser.add_argument("--core-tokens", type=ints, default=None, help="T of the core checks (default 1,64,4096; "
                                                                        "1,64,256 on the CPU)")
     parser.add_argument("--perf-tokens", type=ints, default=None, help="T of the perf stage "
@@ -547,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
-    unknown = stages - {"env", "core", "perf", "serve"}
+    unknown = stages - {"env", "core", "perf", "runner", "serve"}
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}")
     cuda = torch.cuda.is_available()
@@ -570,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                  skip=no_device if "core" in stages else "not asked for")
     report.stage("perf", lambda: stage_perf(report, device, args.perf_tokens),
                  skip=no_device if "perf" in stages else "not asked for")
+    report.stage("runner", lambda: stage_runner(report, device),
+                 skip=no_device if "runner" in stages else "not asked for")
     report.stage("serve", lambda: stage_serve(report, args, cuda), skip=None if "serve" in stages else "not asked for")
 
     report.write()

@@ -47,6 +47,7 @@ TARGETS: tuple[K8sTarget, ...] = (
     K8sTarget("gpu.yaml", "rayservice-gpu.yaml"),
     K8sTarget("default.yaml", "rayservice-cpu.yaml", http_host="0.0.0.0"),
     K8sTarget("runner-cpu.yaml", "rayservice-runner-cpu.yaml", http_host="0.0.0.0"),  # a whole model, OpenAI API
+    K8sTarget("runner-gpu.yaml", "rayservice-runner-gpu.yaml"),  # the same, the runner and experts on GPUs
 )
 
 

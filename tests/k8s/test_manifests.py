@@ -426,3 +426,20 @@ def test_render_explains_a_host_it_cannot_set(tmp_path: Path):
     config.write_text("http_options: {host: 127.0.0.1, port: 8000}\napplications: []\n")
     with pytest.raises(ValueError, match="block mapping"):
         render_serve_config(config, "0.0.0.0")
+
+
+RUNNER_GPU_MANIFEST = K8S / "rayservice-runner-gpu.yaml"
+
+
+def test_runner_gpu_manifest_puts_the_runner_and_every_expert_on_a_gpu():
+    """The runner's dense model and each expert replica get a GPU of their own, and the worker pods
+    (one GPU each) hold them all: the runner plus the 8 expert deployments of the Mixtral it names."""
+    (app,) = serve_config(RUNNER_GPU_MANIFEST)["applications"]
+    args = app["args"]
+    assert args["runner"]["ray_actor_options"]["num_gpus"] == 1
+    assert args["moe"]["experts"]["ray_actor_options"]["num_gpus"] == 1
+    assert args["moe"]["experts"]["num_replicas"] == 1
+    (group,) = load_manifest(RUNNER_GPU_MANIFEST)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert int(resources["requests"]["nvidia.com/gpu"]) == int(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert group["minReplicas"] == group["maxReplicas"] == 1 + 8
