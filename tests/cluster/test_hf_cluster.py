@@ -5,7 +5,9 @@ One local Ray cluster for the module, five apps:
   hf-deepseek         MoE app of a tiny DeepSeek-V3 import (dense layer 0; 8 experts in one deployment)
   hf-mixtral-runner   ModelRunner calling the running app hf-mixtral by name (`moe_app`); it routes
                       each MoE layer itself and calls the expert deployment directly (`moe_calls: direct`)
-  hf-mixtral-runner-via-router   the same, with every MoE layer a call to hf-mixtral's router
+  hf-mixtral-runner-via-router   the same, with every MoE layer a call to hf-mixtral's router; its replica
+                      asks for a GPU (the cluster has one fake GPU): it is scheduled on it and, CUDA
+                      being absent, computes on the CPU
   hf-deepseek-runner  ModelRunner with its own MoE app bound in (`moe`): one serve.run, three deployments
 
 Every MoE block through the cluster (handle and HTTP) equals HF's block (fp32, 1e-5), and
@@ -51,14 +53,14 @@ def cluster(tmp_path_factory):
         experts = list(range(load_config(root / f"{family}-moe").num_experts))
         moe_args[family] = dict(checkpoint=str(root / f"{family}-moe"), torch_threads=1, max_tokens_per_request=256,
                                 placement=[{"name": "experts", "experts": experts}])
-    local = start_local_serve()
+    local = start_local_serve(num_gpus=1)  # fake: no CUDA here
     for family, app in APP.items():
         serve.run(build_app(moe_args[family]), name=app, route_prefix=f"/{app}")
     limits = dict(torch_threads=1, max_input_tokens=64, max_new_tokens=32)
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "mixtral"), moe_app="hf-mixtral")),
               name="hf-mixtral-runner", route_prefix="/hf-mixtral-runner")
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "mixtral"), moe_app="hf-mixtral",
-                                    moe_calls="router")),
+                                    moe_calls="router", runner={"ray_actor_options": {"num_gpus": 1}})),
               name="hf-mixtral-runner-via-router", route_prefix="/hf-mixtral-runner-via-router")
     serve.run(build_runner_app(dict(limits, hf_model=str(root / "deepseek_v3"), moe=moe_args["deepseek_v3"])),
               name="hf-deepseek-runner", route_prefix="/hf-deepseek-runner")
@@ -188,6 +190,16 @@ def test_generate_through_the_cluster_equals_hf_generate(cluster, runner, via):
     assert timings["new_tokens"] == 6 and timings["moe_calls_per_token"] == moe_layers
     assert all(t["moe_calls"] == moe_layers and t["moe_ms"] > 0 for t in timings["per_token"])
     assert batches() - before == (6 * moe_layers if calls == "router" else 0)
+
+
+def test_a_runner_on_a_fake_gpu_is_scheduled_there_and_computes_on_the_cpu(cluster):
+    """Ray gave the replica the GPU (its gpu_ids), torch has no CUDA: pick_device keeps it on the CPU, in the
+    checkpoint's dtype (auto on the CPU); its answers are checked with the others' above."""
+    status, info = _get(cluster["local"].url("/hf-mixtral-runner-via-router/v1/info"))
+    assert status == 200, info
+    assert (info["gpu_ids"], info["device"], info["dtype"]) == (["0"], "cpu", "float32")
+    status, info = _get(cluster["local"].url("/hf-mixtral-runner/v1/info"))
+    assert (info["gpu_ids"], info["device"]) == ([], "cpu")
 
 
 def test_concurrent_generate_calls(cluster):
