@@ -22,6 +22,7 @@ PACKAGES=(
   jsonschema==4.26.0 referencing==0.37.0 rpds-py==2026.9.1 jsonschema-specifications==2025.9.1
   opentelemetry-api==1.45.2 grpcio-reflection==1.85.1 grpcio==1.85.3 protobuf==7.36.2
   typing-extensions==4.16.0 anyio==4.16.0 attrs==26.1.0
+  pyzmq==27.3.0  # the experts' direct channels (transport auto / channel)
 )
 PLATFORM=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

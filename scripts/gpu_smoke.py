@@ -420,7 +420,7 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
         "preset": preset, "seed": 0, "max_tokens_per_request": 8192,
         "router": {"ray_actor_options": {"num_cpus": 0, "num_gpus": args.router_gpus}},
         "experts": {"ray_actor_options": {"num_cpus": 0, "num_gpus": args.expert_gpus}},
-        "transport": args.transport,
+        "transport": args.transport, "channel_host": "127.0.0.1",  # one machine: the experts' channels on loopback
     }
     info_out.update({"port": port, "app_args": app_args, "expected_device": expected})
     log(f"ray.init(num_gpus=1) {'(the real GPU)' if cuda else '(a fake GPU resource: replicas fall back to CPU)'}")
@@ -511,7 +511,7 @@ def stage_serve(report: Report, args: argparse.Namespace, cuda: bool) -> None:
             info_out["router_stats"] = handle.stats.remote().result(timeout_s=30)
         except Exception as exc:  # noqa: BLE001 - nice to have
             info_out["router_stats"] = f"{type(exc).__name__}: {exc}"
-        if args.transport in ("nixl", "cuda_ipc") and isinstance(info_out["router_stats"], dict):
+        if args.transport in ("nixl", "cuda_ipc", "channel") and isinstance(info_out["router_stats"], dict):
             calls = info_out["router_stats"]["transport"]["calls"]  # a fallback would show as object_store calls
             report.check("serve.transport_path", calls.get(args.transport, 0) > 0 and calls["object_store"] == 0,
                          transport=args.transport, calls=calls)
@@ -606,9 +606,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                         "(default 20; 5 on the CPU)")
     parser.add_argument("--router-gpus", type=float, default=0.1, help="num_gpus of the router replica")
     parser.add_argument("--expert-gpus", type=float, default=0.1, help="num_gpus of each expert replica")
-    parser.add_argument("--transport", default="auto", choices=("auto", "object_store", "by_value", "nixl", "cuda_ipc"),
+    parser.add_argument("--transport", default="auto",
+                        choices=("auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel"),
                         help="how the serve stage's router sends rows to its experts (cuda_ipc: router and experts "
-                             "share the one GPU here; nixl needs the nixl extra)")
+                             "share the one GPU here; nixl needs the nixl extra; channel: the experts' ZeroMQ "
+                             "channels on 127.0.0.1, needs pyzmq)")
     parser.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one in 20000-32767)")
     parser.add_argument("--deploy-timeout-s", type=float, default=240.0, help="limit for serve.run")
     parser.add_argument("--object-store-gib", type=float, default=2.0, help="Ray object store size (GiB)")
