@@ -34,7 +34,7 @@ from .openai_logprobs import MAX_LOGPROBS
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "SamplingFields", "parse_request",
            "error_body", "error_type", "completion_choice", "completion_body", "completion_chunk", "chat_choice",
            "chat_body", "chat_delta", "chat_chunk", "models_body", "usage", "sse", "SSE_DONE", "FinishReason", "new_id",
-           "SAMPLING_DEFAULTS", "MAX_CHOICES"]
+           "SAMPLING_DEFAULTS", "MAX_CHOICES", "validation_error"]
 
 FinishReason = Literal["stop", "length"]
 SSE_DONE = b"data: [DONE]\n\n"
@@ -214,7 +214,7 @@ def parse_request(body: bytes, content_type: str | None, kind: type[SamplingFiel
     try:
         request = kind.model_validate(payload)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     request.check()
     return request
 
@@ -223,7 +223,8 @@ def _is_neutral(value: Any, neutral: tuple) -> bool:
     return any(type(value) is type(n) and value == n or (value is None and n is None) for n in neutral)
 
 
-def _validation_error(exc: ValidationError) -> WireError:
+def validation_error(exc: ValidationError) -> WireError:
+    """OpenAI's 400 for the first failed check, `param` the field's dotted path ("tokens.2", "messages.0.role")."""
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":

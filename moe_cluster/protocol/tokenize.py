@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .bodies import JSON, media_type, parse_json
 from .errors import WireError
-from .openai import ChatMessage
+from .openai import ChatMessage, validation_error
 
 __all__ = ["TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest", "parse_tokenize",
            "parse_detokenize", "tokenize_body", "detokenize_body"]
@@ -116,16 +116,4 @@ def _validate(kind: type[BaseModel], payload: dict[str, Any]):
     try:
         return kind.model_validate(payload)
     except ValidationError as exc:
-        raise _field_error(exc) from None
-
-
-def _field_error(exc: ValidationError) -> WireError:
-    """OpenAI's 400 for the first failed check, `param` the field's dotted path ("tokens.2", "messages.0.role")."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    if first["type"] == "extra_forbidden":
-        return WireError(400, f"unknown or unsupported field {param!r}", param=param, code="unsupported_parameter")
-    if first["type"] == "missing":
-        return WireError(400, f"{param} is required", param=param, code="missing_required_parameter")
-    return WireError(400, f"{param}: {first['msg']} (got {first.get('input')!r})"[:500], param=param,
-                     code="invalid_value")
+        raise validation_error(exc) from None
