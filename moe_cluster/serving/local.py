@@ -216,15 +216,28 @@ def _start_and_serve(plan: ServePlan, signals: StopSignals, num_cpus: int | None
     _deploy(plan, signals)
     base = f"http://{plan.host}:{plan.port}{plan.file_app.route_prefix.rstrip('/')}"
     endpoints = (f"POST {base}/v1/completions, POST {base}/v1/chat/completions, GET {base}/v1/models, "
-                 f"POST {base}/v1/generate, GET {base}/healthz" if plan.runner else
+                 f"POST {base}/tokenize, POST {base}/v1/generate, GET {base}/healthz" if plan.runner else
                  f"GET {base}/healthz, GET {base}/v1/info, POST {base}/v1/forward")
     print(f"moe-cluster: ready in {time.perf_counter() - started:.0f}s, listening on {base}/ ({endpoints})"
           f"{'; every request needs Authorization: Bearer <token>' if plan.auth else ''}; Ctrl-C to stop", flush=True)
+    print(_metrics_hint(plan.runner), flush=True)
     token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # ray.init sets it when it turns auth on
     print(handle_hint(ray.get_runtime_context().gcs_address, plan.file_app.name, plan.runner, token_auth), flush=True)
     while not signals.stop.wait(0.5):
         pass
     print("moe-cluster: stopping", flush=True)
+
+
+def _metrics_hint(runner: bool) -> str:
+    """Where Prometheus scrapes this cluster's metrics: Ray's metrics export of this (one) node."""
+    import ray
+
+    port = next((node.get("MetricsExportPort") for node in ray.nodes() if node.get("Alive")), None)
+    if not port:
+        return "moe-cluster: Ray's metrics export is not running: no Prometheus metrics (docs/observability.md)"
+    what = "the runner's OpenAI API, the router's and the experts' figures" if runner else \
+        "the router's and the experts' figures"
+    return f"moe-cluster: Prometheus metrics ({what}) at http://127.0.0.1:{port}/metrics"
 
 
 def _deploy(plan: ServePlan, signals: StopSignals, poll_s: float = 0.25) -> None:
