@@ -31,7 +31,7 @@ def _positions(logprobs_CV: torch.Tensor, ids: list[int], k: int) -> list[TokenL
     chosen_C = logprobs_CV.gather(1, torch.tensor(ids, dtype=torch.long)[:, None])[:, 0].tolist()
     if k == 0:
         return [TokenLogprob(t, lp) for t, lp in zip(ids, chosen_C)]
-    top = torch.topk(logprobs_CV, k, dim=-1)
+    top = torch.topk(logprobs_CV, min(k, logprobs_CV.shape[-1]), dim=-1)  # a vocabulary may be smaller than k
     return [TokenLogprob(t, lp, tuple(zip(top_ids, top_lps)))
             for t, lp, top_ids, top_lps in zip(ids, chosen_C, top.indices.tolist(), top.values.tolist())]
 

@@ -41,6 +41,14 @@ from .openai_metrics import AnswerClock, RunnerMetrics
 __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
 logger = logging.getLogger("ray.serve")
+try:  # chat templates are jinja2 (transformers'): a template may refuse the messages (raise_exception)
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, no chat templates to refuse anything
+    TemplateError = ValueError
+
+# Prompt positions (prompt tokens x n) one echo + logprobs request may score: each keeps its logprob and top-k
+# (Python objects, ~2-4 KB a position with logprobs 20) until the answer is sent.
+MAX_SCORED_POSITIONS = 65536
 OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", **TOKENIZER_PATHS}
 
 
@@ -116,9 +124,14 @@ class OpenAIFace:
                 return [(chat_prompt(self.tokenizer, [{"role": m.role, "content": m.text()}
                                                       for m in request.messages]), "")]
             return [self._prompt(prompt, request.echo) for prompt in request.prompts]
+        except WireError:  # a ValueError too: it already names its field
+            raise
         except (TypeError, UnicodeError) as exc:  # e.g. a lone UTF-16 surrogate ("\ud800"), which JSON allows
             raise WireError(400, f"the prompt is not valid Unicode text ({type(exc).__name__}): a lone surrogate "
                                  "or similar; send UTF-8 text", param="messages" if chat else "prompt",
+                            code="invalid_value") from None
+        except (ValueError, TemplateError) as exc:  # the chat template refused the messages (raise_exception)
+            raise WireError(400, f"the model's chat template refused the messages: {exc}", param="messages",
                             code="invalid_value") from None
 
     def _prompt(self, prompt: str | list[int], echo: bool) -> tuple[list[int], str]:
@@ -126,12 +139,17 @@ class OpenAIFace:
             ids = self.tokenizer(prompt)["input_ids"]
             if not ids:
                 raise WireError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            # A tokenizer's added tokens may lie past the model's embedding: on a GPU such an id breaks the device.
+            self._check_ids(ids, "the prompt's text gives")
             return ids, prompt
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise WireError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                            param="prompt", code="invalid_value")
+        self._check_ids(prompt, "")
         return list(prompt), self.tokenizer.decode(prompt) if echo else ""  # vLLM's echo of token ids
+
+    def _check_ids(self, ids: list[int], source: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise WireError(400, f"{source + ' ' if source else ''}token id {bad[0]}, outside the model's vocabulary "
+                                 f"[0, {self.vocab_size})", param="prompt", code="invalid_value")
 
     def new_tokens(self, request: oai.SamplingFields, ids: list[int]) -> int:
         """The max_tokens of one prompt, or WireError: the prompt or it over a limit or the context."""
@@ -167,8 +185,14 @@ class OpenAIFace:
         if bad:
             raise WireError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                             param="stop_token_ids", code="invalid_value")
+        prompts = self.prompts(request)
+        scored = sum(len(ids) for ids, _ in prompts) * request.n if echo and k is not None else 0
+        if scored > MAX_SCORED_POSITIONS:  # each keeps its logprob and top-k until the answer is sent
+            raise WireError(400, f"echo with logprobs scores {scored} prompt positions (prompt tokens x n); at most "
+                                 f"{MAX_SCORED_POSITIONS} per request: send fewer or shorter prompts, or a smaller n",
+                            param="prompt", code="invalid_value")
         choices = []
-        for ids, text in self.prompts(request):
+        for ids, text in prompts:
             new = self.new_tokens(request, ids)
             for j in range(request.n):  # choice j of a seeded request draws from seed + j (vLLM's)
                 seed = None if request.seed is None else request.seed + j

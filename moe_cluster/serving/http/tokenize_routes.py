@@ -90,11 +90,16 @@ def tokenizer_info(face: "OpenAIFace") -> dict:
     tokens and the chat template this server applies to messages."""
     tokenizer = _tokenizer(face, None)
     info = {key: value for key, value in (getattr(tokenizer, "init_kwargs", None) or {}).items()
-            if key not in ("vocab_file", "merges_file") and _is_json(value)}
+            if not _names_a_path(key) and _is_json(value)}
     info.update({name: getattr(tokenizer, name, None) for name in SPECIAL_TOKENS})
     info["tokenizer_class"] = type(tokenizer).__name__
     info["chat_template"] = getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
     return info
+
+
+def _names_a_path(key: str) -> bool:
+    """Settings that name files of the server (its model directory): never told to clients."""
+    return key == "name_or_path" or key.endswith("_file") or key.endswith("_path")
 
 
 def max_model_len(face: "OpenAIFace") -> int:

@@ -214,6 +214,8 @@ def test_the_models_generation_config_sets_what_a_request_leaves_out(tiny):  # n
     ({"prompt": "x", "max_tokens": 3, "min_tokens": 4}, "min_tokens"),
     ({"prompt": [[1, 2], [5, 100000]]}, "prompt"),
     ({"prompt": ["fine", "word " * 5000]}, "prompt"),
+    # echo + logprobs keeps every scored position until the answer: 600 tokens x n 128 > 65536 positions
+    ({"prompt": [[5] * 600], "n": 128, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
 ])
 def test_bad_values_only_the_model_knows_name_the_field(face, payload, param):
     from moe_cluster.protocol.errors import WireError
@@ -221,6 +223,39 @@ def test_bad_values_only_the_model_knows_name_the_field(face, payload, param):
     with pytest.raises(WireError) as raised:
         face.choices(parse(payload))
     assert (raised.value.status, raised.value.param) == (400, param)
+
+
+def test_text_whose_tokens_lie_past_the_embedding_is_refused(face, monkeypatch):
+    """A tokenizer's added tokens may have ids past the model's vocabulary: a 400, never the embedding's
+    IndexError (a 500 here, a broken device on a GPU)."""
+    from moe_cluster.protocol.errors import WireError
+
+    monkeypatch.setattr(face, "tokenizer", lambda text: {"input_ids": [1, face.vocab_size + 3]})
+    with pytest.raises(WireError, match="outside the model's vocabulary") as raised:
+        face.choices(parse({"prompt": "an added token"}))
+    assert (raised.value.status, raised.value.param) == (400, "prompt")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(face, monkeypatch):
+    from jinja2 import TemplateError
+
+    from moe_cluster.protocol.errors import WireError
+    from moe_cluster.serving.http import openai_routes
+
+    def refuse(tokenizer, messages):
+        raise TemplateError("System role not supported")
+
+    monkeypatch.setattr(openai_routes, "chat_prompt", refuse)
+    with pytest.raises(WireError, match="chat template refused the messages: System role") as raised:
+        face.choices(parse({"messages": [{"role": "system", "content": "x"}]}, oai.ChatCompletionRequest))
+    assert (raised.value.status, raised.value.param) == (400, "messages")
+
+
+def test_more_top_logprobs_than_the_vocabulary_has_are_all_of_it():
+    from moe_cluster.hf.logprobs import token_logprob
+
+    told = token_logprob(torch.tensor([0.0, 1.0, 2.0]), 1, k=20)
+    assert [t for t, _ in told.top] == [2, 1, 0]
 
 
 class Recorded:

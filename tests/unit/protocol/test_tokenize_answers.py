@@ -128,6 +128,9 @@ def test_tokenizer_info_names_the_special_tokens_and_the_template_applied():
     tokenizer.chat_template = "{{ messages[0]['content'] }}"
     assert routes.tokenizer_info(face(tokenizer))["chat_template"] == tokenizer.chat_template
     assert routes.tokenizer_info(face(tokenizer))["eos_token"] == "<|endoftext|>"
+    tokenizer.init_kwargs.update(name_or_path="/srv/models/secret", tokenizer_file="/srv/t.json", vocab_path="/v")
+    told = routes.tokenizer_info(face(tokenizer))
+    assert not {"name_or_path", "tokenizer_file", "vocab_path"} & set(told)  # no path of the server's files
 
 
 def test_the_wire_checks_come_first():
