@@ -4,6 +4,10 @@ every T and layer, the concurrent clients' answers too, and the decode modes' to
 in-process runner's.
 
 Timings are never asserted here: they belong to benchmark runs, not to CI.
+
+Slow (about 2.5 minutes, the suite's largest setup): `pytest -m slow tests/cluster/test_bench.py`. The
+paths it times are each held to the oracle by the default suite (test_serving, test_channel,
+test_hf_cluster, test_openai); this module checks the bench's own bookkeeping on top.
 """
 
 import json
@@ -14,6 +18,8 @@ from moe_cluster.core.config import preset_config
 from moe_cluster.tools.bench import ORACLE_ATOL, BenchSettings, run_bench
 
 from .conftest import free_port
+
+pytestmark = pytest.mark.slow
 
 MODES = {"inprocess", "monolithic", "handle", "handle-auto", "http"}
 CONCURRENT_MODES = {"monolithic", "handle", "http"}
