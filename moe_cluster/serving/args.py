@@ -26,9 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..checkpoint import load_config, load_digests
 from ..core.config import ModelConfig, preset_config
 from ..core.placement import GroupSpec, Placement, resolve_placement
+from .autoscaling import POLICY_PATH
 
 __all__ = ["AppArgs", "DeploymentOptions", "PlacementEntry", "ResolvedApp", "resolve_app", "merge_options",
-           "DEPLOYMENT_DEFAULTS"]
+           "DEPLOYMENT_DEFAULTS", "CHANNEL_MODES", "uses_channel"]
+
+CHANNEL_MODES = ("channel",)  # the transports that send every call on the channel
+
+
+def uses_channel(mode: str, channel_max_bytes: int) -> bool:
+    """Whether an app of transport `mode` sends calls on channels (its expert replicas then bind one)."""
+    return mode in CHANNEL_MODES or (mode == "auto" and channel_max_bytes > 0)
+
 
 # Serve options of each kind of deployment unless the config says otherwise, in one place. Replicas
 # ask for no CPU (`num_cpus: 0`): torch threads are set explicitly (torch_threads), and on a GPU
@@ -158,8 +167,15 @@ class AppArgs(BaseModel):
     def group_options(self, name: str) -> dict[str, Any]:
         """Options of the expert deployment `name`: DEPLOYMENT_DEFAULTS, the `experts` block, its entry."""
         entry = next((p for p in self.placement if p.name == name), None)
-        return merge_options(merge_options(DEPLOYMENT_DEFAULTS["experts"], self.experts),
-                             entry.options if entry else None)
+        options = merge_options(merge_options(DEPLOYMENT_DEFAULTS["experts"], self.experts),
+                                entry.options if entry else None)
+        autoscaling = options.get("autoscaling_config")
+        if isinstance(autoscaling, dict) and "policy" not in autoscaling and uses_channel(self.transport,
+                                                                                           self.channel_max_bytes):
+            # Serve's own policy counts only the calls on its request path, and channel calls never take it:
+            # it would shrink a deployment under load. TokenLoadPolicy counts them (serving/autoscaling.py).
+            options["autoscaling_config"] = {**autoscaling, "policy": {"policy_function": POLICY_PATH}}
+        return options
 
     def router_options(self) -> dict[str, Any]:
         """Options of the router deployment: DEPLOYMENT_DEFAULTS overridden by the `router` block."""

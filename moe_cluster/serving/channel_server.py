@@ -6,8 +6,8 @@ The socket thread receives each call (protocol/channel.py), checks it (the secre
 the sizes) and refuses it with `busy` when `max_waiting` calls already wait. `compute` checks and
 answers it as Serve's `forward` would (the same fingerprint and dtype checks, the same counters),
 holding the replica's math lock (every computation of the replica holds it, one at a time):
-  - the math is idle (the lock is free) and the replica's previous call computed within
-    `INLINE_MAX_S`: the socket thread computes the call itself and sends the answer, no thread
+  - the math is idle (the lock is free), no call waits for the math thread (calls keep their order)
+    and the replica's previous call computed within `INLINE_MAX_S`: the socket thread computes the call itself and sends the answer, no thread
     hand-off at all; this is a decoding step's case, where latency is all;
   - else: the call goes to the replica's math thread (the one-thread executor Serve's calls compute
     on) and waits there, counted (`waiting`, `rows_waiting`: autoscaling sees it), while the socket
@@ -52,13 +52,16 @@ class ChannelServer:
     free, else on `executor` (of one thread: the pipe's writer socket is that thread's)."""
 
     def __init__(self, host: str, secret: str, compute: Compute, executor: Executor, math_lock: Any,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 max_message_bytes: int, max_waiting: int = MAX_WAITING) -> None:
         self._secret, self._compute, self._executor, self.max_waiting = secret, compute, executor, max_waiting
         self._math_lock = math_lock
         self._last_compute_s = 0.0  # how long the previous call computed (written by whichever thread did)
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        # The socket listens on the node's address: a frame larger than any call of this app is dropped (with its
+        # connection) by ZeroMQ before it is read, so that nobody can make the replica hold gigabytes unasked.
+        self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         pipe = f"inproc://channel-answers-{next(_pipes)}"
@@ -67,8 +70,8 @@ class ChannelServer:
         self._answers_out = self._ctx.socket(zmq.PUSH)  # used on the executor's thread only
         self._answers_out.setsockopt(zmq.SNDHWM, 0)  # never blocks the math thread; bounded by max_waiting
         self._answers_out.connect(pipe)
-        self._lock = threading.Lock()  # guards waiting and rows_waiting (socket thread and computing thread)
-        self.waiting = 0  # calls received and not yet answered
+        self._lock = threading.Lock()  # guards waiting, rows_waiting and counts (socket and math threads)
+        self.waiting = 0  # calls received and not yet answered (computing on either thread, or queued)
         self.rows_waiting = 0  # their rows (autoscaling: work waiting)
         self.counts = {"calls": 0, "answered": 0, "inline": 0, "busy": 0, "refused": 0, "failed": 0}
         self._closed = threading.Event()
@@ -76,13 +79,18 @@ class ChannelServer:
         self._thread.start()
 
     def stats(self) -> dict:
-        return {"address": self.address, "waiting": self.waiting, "rows_waiting": self.rows_waiting, **self.counts}
+        with self._lock:
+            return {"address": self.address, "waiting": self.waiting, "rows_waiting": self.rows_waiting, **self.counts}
 
     def close(self) -> None:
-        """Stop the socket thread and close every socket (a context with open sockets would hang at exit)."""
+        """Stop the socket thread and close every socket (a context with open sockets would hang at exit). The
+        pipe's writer belongs to the executor's thread: it closes it there, after any answer it is sending."""
         self._closed.set()
         self._thread.join(timeout=2.0)
-        self._answers_out.close(linger=0)
+        try:
+            self._executor.submit(self._answers_out.close, 0).result(timeout=10)
+        except Exception:  # noqa: BLE001 - the executor is already shut down: no thread uses the writer any more
+            self._answers_out.close(linger=0)
         self._ctx.term()
 
     def _serve(self) -> None:
@@ -108,43 +116,52 @@ class ChannelServer:
         """One call from `frames` ([caller identity, header, rows]): refused, computed here, or handed to the
         executor (the module docstring says when)."""
         identity, body = frames[0], frames[1:]
-        self.counts["calls"] += 1
+        self._count("calls")
         try:
             header, rows_ND = decode_call(body, self._secret)
         except ChannelMessageError as exc:
-            self.counts["refused"] += 1
+            self._count("refused")
             self._router.send_multipart([identity, *encode_error(0, "refused", str(exc))])
             return
         if self.waiting >= self.max_waiting:
-            self.counts["busy"] += 1
+            self._count("busy")
             self._router.send_multipart([identity, *encode_error(header.request_id, "busy",
                                                                  f"{self.waiting} calls wait on this replica")])
             return
-        if self._last_compute_s <= INLINE_MAX_S and self._math_lock.acquire(blocking=False):  # idle: compute here
+        with self._lock:
+            # The socket thread computes only when nothing waits for the math thread (calls keep their order).
+            inline = self.waiting == 0 and self._last_compute_s <= INLINE_MAX_S
+            self.waiting += 1
+            self.rows_waiting += rows_ND.shape[0]
+        if inline and self._math_lock.acquire(blocking=False):  # the math is idle: compute here, no hand-off
             try:
-                self.counts["inline"] += 1
+                self._count("inline")
                 frames = self._answer_frames(header, rows_ND)
             finally:
                 self._math_lock.release()
+            self._done(rows_ND)
             self._router.send_multipart([identity, *frames], copy=False)
             return
-        with self._lock:
-            self.waiting += 1
-            self.rows_waiting += rows_ND.shape[0]
         try:
             self._executor.submit(self._answer, identity, header, rows_ND)
         except RuntimeError:  # the replica is shutting its executor down: the caller tries another replica
-            with self._lock:
-                self.waiting -= 1
-                self.rows_waiting -= rows_ND.shape[0]
+            self._done(rows_ND)
             self._router.send_multipart([identity, *encode_error(header.request_id, "busy", "the replica is stopping")])
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+
+    def _done(self, rows_ND: np.ndarray) -> None:
+        """A call answered (or refused after all): it waits no more."""
+        with self._lock:
+            self.waiting -= 1
+            self.rows_waiting -= rows_ND.shape[0]
 
     def _answer(self, identity: zmq.Frame, header: CallHeader, rows_ND: np.ndarray) -> None:
         """Compute a call that waited (on the executor's thread) and hand its answer to the socket thread."""
         frames = self._answer_frames(header, rows_ND)
-        with self._lock:
-            self.waiting -= 1
-            self.rows_waiting -= rows_ND.shape[0]
+        self._done(rows_ND)
         self._answers_out.send_multipart([identity, *frames], copy=False)
 
     def _answer_frames(self, header: CallHeader, rows_ND: np.ndarray) -> list:
@@ -158,10 +175,10 @@ class ChannelServer:
                 finally:
                     self._last_compute_s = time.perf_counter() - started
             frames = encode_answer(header.request_id, out_ND, dtype_of_wire(out_ND))  # checked by the caller
-            self.counts["answered"] += 1
+            self._count("answered")
             return frames
         except MoEAppChanged as exc:
             return encode_error(header.request_id, "app_changed", str(exc))
         except Exception as exc:  # noqa: BLE001 - the expert failed: the caller fails the request
-            self.counts["failed"] += 1
+            self._count("failed")
             return encode_error(header.request_id, "compute", f"{type(exc).__name__}: {exc}")

@@ -70,6 +70,8 @@ class ExpertServer:
         self._channel_host = (app.args.channel_host or ray.util.get_node_ip_address()) \
             if uses_channel(app.args.transport, app.args.channel_max_bytes) else None
         self._channel_secret = app.channel_secret
+        # The largest call of this app: every row of a request (each token once per chosen expert), fp32 at most.
+        self._max_call_bytes = app.args.max_tokens_per_request * app.config.top_k * app.config.d_model * 4
         self.channel: ChannelServer | None = None
 
     async def forward(self, layer: int, spans: list[tuple[int, int]], x_ND: np.ndarray | DirectRows,
@@ -105,8 +107,17 @@ class ExpertServer:
             return {}
         if self.channel is None:
             self.channel = ChannelServer(self._channel_host, self._channel_secret, self._channel_call, self._math,
-                                         self._math_lock)
+                                         self._math_lock, self._max_call_bytes)
         return {"channel": self.channel.address, "group": self.group_name}
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica: close the channel (its sockets and context) and the math
+        thread, so that the process ends at once."""
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
+        if hasattr(self, "_math"):
+            self._math.shutdown(wait=False, cancel_futures=True)
 
     def _channel_call(self, header: CallHeader, x_ND: np.ndarray) -> np.ndarray:
         """A call that came on the channel, on the channel's socket thread or the math thread: `forward`'s

@@ -35,6 +35,7 @@ import ray
 import torch
 from ray.serve.handle import DeploymentHandle
 
+from .args import CHANNEL_MODES, uses_channel
 from .tensors import to_wire
 
 __all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "word_checksum",
@@ -43,12 +44,6 @@ __all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_
 logger = logging.getLogger("ray.serve")
 
 TRANSPORTS = ("auto", "object_store", "by_value", "nixl", "cuda_ipc", "channel")
-CHANNEL_MODES = ("channel",)  # the modes that send every call on the channel
-
-
-def uses_channel(mode: str, channel_max_bytes: int) -> bool:
-    """Whether an app of transport `mode` sends calls on channels (its expert replicas then bind one)."""
-    return mode in CHANNEL_MODES or (mode == "auto" and channel_max_bytes > 0)
 DIRECT = ("nixl", "cuda_ipc")
 
 

@@ -20,6 +20,7 @@ from moe_cluster.serving.channel_server import ChannelServer
 from moe_cluster.serving.errors import ExpertComputeError
 
 SECRET = "unit-secret"
+MAX_MESSAGE_BYTES = 2**20
 
 
 def _run(scenario):
@@ -29,7 +30,7 @@ def _run(scenario):
 async def _servers(monkeypatch, *handlers, max_waiting=64):
     """One ChannelServer per handler, each computing on a math thread of its own as a replica does."""
     servers = [ChannelServer("127.0.0.1", SECRET, h, ThreadPoolExecutor(1, thread_name_prefix="math"),
-                             threading.RLock(), max_waiting) for h in handlers]
+                             threading.RLock(), MAX_MESSAGE_BYTES, max_waiting) for h in handlers]
     metadata = {f"r{i}": {"channel": s.address} for i, s in enumerate(servers)}
     monkeypatch.setattr(channel_module, "running_replicas", lambda handle: dict(metadata))
     return servers, metadata
@@ -186,4 +187,32 @@ def test_an_idle_replica_computes_on_the_socket_thread_and_a_busy_one_queues_cou
     assert seen_waiting == 1 and stats["waiting"] == 0 and stats["answered"] == 5, stats
     assert [name.startswith("math") for name in threads] == [False, True, False, True, False], threads
     assert stats["inline"] == 3
+
+
+def test_a_frame_larger_than_any_call_is_dropped_unread(monkeypatch):
+    """The socket listens on the node's address: ZeroMQ drops a frame over max_message_bytes (and that
+    connection) before the replica holds it; calls of the right size still answer."""
+    import zmq
+
+    async def scenario():
+        servers, _ = await _servers(monkeypatch, _double)
+        server = servers[0]
+        context = zmq.Context()
+        rogue = context.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(server.address)
+        rogue.send_multipart([b"header", b"x" * (MAX_MESSAGE_BYTES + 1)])
+        await asyncio.sleep(0.5)
+        received = server.stats()["calls"]
+        client = ChannelClient(SECRET)
+        out = await _call(client, np.ones((2, 4), np.float32))
+        client.close()
+        rogue.close()
+        context.term()
+        server.close()
+        return received, out
+
+    received, out = _run(scenario)
+    assert received == 0  # never read: not even refused
+    np.testing.assert_array_equal(out, np.full((2, 4), 2, np.float32))
 

@@ -48,6 +48,7 @@ def test_app_args_reject_unknown_fields_and_mixed_scaling():
 
 def test_group_options_merge_defaults_key_by_key():
     args = AppArgs.model_validate({
+        "transport": "by_value",  # no channels: Serve's own autoscaling policy stays (see the next test)
         "experts": {"ray_actor_options": {"num_gpus": 1, "num_cpus": 2},
                     "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
         "placement": [{"name": "expert-0", "experts": [0], "options": {"autoscaling_config": {"max_replicas": 8}}},
@@ -81,3 +82,21 @@ def test_row_rate_counts_rows_in_the_window():
     assert rate.per_second(now=11.5) == 200.0
     assert rate.per_second(now=12.5) == 150.0  # the first event left the window
     assert rate.per_second(now=20.0) == 0.0
+
+
+def test_autoscaling_with_channels_counts_channel_calls():
+    """Channel calls never take Serve's request path, which Serve's own policy counts: an expert deployment
+    that autoscales on channels gets TokenLoadPolicy (it counts them) unless its config names a policy."""
+    from moe_cluster.serving.autoscaling import POLICY_PATH
+
+    own = {"policy_function": "my.module:policy"}
+    experts = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    placement = [{"name": "own", "experts": [0], "options": {"autoscaling_config": {"policy": own}}}]
+    for transport, policy in (("auto", POLICY_PATH), ("channel", POLICY_PATH), ("by_value", None)):
+        args = AppArgs.model_validate({"transport": transport, "experts": experts, "placement": placement})
+        told = args.group_options("expert-3")["autoscaling_config"]
+        assert told.get("policy", {}).get("policy_function") == policy and told["max_replicas"] == 4, transport
+        assert args.group_options("own")["autoscaling_config"]["policy"] == own
+    no_channel = AppArgs.model_validate({"experts": experts, "channel_max_bytes": 0})
+    assert "policy" not in no_channel.group_options("expert-3")["autoscaling_config"]
+
