@@ -147,7 +147,12 @@ def test_an_idle_replica_computes_on_the_socket_thread_and_a_busy_one_queues_cou
     """Idle math and quick calls: the socket thread computes the call itself (no hand-off). The math
     busy (its lock held by another computation) or the previous call slow: the call waits for the math
     thread, counted in `waiting` (autoscaling sees it) while the socket thread goes on receiving."""
-    from moe_cluster.serving.channel_server import INLINE_MAX_S
+    from moe_cluster.serving import channel_server
+
+    # A quick call must stay under the limit even on a loaded machine (a 5 ms preemption would send the next call
+    # to the math thread): a limit of 200 ms here, and a slow call of 400 ms.
+    monkeypatch.setattr(channel_server, "INLINE_MAX_S", 0.2)
+    INLINE_MAX_S = channel_server.INLINE_MAX_S
 
     threads, delay_s, server = [], {"s": 0.0}, None
 
