@@ -26,13 +26,13 @@ from ..core.config import ModelConfig
 from ..core.init import random_expert
 from ..core.placement import ExpertGroup
 from ..protocol.channel import CallHeader
-from .args import AppArgs, ResolvedApp
+from .args import AppArgs, ResolvedApp, uses_channel
 from .autoscaling import CHANNEL_CALLS, ROWS_PER_S, ROWS_WAITING, RowRate
 from .channel_server import ChannelServer
 from .errors import MoEAppChanged
 from .runtime import pick_device, set_torch_threads
 from .tensors import from_wire, to_wire
-from .transport import DirectRows, uses_channel
+from .transport import DirectRows
 
 __all__ = ["ExpertServer"]
 
@@ -145,8 +145,8 @@ class ExpertServer:
 
     def _compute(self, modules: list[torch.nn.Module], spans: list[tuple[int, int]],
                  x_ND: np.ndarray | torch.Tensor, direct: bool) -> tuple[np.ndarray | torch.Tensor, float]:
-        """(the answer, seconds of math), on the math thread: a torch tensor for a direct-transport
-        call, else the wire array. Touches no counter (they belong to the event loop)."""
+        """(the answer, seconds of math), under the math lock (on the math thread, or the channel's socket
+        thread): a torch tensor for a direct-transport call, else the wire array. Touches no counter."""
         started = time.perf_counter()
         with self._math_lock, torch.no_grad():
             # Arrays from the object store are read-only; .to(device) copies on GPU, and
@@ -177,12 +177,14 @@ class ExpertServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics (see autoscaling.py): token rows computed per second, rows received
         but not yet answered, and calls that came on the channel and are not yet answered (Serve does not
-        see those). Serve calls it from a threadpool: RowRate has a lock; rows_waiting and the channel's
-        `waiting` are ints that one thread each writes."""
-        channel = self.channel
-        return {ROWS_PER_S: self.row_rate.per_second(),
-                ROWS_WAITING: float(self.rows_waiting + (channel.rows_waiting if channel is not None else 0)),
-                CHANNEL_CALLS: float(channel.waiting if channel is not None else 0)}
+        see those). Serve calls it from a threadpool: RowRate and the channel's counters have locks, and
+        rows_waiting is an int that only the event loop writes."""
+        return {ROWS_PER_S: self.row_rate.per_second(), ROWS_WAITING: float(self._rows_waiting()),
+                CHANNEL_CALLS: float(self.channel.waiting if self.channel is not None else 0)}
+
+    def _rows_waiting(self) -> int:
+        """Rows received and not yet answered: Serve's calls and the channel's."""
+        return self.rows_waiting + (self.channel.rows_waiting if self.channel is not None else 0)
 
     async def ping(self) -> str:
         """The router's health check: answered on the event loop, which the expert math never holds."""
@@ -202,7 +204,7 @@ class ExpertServer:
             "calls": [[layer, expert, n] for (layer, expert), n in calls],
             "rows": [[layer, expert, n] for (layer, expert), n in rows],
             ROWS_PER_S: self.row_rate.per_second(),
-            ROWS_WAITING: self.rows_waiting,
+            ROWS_WAITING: self._rows_waiting(),
             "compute_s": compute_s,
             "requests": requests,
             "channel": self.channel.stats() if self.channel is not None else None,

@@ -32,12 +32,12 @@ from ..core.config import ModelConfig
 from ..core.dispatch import ExpertChunk, pack_calls
 from ..core.forward import GatherRows
 from ..core.placement import Placement
-from .args import ResolvedApp
+from .args import ResolvedApp, uses_channel
 from .channel import ChannelClient, ChannelLost
 from .errors import RETRYABLE, ExpertCallError, ExpertComputeError, MoEAppChanged
 from .metrics import RouterMetrics
 from .tensors import from_wire, wire_dtype
-from .transport import AnswerLost, DirectRows, DirectTransportError, Transport, uses_channel
+from .transport import AnswerLost, DirectRows, DirectTransportError, Transport
 
 __all__ = ["RemoteExperts", "check_expert_answer"]
 

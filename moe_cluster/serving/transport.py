@@ -35,11 +35,11 @@ import ray
 import torch
 from ray.serve.handle import DeploymentHandle
 
-from .args import CHANNEL_MODES, uses_channel
+from .args import CHANNEL_MODES
 from .tensors import to_wire
 
 __all__ = ["Transport", "DirectRows", "DirectTransportError", "AnswerLost", "by_value_limit", "word_checksum",
-           "TRANSPORTS", "CHANNEL_MODES", "uses_channel"]
+           "TRANSPORTS"]
 
 logger = logging.getLogger("ray.serve")
 

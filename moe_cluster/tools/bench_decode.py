@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from ray import serve
 
-__all__ = ["DecodeResults", "decode_records", "DECODE_MODEL", "DECODE_MODELS"]
+__all__ = ["DecodeResults", "decode_records", "DECODE_MODELS"]
 
 DECODE_MODELS = {
     "4-layer": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=4, num_attention_heads=16,
@@ -43,7 +43,6 @@ DECODE_MODELS = {
     "16-layer": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=2048),
 }
-DECODE_MODEL = DECODE_MODELS["4-layer"]
 PROMPT_TOKENS, NEW_TOKENS, BATCHES, RUNS = 8, 16, (1, 8), 3
 CLUSTER_MODES = {"decode-cluster": "direct", "decode-cluster-router": "router"}  # mode: the runner's moe_calls
 

@@ -128,7 +128,8 @@ def test_an_expert_failure_is_not_retried(monkeypatch):
 
 def test_auto_sends_calls_up_to_channel_max_bytes_on_the_channel():
     from moe_cluster.serving.args import AppArgs
-    from moe_cluster.serving.transport import Transport, uses_channel
+    from moe_cluster.serving.args import uses_channel
+    from moe_cluster.serving.transport import Transport
 
     assert AppArgs().transport == "auto" and AppArgs().channel_max_bytes == 4 * 2**20  # docs/channel.md: crossover
     assert uses_channel("auto", 4 * 2**20) and uses_channel("channel", 0)
