@@ -76,7 +76,7 @@ def start_app(config: Path, port: int, transport: str | None = None) -> str:
     port = port or free_port()
     start_local_serve(("127.0.0.1", port))
     # An embedded cluster is this machine: the experts' channels on loopback, as `moe-cluster serve` does.
-    app_args = dict({"channel_host": "127.0.0.1"}, **file_app.args, **({"transport": transport} if transport else {}))
+    app_args = {"channel_host": "127.0.0.1", **file_app.args, **({"transport": transport} if transport else {})}
     serve.run(build_app(app_args), name=file_app.name, route_prefix=file_app.route_prefix)
     return f"http://127.0.0.1:{port}{file_app.route_prefix.rstrip('/')}"
 

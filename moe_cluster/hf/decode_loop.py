@@ -59,10 +59,10 @@ from .logprobs import prompt_logprobs, token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler, SamplingParams
 from .step_gather import StepGather
-from .stopping import StopStringsAfter, Stopping, eos_token_ids
+from .stopping import Stopping, eos_token_ids
 from .text import TextStream
 
-__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure", "eos_token_ids"]
+__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,7 +76,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int  # 0: the prefill only (for the prompt's logprobs), no token
     sampling: SamplingParams = SamplingParams()
-    text: TextStream | StopStringsAfter | None = None  # the answer's text (and stop strings); None: ids only
+    text: TextStream | None = None  # the answer's text (and stop strings); None: ids only
     logprobs: int | None = None  # each generated token's logprob and its k most likely; None: not asked
     prompt_logprobs: int | None = None  # the same of each prompt token, from the prefill (hf/logprobs.py)
 

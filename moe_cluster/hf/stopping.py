@@ -7,16 +7,16 @@
 
 EOS and the stop ids cannot be drawn before min_tokens tokens (the sampler masks them,
 hf/sampling.py); stop strings are looked for only in the text of the tokens after those
-(`text_stream`). Whatever ends a sequence, what the text held back is told with its last token.
+(`TextStream(..., after=min_tokens)`). Whatever ends a sequence, what the text held back is told with its last token.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .text import StopStrings, TextStream
+from .text import TextStream
 
-__all__ = ["Stopping", "StopStringsAfter", "text_stream", "eos_token_ids"]
+__all__ = ["Stopping", "eos_token_ids"]
 
 
 def eos_token_ids(model: nn.Module) -> frozenset[int]:
@@ -26,43 +26,10 @@ def eos_token_ids(model: nn.Module) -> frozenset[int]:
     return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
-class StopStringsAfter:
-    """A TextStream's text whose stop strings count only from token `after` + 1 on (vLLM's min_tokens)."""
-
-    def __init__(self, tokenizer, stop: list[str], after: int) -> None:
-        self.stream = TextStream(tokenizer)  # no stop strings of its own
-        self.stops = StopStrings(stop)
-        self.after, self.pushed = after, 0
-
-    @property
-    def stopped(self) -> bool:
-        return self.stops.stopped
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self.pushed += 1
-        text = self.stream.push(token_id)
-        return text if self.pushed <= self.after else self.stops.push(text)
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        text = self.stream.finish()
-        return self.stops.push(text) + self.stops.finish()
-
-
-def text_stream(tokenizer, stop: list[str], min_tokens: int = 0) -> TextStream | StopStringsAfter:
-    """The text of a request's tokens, ended before its first stop string (counted after min_tokens)."""
-    if min_tokens and stop:
-        return StopStringsAfter(tokenizer, stop, min_tokens)
-    return TextStream(tokenizer, stop)
-
-
 class Stopping:
     """The end of one sequence: `push(token_id, generated)` -> (its new text, "stop" | "length" | None)."""
 
-    def __init__(self, text: TextStream | StopStringsAfter | None, max_new_tokens: int,
+    def __init__(self, text: TextStream | None, max_new_tokens: int,
                  stop_ids: frozenset[int]) -> None:
         self.text, self.max_new_tokens, self.stop_ids = text, max_new_tokens, stop_ids
 

@@ -78,13 +78,15 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 class TextStream:
-    """The text of the generated tokens of one request, in pieces; `stopped` once a stop string appeared."""
+    """The text of the generated tokens of one request, in pieces; `stopped` once a stop string appeared.
+    Stop strings are looked for only in the text of the tokens after the first `after` (vLLM's min_tokens)."""
 
-    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), after: int = 0) -> None:
         backend = fast_backend(tokenizer)
         self.detokenizer = Detokenizer.of_backend(backend) if backend is not None else Detokenizer.of(tokenizer)
         self.cleanup = SpaceCleanup() if backend is not None and decode_cleans_up(tokenizer) else None
         self.stops = StopStrings(stop)
+        self.after, self.pushed = after, 0
 
     @property
     def stopped(self) -> bool:
@@ -94,6 +96,7 @@ class TextStream:
         """Add a generated token; the new text that is safe to give out now (may be "")."""
         if self.stopped:
             return ""
+        self.pushed += 1
         return self._through(self.detokenizer.push(int(token_id)), final=False)
 
     def finish(self) -> str:
@@ -106,6 +109,8 @@ class TextStream:
         """`text` of the detokenizer through the cleanup and the stop strings; `final`: nothing comes after."""
         if self.cleanup is not None:
             text = self.cleanup.push(text) + (self.cleanup.finish() if final else "")
+        if not final and self.pushed <= self.after:  # within min_tokens: no stop string counts yet
+            return text
         return self.stops.push(text) + (self.stops.finish() if final else "")
 
 

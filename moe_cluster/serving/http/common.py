@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from contextlib import contextmanager
+from typing import Any, Awaitable, Callable, Iterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -108,3 +109,37 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise WireError(413, f"body exceeds the limit of {max_bytes} bytes; send fewer tokens")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str, what: str = "token id") -> None:
+    """A 400 naming `param` for the first id outside the model's vocabulary [0, vocab_size): such an id would
+    reach the embedding (an IndexError here, a broken device on a GPU)."""
+    bad = next(((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise WireError(400, f"{what} {bad[1]} ({param}[{bad[0]}]) is outside the model's vocabulary "
+                             f"[0, {vocab_size})", param=param, code="invalid_value")
+
+
+try:  # chat templates are jinja2 (transformers'): a template may refuse the messages (raise_exception)
+    from jinja2 import TemplateError
+except ImportError:  # no jinja2, no chat templates to refuse anything
+    TemplateError = ValueError
+
+
+@contextmanager
+def client_text(param: str, chat: bool) -> Iterator[None]:
+    """Text a client sent, tokenized (and, for a chat, put through the model's template) inside: a lone UTF-16
+    surrogate (which JSON allows) or, for a chat, a template that refuses the messages is a 400 naming `param`."""
+    try:
+        yield
+    except WireError:  # a ValueError too: it already names its field
+        raise
+    except (TypeError, UnicodeError) as exc:
+        raise WireError(400, f"the {param} text is not valid Unicode ({type(exc).__name__}): a lone surrogate or "
+                             "similar; send UTF-8 text", param=param, code="invalid_value") from None
+    except (ValueError, TemplateError) as exc:
+        if not chat:
+            raise
+        raise WireError(400, f"the model's chat template refused the messages: {exc}", param=param,
+                        code="invalid_value") from None
+

@@ -28,24 +28,18 @@ from starlette.responses import Response, StreamingResponse
 from ...hf.decode_loop import DecodeLoop, Event, GenerationRequest
 from ...hf.runner import HFMoERunner
 from ...hf.sampling import SamplingParams, generation_defaults
-from ...hf.stopping import text_stream
-from ...hf.text import chat_prompt, load_tokenizer
+from ...hf.text import TextStream, chat_prompt, load_tokenizer
 from ...protocol import openai as oai
 from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError
-from .common import json_response, read_body, relative_path
+from .common import check_token_ids, client_text, json_response, read_body, relative_path
 from .tokenize_routes import TOKENIZER_PATHS, answer_tokenizer_request
 from .openai_metrics import AnswerClock, RunnerMetrics
 
 __all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
 
 logger = logging.getLogger("ray.serve")
-try:  # chat templates are jinja2 (transformers'): a template may refuse the messages (raise_exception)
-    from jinja2 import TemplateError
-except ImportError:  # no jinja2, no chat templates to refuse anything
-    TemplateError = ValueError
-
 # Prompt positions (prompt tokens x n) one echo + logprobs request may score: each keeps its logprob and top-k
 # (Python objects, ~2-4 KB a position with logprobs 20) until the answer is sent.
 MAX_SCORED_POSITIONS = 65536
@@ -67,15 +61,13 @@ class Told:
 
     pieces: list[str] = field(default_factory=list)
     positions: list[TokenLogprob] = field(default_factory=list)
-    chars: int = 0  # characters told: where the next chunk's text_offset starts
-    started: bool = False
+    chars: int = 0  # characters told: where the next chunk's text_offset starts (kept: summing pieces is O(n))
     end: Event | None = None
 
     def add(self, text: str, positions: list[TokenLogprob], event: Event) -> None:
         self.pieces.append(text)
         self.positions += positions
         self.chars += len(text)
-        self.started = True
         self.end = event if event.last else None
 
 
@@ -119,37 +111,22 @@ class OpenAIFace:
     def prompts(self, request: oai.SamplingFields) -> list[tuple[list[int], str]]:
         """(token ids, text) of each prompt: one for a chat, one per prompt of a completion."""
         chat = isinstance(request, oai.ChatCompletionRequest)
-        try:
+        with client_text("messages" if chat else "prompt", chat):
             if chat:
                 return [(chat_prompt(self.tokenizer, [{"role": m.role, "content": m.text()}
                                                       for m in request.messages]), "")]
             return [self._prompt(prompt, request.echo) for prompt in request.prompts]
-        except WireError:  # a ValueError too: it already names its field
-            raise
-        except (TypeError, UnicodeError) as exc:  # e.g. a lone UTF-16 surrogate ("\ud800"), which JSON allows
-            raise WireError(400, f"the prompt is not valid Unicode text ({type(exc).__name__}): a lone surrogate "
-                                 "or similar; send UTF-8 text", param="messages" if chat else "prompt",
-                            code="invalid_value") from None
-        except (ValueError, TemplateError) as exc:  # the chat template refused the messages (raise_exception)
-            raise WireError(400, f"the model's chat template refused the messages: {exc}", param="messages",
-                            code="invalid_value") from None
 
     def _prompt(self, prompt: str | list[int], echo: bool) -> tuple[list[int], str]:
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
             if not ids:
                 raise WireError(400, "the prompt is empty", param="prompt", code="invalid_value")
-            # A tokenizer's added tokens may lie past the model's embedding: on a GPU such an id breaks the device.
-            self._check_ids(ids, "the prompt's text gives")
+            # A tokenizer's added tokens may lie past the model's embedding.
+            check_token_ids(ids, self.vocab_size, "prompt", "the prompt's text gives token id")
             return ids, prompt
-        self._check_ids(prompt, "")
+        check_token_ids(prompt, self.vocab_size, "prompt")
         return list(prompt), self.tokenizer.decode(prompt) if echo else ""  # vLLM's echo of token ids
-
-    def _check_ids(self, ids: list[int], source: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise WireError(400, f"{source + ' ' if source else ''}token id {bad[0]}, outside the model's vocabulary "
-                                 f"[0, {self.vocab_size})", param="prompt", code="invalid_value")
 
     def new_tokens(self, request: oai.SamplingFields, ids: list[int]) -> int:
         """The max_tokens of one prompt, or WireError: the prompt or it over a limit or the context."""
@@ -181,10 +158,7 @@ class OpenAIFace:
         chat = isinstance(request, oai.ChatCompletionRequest)
         k, echo = (request.logprobs_k, False) if chat else (request.logprobs, request.echo)
         values = request.sampling_values(self.defaults)
-        bad = [t for t in values["stop_token_ids"] if not 0 <= t < self.vocab_size]
-        if bad:
-            raise WireError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                            param="stop_token_ids", code="invalid_value")
+        check_token_ids(values["stop_token_ids"], self.vocab_size, "stop_token_ids", "stop token id")
         prompts = self.prompts(request)
         scored = sum(len(ids) for ids, _ in prompts) * request.n if echo and k is not None else 0
         if scored > MAX_SCORED_POSITIONS:  # each keeps its logprob and top-k until the answer is sent
@@ -197,7 +171,7 @@ class OpenAIFace:
             for j in range(request.n):  # choice j of a seeded request draws from seed + j (vLLM's)
                 seed = None if request.seed is None else request.seed + j
                 generation = GenerationRequest(ids, new, SamplingParams(**{**values, "seed": seed}),
-                                               text_stream(self.tokenizer, request.stop_strings, request.min_tokens),
+                                               TextStream(self.tokenizer, request.stop_strings, request.min_tokens),
                                                logprobs=k, prompt_logprobs=k if echo else None)
                 choices.append(Choice(len(choices), generation, text if echo else None))
         return choices
@@ -215,7 +189,7 @@ class OpenAIFace:
     def delta(choice: Choice, event: Event, told: Told) -> tuple[str, list[TokenLogprob]]:
         """An event's new text and logprob positions; a choice's first event also tells the prompt (echo)."""
         text, positions = event.text, [event.logprob] if event.logprob is not None else []
-        if choice.echo_text is not None and not told.started:
+        if choice.echo_text is not None and not told.pieces:
             text, positions = choice.echo_text + text, (event.prompt_logprobs or []) + positions
         return text, positions
 

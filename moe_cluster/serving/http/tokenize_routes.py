@@ -28,7 +28,7 @@ from starlette.responses import Response
 from ...hf.text import PLAIN_CHAT_TEMPLATE
 from ...protocol import tokenize as tok
 from ...protocol.errors import WireError
-from .common import json_response, read_body
+from .common import check_token_ids, client_text, json_response, read_body
 
 if TYPE_CHECKING:
     from .openai_routes import OpenAIFace
@@ -63,13 +63,9 @@ def tokenize(face: "OpenAIFace", request: tok.TokenizeCompletionRequest | tok.To
     """vLLM's TokenizeResponse of `request` on the served model's tokenizer."""
     tokenizer = _tokenizer(face, request.model)
     chat = isinstance(request, tok.TokenizeChatRequest)
-    try:
+    with client_text("messages" if chat else "prompt", chat):
         text = _chat_text(tokenizer, request) if chat else request.prompt
         ids = [int(t) for t in tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"]]
-    except (TypeError, UnicodeError) as exc:  # a lone UTF-16 surrogate ("\ud800"), which JSON allows
-        raise WireError(400, f"the {'messages are' if chat else 'prompt is'} not valid Unicode text "
-                             f"({type(exc).__name__}): a lone surrogate or similar; send UTF-8 text",
-                        param="messages" if chat else "prompt", code="invalid_value") from None
     strings = tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
     return tok.tokenize_body(ids, max_model_len(face), strings)
 
@@ -77,11 +73,7 @@ def tokenize(face: "OpenAIFace", request: tok.TokenizeCompletionRequest | tok.To
 def detokenize(face: "OpenAIFace", request: tok.DetokenizeRequest) -> dict:
     """vLLM's DetokenizeResponse: the tokenizer's decode of the ids, special tokens kept."""
     tokenizer = _tokenizer(face, request.model)
-    bad = [(i, t) for i, t in enumerate(request.tokens) if not 0 <= t < face.vocab_size]
-    if bad:
-        index, token = bad[0]
-        raise WireError(400, f"token id {token} (tokens[{index}]) is outside the vocabulary [0, {face.vocab_size})",
-                        param="tokens", code="invalid_value")
+    check_token_ids(request.tokens, face.vocab_size, "tokens")
     return tok.detokenize_body(tokenizer.decode(request.tokens, skip_special_tokens=False))
 
 
@@ -129,14 +121,8 @@ def _is_json(value) -> bool:
 
 def _chat_text(tokenizer, request: tok.TokenizeChatRequest) -> str:
     """The prompt text of a chat: the tokenizer's chat template (hf/text.py's plain one if it has none)."""
-    import jinja2
-
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     template = None if getattr(tokenizer, "chat_template", None) else PLAIN_CHAT_TEMPLATE
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=request.add_generation_prompt,
-                                             continue_final_message=request.continue_final_message)
-    except (jinja2.TemplateError, ValueError) as exc:  # e.g. the template's own "roles must alternate"
-        raise WireError(400, f"the model's chat template refused the messages: {exc}", param="messages",
-                        code="invalid_value") from None
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=request.add_generation_prompt,
+                                         continue_final_message=request.continue_final_message)

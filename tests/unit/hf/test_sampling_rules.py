@@ -11,7 +11,7 @@ from moe_cluster.hf import logprobs as logprobs_module
 from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
 from moe_cluster.hf.logprobs import prompt_logprobs
 from moe_cluster.hf.sampling import Sampler, SamplingParams, generation_defaults
-from moe_cluster.hf.stopping import text_stream
+from moe_cluster.hf.text import TextStream
 
 from .test_decode_loop import hf_greedy, tiny  # noqa: F401 - `tiny` is a fixture
 
@@ -83,7 +83,7 @@ def test_stop_ids_eos_ignore_eos_and_min_tokens(tiny, loop):  # noqa: F811
     first = greedy.index(stop)
 
     def run(**params):
-        text = text_stream(tokenizer, [])
+        text = TextStream(tokenizer, [])
         (events,) = events_of(loop, GenerationRequest(PROMPT, 12, SamplingParams(**params), text))
         return tokens(events), "".join(e.text for e in events), events[-1]
 
@@ -107,9 +107,9 @@ def test_stop_ids_eos_ignore_eos_and_min_tokens(tiny, loop):  # noqa: F811
 def test_stop_strings_count_only_after_min_tokens(tiny):  # noqa: F811
     tokenizer = tiny[2]
     ids = tokenizer("one, two, three, four, five")["input_ids"]
-    plain = text_stream(tokenizer, [","])
+    plain = TextStream(tokenizer, [","])
     assert "".join(plain.push(t) for t in ids) + plain.finish() == "one"
-    later = text_stream(tokenizer, [","], min_tokens=3)  # "one", ",", " two": the first comma is not looked for
+    later = TextStream(tokenizer, [","], after=3)  # "one", ",", " two": the first comma is not looked for
     told = ""
     for t in ids:
         told += later.push(t)
