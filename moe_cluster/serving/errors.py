@@ -1,15 +1,20 @@
 """Failures inside the cluster and the HTTP status each one gets (one table for every endpoint).
 
     WireError (protocol/)   the client's fault            -> its own 4xx status
-    ValueError              e.g. an unknown layer          -> 400
+    ValueError              e.g. an unknown layer; pydantic's ValidationError (400 naming the field) -> 400
     ExpertCallError         an expert deployment could not answer, after retries     -> 503
     MoEAppChanged           the expert deployments now serve other weights than the
                             caller routed for (a runner's MoE app was redeployed)     -> 503
     DeadlineExceeded        not done within request_timeout_s                         -> 504
     anything else           ExpertComputeError (an expert raised or answered wrongly),
-                            MergedBatchError, a bug                                   -> 500
+                            MergedBatchError, InternalError, a bug                    -> 500
 
-A failed request never returns a partially combined output.
+`client_error(exc)` is the client's fault as a WireError (None for a failure inside), which every HTTP
+face (serving/http/common.py `dispatch`) answers in its own error format; a 5xx answer names the
+exception's type and message, never a traceback (that goes to the log). A ValueError raised inside the
+server (another deployment refusing what this one sent it, a decode step) is not the client's: the
+runner marks it `InternalError` where it crosses into a request (`internal`). A failed request never
+returns a partially combined output.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ from __future__ import annotations
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from ..protocol.errors import WireError
+from pydantic import ValidationError
 
-__all__ = ["ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "MoEAppChanged", "RETRYABLE", "http_status"]
+from ..protocol.errors import WireError
+from ..protocol.openai import validation_error
+
+__all__ = ["ExpertCallError", "ExpertComputeError", "DeadlineExceeded", "MoEAppChanged", "InternalError", "RETRYABLE",
+           "http_status", "client_error", "internal"]
 
 
 class ExpertCallError(RuntimeError):
@@ -35,6 +44,11 @@ class MoEAppChanged(RuntimeError):
     """An expert deployment was called with rows routed for another version of its app (other
     weights or placement, `ResolvedApp.fingerprint`): nothing is computed. A runner that routes for
     itself reloads the app's gates and placement and sends the call again; anyone else gets 503."""
+
+
+class InternalError(RuntimeError):
+    """A ValueError raised inside the server, not by a check of the request (e.g. a deployment refusing the
+    rows this runner sent it): 500, never the client's 400."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -58,3 +72,26 @@ def http_status(exc: BaseException) -> int:
     if isinstance(exc, DeadlineExceeded):
         return 504
     return 500
+
+
+def client_error(exc: BaseException) -> WireError | None:
+    """The client's fault as a WireError (its status, message, field), or None for a failure inside."""
+    if isinstance(exc, WireError):
+        # A WireError raised in another deployment comes back as Ray's dual exception: the same fields.
+        return WireError(getattr(exc, "status", 400), getattr(exc, "message", str(exc)), getattr(exc, "param", None),
+                         getattr(exc, "code", None))
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, ValueError):
+        return WireError(400, str(exc))
+    return None
+
+
+def internal(exc: BaseException, where: str) -> BaseException:
+    """`exc`, raised inside the server at `where`, as a request's failure: a ValueError (a WireError of another
+    deployment included) becomes InternalError naming it (500); anything else is already no client's fault."""
+    if isinstance(exc, ValueError):
+        error = InternalError(f"{where}: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc

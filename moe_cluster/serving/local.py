@@ -50,8 +50,7 @@ class WholeModel:
 
     def build(self, moe_args: dict[str, Any]):
         """(the runner app, a description of what runs) for the MoE app's args `moe_args`."""
-        from .runner import build_runner_app
-        from .runner_in_process import build_in_process_runner_app
+        from .runner import build_in_process_runner_app, build_runner_app
 
         args = {"hf_model": str(self.hf_model), "moe": moe_args, "served_model_name": self.model_name,
                 "tokenizer": str(self.tokenizer) if self.tokenizer else None,

@@ -1,13 +1,17 @@
-"""What every HTTP face of the project shares (the router's and the runner's): one request dispatch.
+"""The one HTTP dispatch of every deployment (the router's and the runner's), and what its faces share.
 
-    dispatch(owner, request, routes, prefixes, hint)
-        auth (401 before the path or the body is looked at) -> the route's method (404/405)
-        -> the handler -> its response, or the error mapped to a status (serving/errors.py)
-        -> one access log line with the real path, method, status and time
+    dispatch(owner, request, faces, hint)
+        the face that has the path (its error format; the first face's for an unknown path)
+        -> auth (401 before the path, the method or the body is looked at: check_auth)
+        -> the route's method (404/405) -> the handler -> its response, or the error it raised
+           answered by `error_answer` (serving/errors.py: the client's 4xx, 503/504 inside, else 500)
+        -> one access log line: method, real path, status, time
 
-Errors are JSON {"error": "..."} with the status; a failure inside the cluster is logged with
-its traceback. Serve's own access log is off for these deployments (DEPLOYMENT_DEFAULTS): it
-names the route prefix, not the path, for a plain `__call__` deployment.
+A `Face` is a group of routes that answer errors in one format: {"error": "..."} for the router's and
+the runner's own routes and the Open Inference Protocol (`plain_error_body`), OpenAI's error object for
+the OpenAI routes (protocol/openai.py `error_body`). A failure inside is logged with its traceback; its
+answer names the exception, never the traceback. Serve's own access log is off for these deployments
+(DEPLOYMENT_DEFAULTS): it names the route prefix, not the path, for a plain `__call__` deployment.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 
 from starlette.requests import Request
@@ -23,49 +28,82 @@ from starlette.responses import Response
 
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError, encode_error
-from ..errors import http_status
+from ..errors import client_error, http_status
 
-__all__ = ["dispatch", "Handler", "relative_path", "read_body", "error_response", "json_response", "check_auth"]
+__all__ = ["dispatch", "Face", "Handler", "ErrorBody", "plain_error_body", "error_answer", "Unauthorized",
+           "relative_path", "read_body", "error_response", "json_response", "check_auth", "client_text"]
 
 logger = logging.getLogger("ray.serve")
 
 Handler = Callable[[Any, Request], Awaitable[Response]]
+# (status, message, param, code) -> the body of an error answer in a face's format
+ErrorBody = Callable[[int, str, "str | None", "str | None"], bytes]
 
 
-async def dispatch(owner: Any, request: Request, routes: dict[str, tuple[str, Handler]],
-                   prefixes: dict[str, Handler], hint: str, value_errors_are_4xx: bool = True) -> Response:
-    """Answer one request to `owner` (a deployment with an `auth` attribute).
+def plain_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    """{"error": message}: the router's, the runner's own routes' and the Open Inference Protocol's."""
+    return encode_error(message)
 
-    routes: exact path -> (method, handler); prefixes: path prefix -> handler that checks its own
-    paths and methods (e.g. "/v2" for the Open Inference Protocol). `hint` ends the 404 message.
-    value_errors_are_4xx: a ValueError is the client's fault (400), e.g. an unknown layer.
-    """
+
+@dataclass(frozen=True)
+class Face:
+    """Routes that answer their errors in one format.
+
+    routes: exact path -> (method, handler); prefixes: path prefix -> handler that checks its own paths
+    and methods (e.g. "/v2" for the Open Inference Protocol)."""
+
+    routes: dict[str, tuple[str, Handler]] = field(default_factory=dict)
+    prefixes: dict[str, Handler] = field(default_factory=dict)
+    error_body: ErrorBody = plain_error_body
+
+    def route(self, path: str) -> tuple[str | None, Handler] | None:
+        """(the method it takes, None: the handler checks; the handler) of `path`, or None if not here."""
+        handler = next((h for prefix, h in self.prefixes.items() if path == prefix or path.startswith(prefix + "/")),
+                       None)
+        return (None, handler) if handler is not None else self.routes.get(path)
+
+
+class Unauthorized(WireError):
+    """401 with the WWW-Authenticate challenge (RFC 6750) its answer carries."""
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(401, message, code="invalid_api_key")
+        self.challenge = challenge
+
+    def __reduce__(self):
+        return (Unauthorized, (self.message, self.challenge))
+
+
+async def dispatch(owner: Any, request: Request, faces: list[Face], hint: str) -> Response:
+    """Answer one request to `owner` (a deployment with an `auth` attribute) through the face that has its
+    path. `hint` ends the 404 message."""
     started = time.perf_counter()
     path, method = relative_path(request), request.method
-    response = check_auth(owner, request)
-    if response is None:
-        response = await _route(owner, request, path, method, routes, prefixes, hint, value_errors_are_4xx)
+    face, route = next(((f, r) for f in faces if (r := f.route(path)) is not None), (faces[0], None))
+    try:
+        check_auth(owner, request)
+        if route is None:
+            raise WireError(404, f"no endpoint {path}; {hint}")
+        allowed, handler = route
+        if allowed is not None and method != allowed:
+            raise WireError(405, f"{path} takes {allowed}, not {method}")
+        response = await handler(owner, request)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a clear status, never a partial output
+        response = error_answer(exc, path, face.error_body)
     logger.info("%s %s %d %.1fms", method, path, response.status_code, (time.perf_counter() - started) * 1e3)
     return response
 
 
-async def _route(owner: Any, request: Request, path: str, method: str, routes: dict[str, tuple[str, Handler]],
-                 prefixes: dict[str, Handler], hint: str, value_errors_are_4xx: bool) -> Response:
-    handler = next((h for prefix, h in prefixes.items() if path == prefix or path.startswith(prefix + "/")), None)
-    if handler is None:
-        if path not in routes:
-            return error_response(404, f"no endpoint {path}; {hint}")
-        allowed, handler = routes[path]
-        if method != allowed:
-            return error_response(405, f"{path} takes {allowed}, not {method}")
-    try:
-        return await handler(owner, request)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a clear status, never a partial output
-        status = http_status(exc) if value_errors_are_4xx or isinstance(exc, WireError) else 500
-        if status >= 500:
-            logger.exception("request to %s failed", path)
-        message = exc.message if isinstance(exc, WireError) else str(exc)
-        return error_response(status, message if status < 500 else f"{type(exc).__name__}: {exc}")
+def error_answer(exc: BaseException, path: str, error_body: ErrorBody = plain_error_body) -> Response:
+    """The answer to a request to `path` that raised `exc` (serving/errors.py's table), in `error_body`'s format."""
+    client = client_error(exc)
+    if client is not None:
+        status, message, param, code = client.status, client.message, client.param, client.code
+    else:
+        status, message, param, code = http_status(exc), f"{type(exc).__name__}: {exc}", None, None
+        logger.error("request to %s failed", path, exc_info=exc)
+    headers = {"WWW-Authenticate": exc.challenge} if isinstance(exc, Unauthorized) else None
+    return Response(error_body(status, message, param, code), status_code=status, media_type=JSON, headers=headers)
 
 
 def relative_path(request: Request) -> str:
@@ -76,17 +114,13 @@ def relative_path(request: Request) -> str:
     return "/" + path.strip("/")
 
 
-def check_auth(owner: Any, request: Request) -> Response | None:
-    """A 401 response if `owner` requires a bearer token and the request lacks a valid one."""
+def check_auth(owner: Any, request: Request) -> None:
+    """Unauthorized (401) if `owner` requires a bearer token and the request lacks a valid one."""
     auth = getattr(owner, "auth", None)  # None: no authentication configured
-    if auth is None:
-        return None
-    failure = auth.check(request.headers.get("authorization"))
-    if failure is None:
-        return None
-    status, message, challenge = failure
-    return Response(encode_error(message), status_code=status, media_type=JSON,
-                    headers={"WWW-Authenticate": challenge})
+    failure = auth.check(request.headers.get("authorization")) if auth is not None else None
+    if failure is not None:
+        _, message, challenge = failure
+        raise Unauthorized(message, challenge)
 
 
 def error_response(status: int, message: str) -> Response:
@@ -109,15 +143,6 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise WireError(413, f"body exceeds the limit of {max_bytes} bytes; send fewer tokens")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def check_token_ids(ids: list[int], vocab_size: int, param: str, what: str = "token id") -> None:
-    """A 400 naming `param` for the first id outside the model's vocabulary [0, vocab_size): such an id would
-    reach the embedding (an IndexError here, a broken device on a GPU)."""
-    bad = next(((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise WireError(400, f"{what} {bad[1]} ({param}[{bad[0]}]) is outside the model's vocabulary "
-                             f"[0, {vocab_size})", param=param, code="invalid_value")
 
 
 try:  # chat templates are jinja2 (transformers'): a template may refuse the messages (raise_exception)

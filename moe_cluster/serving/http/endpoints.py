@@ -1,4 +1,4 @@
-"""HTTP endpoints of the router (Starlette request in, response out; dispatch in common.py).
+"""HTTP endpoints of the router (Starlette request in, response out; the one dispatch in common.py).
 
     GET  /healthz      200 once every expert deployment answers a ping, else 503
     GET  /v1/info      model description and placement (JSON)
@@ -21,19 +21,19 @@ from starlette.responses import Response
 
 from ...protocol.v1 import decode_forward_request, encode_forward_response
 from ..tensors import from_numpy, to_numpy
-from .common import dispatch, error_response, json_response, read_body
+from .common import Face, dispatch, error_response, json_response, read_body
 from .oip import handle_oip
 
 if TYPE_CHECKING:
     from ..router import MoERouter
 
-__all__ = ["handle_http"]
+__all__ = ["handle_http", "ROUTES", "ROUTER_FACES"]
 
 _HINT = "try GET /healthz, GET /v1/info, POST /v1/forward or the Open Inference Protocol under /v2"
 
 
 async def handle_http(router: "MoERouter", request: Request) -> Response:
-    return await dispatch(router, request, ROUTES, {"/v2": handle_oip}, _HINT)
+    return await dispatch(router, request, ROUTER_FACES, _HINT)
 
 
 async def _healthz(router: "MoERouter", request: Request) -> Response:
@@ -68,3 +68,5 @@ ROUTES = {
     "/v1/forward": ("POST", _forward),
     "/v1/stats": ("GET", _stats),
 }
+# Every error answer of the router is {"error": "..."}, the Open Inference Protocol's included.
+ROUTER_FACES = [Face(ROUTES, {"/v2": handle_oip})]

@@ -1,16 +1,20 @@
 """The OpenAI text API of a runner: /v1/completions, /v1/chat/completions, /v1/models.
 
-    request ──auth (401)── parse + check (protocol/openai.py: 400 naming the field; 404 unknown model)
-        ──► prompt ids (the tokenizer; chat: its chat template or hf/text.py's plain one)
+    request ──the runner's dispatch (common.py: auth 401, method 405, errors as OpenAI's objects)
+        ──► parse + check (protocol/openai.py: 400 naming the field; 404 unknown model)
+        ──► prompt ids (the tokenizer; chat: its chat template or hf/text.py's plain one), each checked
+            with its max_tokens against the limits (protocol/limits.py TextLimits: max_input_tokens,
+            max_new_tokens, the model's context, the decode loop's max_kv_tokens; the runner's
+            /v1/generate checks the same way)
         ──► choices: one GenerationRequest per prompt and n (sampling values: the request's, else the
             model's generation_config.json), all joining the DecodeLoop's next step (hf/decode_loop.py)
         ──► one JSON answer, or server-sent events (`stream: true`, one choice per chunk) ending with
             `data: [DONE]`; echo puts the prompt (and its logprobs) first; logprobs in OpenAI's formats
             (protocol/openai_logprobs.py)
 
-Every error is OpenAI's error object `{"error": {"message", "type", "param", "code"}}`: 4xx for
-the client's mistakes, 500 for a failure inside (a failed MoE call); a failure in the middle of
-a stream is told as one last `data: {"error": ...}` event before `[DONE]`.
+Every error is OpenAI's error object `{"error": {"message", "type", "param", "code"}}` (`OPENAI_FACE`):
+4xx for the client's mistakes, 5xx for a failure inside (serving/errors.py: a failed MoE call); a
+failure in the middle of a stream is told as one last `data: {"error": ...}` event before `[DONE]`.
 """
 
 from __future__ import annotations
@@ -31,19 +35,19 @@ from ...hf.sampling import SamplingParams, generation_defaults
 from ...hf.text import TextStream, chat_prompt, load_tokenizer
 from ...protocol import openai as oai
 from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
-from ...protocol.bodies import JSON
 from ...protocol.errors import WireError
-from .common import check_token_ids, client_text, json_response, read_body, relative_path
-from .tokenize_routes import TOKENIZER_PATHS, answer_tokenizer_request
+from ...protocol.limits import TextLimits, check_token_ids
+from ..errors import http_status, internal
+from .common import Face, client_text, json_response, read_body
+from .tokenize_routes import TOKENIZER_ROUTES
 from .openai_metrics import AnswerClock, RunnerMetrics
 
-__all__ = ["OpenAIFace", "OPENAI_PATHS", "openai_dispatch"]
+__all__ = ["OpenAIFace", "OPENAI_FACE"]
 
 logger = logging.getLogger("ray.serve")
 # Prompt positions (prompt tokens x n) one echo + logprobs request may score: each keeps its logprob and top-k
 # (Python objects, ~2-4 KB a position with logprobs 20) until the answer is sent.
 MAX_SCORED_POSITIONS = 65536
-OPENAI_PATHS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", **TOKENIZER_PATHS}
 
 
 @dataclass
@@ -75,7 +79,8 @@ class OpenAIFace:
     """The tokenizer and decode loop of one runner, and the answers of the OpenAI endpoints."""
 
     def __init__(self, runner: HFMoERunner, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
-                 max_num_seqs: int = 64, step_timeout_s: float = 600.0) -> None:
+                 max_num_seqs: int = 64, step_timeout_s: float = 600.0, max_kv_tokens: int | None = None,
+                 max_prefill_tokens: int | None = None) -> None:
         self.model_name = model_name or Path(runner.hf_dir).name
         self.tokenizer, self.no_tokenizer = None, ""
         try:
@@ -84,8 +89,6 @@ class OpenAIFace:
             if tokenizer_dir:  # asked for explicitly: the runner does not start without it
                 raise
             self.no_tokenizer = str(exc)  # /v1/generate (ids) still works; the text API answers 503
-        self.limits = runner.limits  # prompt tokens above max_input_tokens, max_tokens above max_new_tokens: 400
-        self.context = runner.max_positions  # None: the model sets no limit
         self.vocab_size = runner.vocab_size
         self.defaults = generation_defaults(runner.model)  # what generation_config.json sets for sampling
         try:
@@ -93,8 +96,14 @@ class OpenAIFace:
         except ValueError as exc:
             raise ValueError(f"the generation config of {runner.hf_dir} sets {self.defaults}: {exc}") from None
         self.metrics = RunnerMetrics(self.model_name)  # Prometheus, through Ray's metrics export
+        # None: the loop's own choice (max_kv_tokens: from free memory), so only what the config sets is passed
+        sizes = {k: v for k, v in (("max_kv_tokens", max_kv_tokens), ("max_prefill_tokens", max_prefill_tokens))
+                 if v is not None}
         self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s,
-                               on_load=self.metrics.load)
+                               on_load=self.metrics.load, **sizes)
+        # A prompt with its max_tokens over any of these is a 400 (context_length_exceeded, invalid_value).
+        self.limits = TextLimits(runner.limits.max_input_tokens, runner.limits.max_new_tokens, runner.max_positions,
+                                 getattr(self.loop, "max_kv_tokens", None))
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}
 
@@ -129,21 +138,10 @@ class OpenAIFace:
         return list(prompt), self.tokenizer.decode(prompt) if echo else ""  # vLLM's echo of token ids
 
     def new_tokens(self, request: oai.SamplingFields, ids: list[int]) -> int:
-        """The max_tokens of one prompt, or WireError: the prompt or it over a limit or the context."""
+        """The max_tokens of one prompt, or WireError: the prompt or it over a limit (TextLimits.new_tokens)."""
         chat = isinstance(request, oai.ChatCompletionRequest)
-        asked = request.max_new_tokens if chat else request.max_tokens
-        context = self.context or 2**62
-        if len(ids) > self.limits.max_input_tokens or len(ids) > context or (len(ids) == context and asked != 0):
-            raise WireError(400, f"a prompt has {len(ids)} tokens; this server takes at most "
-                                 f"{min(self.limits.max_input_tokens, context - 1)} (context {self.context})",
-                            param="messages" if chat else "prompt", code="context_length_exceeded")
-        new = asked if asked is not None else min(self.limits.max_new_tokens, context - len(ids))
-        if new > self.limits.max_new_tokens:
-            raise WireError(400, f"max_tokens {new} is over this server's limit of {self.limits.max_new_tokens}",
-                            param="max_tokens", code="invalid_value")
-        if len(ids) + new > context:
-            raise WireError(400, f"the prompt's {len(ids)} tokens + max_tokens {new} exceed the model's context of "
-                                 f"{self.context} tokens", param="max_tokens", code="context_length_exceeded")
+        new = self.limits.new_tokens(len(ids), request.max_new_tokens if chat else request.max_tokens,
+                                     prompt_param="messages" if chat else "prompt")
         if request.min_tokens > new:
             raise WireError(400, f"min_tokens {request.min_tokens} is over max_tokens {new}", param="min_tokens",
                             code="invalid_value")
@@ -218,8 +216,8 @@ class OpenAIFace:
         try:
             async for i, event in self.loop.events_of([c.generation for c in choices]):
                 clock.event(i, event)
-                if event.error is not None:
-                    raise event.error
+                if event.error is not None:  # the request was checked before it joined: not the client's
+                    raise internal(event.error, "the decode loop")
                 told[i].add(*self.delta(choices[i], event, told[i]), event)
         finally:
             clock.close()  # what did not end here was left: an error of another choice, or the client gone
@@ -251,7 +249,8 @@ class OpenAIFace:
                 clock.event(i, event)
                 if event.error is not None:
                     logger.error("generation failed in a stream: %s: %s", type(event.error).__name__, event.error)
-                    yield b"data: " + oai.error_body(500, f"{type(event.error).__name__}: {event.error}") + b"\n\n"
+                    error = internal(event.error, "the decode loop")
+                    yield b"data: " + oai.error_body(http_status(error), f"{type(error).__name__}: {error}") + b"\n\n"
                     failed = True
                     break
                 text, positions = self.delta(choices[i], event, told[i])
@@ -267,39 +266,22 @@ class OpenAIFace:
         yield oai.SSE_DONE
 
 
-async def openai_dispatch(owner, request: Request, face: OpenAIFace) -> Response:
-    """Answer a request to one of OPENAI_PATHS of `owner` (its `auth` applies), errors as OpenAI's."""
-    started, path = time.perf_counter(), relative_path(request)
-    try:
-        response = await _route(owner, request, face, path)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes an error object, never a partial answer
-        response = _error(exc, path)
-    logger.info("%s %s %d %.1fms", request.method, path, response.status_code, (time.perf_counter() - started) * 1e3)
-    return response
+async def _models(owner, request: Request) -> Response:
+    face = owner.openai
+    return json_response(oai.models_body([face.model_name], face.created))
 
 
-async def _route(owner, request: Request, face: OpenAIFace, path: str) -> Response:
-    auth = getattr(owner, "auth", None)
-    failure = auth.check(request.headers.get("authorization")) if auth is not None else None
-    if failure is not None:
-        status, message, challenge = failure
-        return Response(oai.error_body(status, message, code="invalid_api_key"), status, media_type=JSON,
-                        headers={"WWW-Authenticate": challenge})
-    if request.method != OPENAI_PATHS[path]:
-        raise WireError(405, f"{path} takes {OPENAI_PATHS[path]}, not {request.method}")
-    if path in TOKENIZER_PATHS:  # vLLM's /tokenize, /detokenize, /tokenizer_info (tokenize_routes.py)
-        return await answer_tokenizer_request(owner, request, face, path)
-    if path == "/v1/models":
-        return json_response(oai.models_body([face.model_name], face.created))
-    kind = oai.ChatCompletionRequest if path == "/v1/chat/completions" else oai.CompletionRequest
-    body = await read_body(request, getattr(getattr(owner, "args", None), "max_body_bytes", 2**20))
-    parsed = await asyncio.to_thread(oai.parse_request, body, request.headers.get("content-type"), kind)
-    return await face.answer(parsed)
+def _answers(kind: type[oai.SamplingFields]):
+    """The handler of the POST route whose body is a `kind` request."""
+    async def answer(owner, request: Request) -> Response:
+        body = await read_body(request, owner.args.max_body_bytes)
+        parsed = await asyncio.to_thread(oai.parse_request, body, request.headers.get("content-type"), kind)
+        return await owner.openai.answer(parsed)
+    return answer
 
 
-def _error(exc: Exception, path: str) -> Response:
-    if isinstance(exc, WireError):
-        return Response(oai.error_body(exc.status, exc.message, exc.param, exc.code), exc.status,
-                        media_type=JSON)
-    logger.exception("request to %s failed", path)
-    return Response(oai.error_body(500, f"{type(exc).__name__}: {exc}"), 500, media_type=JSON)
+# The runner's OpenAI routes (`owner.openai` is its OpenAIFace), vLLM's tokenizer endpoints with them; every
+# error an OpenAI error object (a 401 with code invalid_api_key).
+OPENAI_FACE = Face({"/v1/completions": ("POST", _answers(oai.CompletionRequest)),
+                    "/v1/chat/completions": ("POST", _answers(oai.ChatCompletionRequest)),
+                    "/v1/models": ("GET", _models), **TOKENIZER_ROUTES}, error_body=oai.error_body)

@@ -1,7 +1,7 @@
 """vLLM's tokenizer endpoints of a runner: POST /tokenize, POST /detokenize, GET /tokenizer_info
 (wire: protocol/tokenize.py).
 
-    request ──auth (401, as the OpenAI API: openai_routes.py dispatches these paths too)
+    request ──auth (401), method (405): the runner's dispatch (common.py), in the OpenAI face with its error objects
         ──► parse + check (400 naming the field; 404 for a `model` that is not the served one)
         ──► the served model's tokenizer, off the event loop ──► {"count", "max_model_len", "tokens", ...}
                                                                  or {"prompt": text}
@@ -10,7 +10,8 @@ The ids are those the OpenAI API runs: /tokenize of a text prompt gives the ids 
 prompt, of `messages` the ids of /v1/chat/completions' prompt (the tokenizer's chat template, or
 hf/text.py's plain one when it has none). A client counts tokens, or sends token-id prompts, without
 the model's files. `max_model_len` is the longest sequence this server runs: prompt + generated
-tokens, within the model's context and the runner's limits (max_input_tokens + max_new_tokens).
+tokens, within the model's context, the decode loop's KV cache (max_kv_tokens) and the runner's limits
+(max_input_tokens + max_new_tokens): protocol/limits.py `TextLimits.max_model_len`.
 
 GET /tokenizer_info is vLLM's `--enable-tokenizer-info-endpoint` answer: the tokenizer's settings, its
 special tokens and the chat template the server applies. With it and /tokenize, lm-evaluation-harness'
@@ -28,26 +29,29 @@ from starlette.responses import Response
 from ...hf.text import PLAIN_CHAT_TEMPLATE
 from ...protocol import tokenize as tok
 from ...protocol.errors import WireError
-from .common import check_token_ids, client_text, json_response, read_body
+from ...protocol.limits import check_token_ids
+from .common import client_text, json_response, read_body
 
 if TYPE_CHECKING:
     from .openai_routes import OpenAIFace
 
-__all__ = ["TOKENIZER_PATHS", "answer_tokenizer_request", "answer_body", "tokenize", "detokenize",
-           "tokenizer_info", "max_model_len"]
+__all__ = ["TOKENIZER_ROUTES", "answer_body", "tokenize", "detokenize", "tokenizer_info", "max_model_len"]
 
-TOKENIZER_PATHS = {"/tokenize": "POST", "/detokenize": "POST", "/tokenizer_info": "GET"}
 # Special tokens every /tokenizer_info answer names (null when the tokenizer has none): clients look them up.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-async def answer_tokenizer_request(owner, request: Request, face: "OpenAIFace", path: str) -> Response:
-    """The answer to a request to one of TOKENIZER_PATHS (auth and method already checked by the caller);
-    a client's mistake raises WireError. `owner.args.max_body_bytes` bounds the body."""
-    if path == "/tokenizer_info":
-        return json_response(tokenizer_info(face))
-    body = await read_body(request, getattr(getattr(owner, "args", None), "max_body_bytes", 2**20))
-    return await answer_body(face, path, body, request.headers.get("content-type"))
+async def _tokenizer_info(owner, request: Request) -> Response:
+    return json_response(tokenizer_info(owner.openai))
+
+
+def _answers(path: str):
+    """The handler of POST `path` (/tokenize or /detokenize) of a runner `owner` (`openai` its OpenAIFace;
+    `args.max_body_bytes` bounds the body)."""
+    async def answer(owner, request: Request) -> Response:
+        body = await read_body(request, owner.args.max_body_bytes)
+        return await answer_body(owner.openai, path, body, request.headers.get("content-type"))
+    return answer
 
 
 async def answer_body(face: "OpenAIFace", path: str, body: bytes, content_type: str | None) -> Response:
@@ -96,8 +100,7 @@ def _names_a_path(key: str) -> bool:
 
 def max_model_len(face: "OpenAIFace") -> int:
     """The most tokens (prompt + generated) one sequence may have on this server."""
-    longest = face.limits.max_input_tokens + face.limits.max_new_tokens
-    return min(longest, face.context) if face.context else longest
+    return face.limits.max_model_len
 
 
 def _tokenizer(face: "OpenAIFace", model: str | None):
@@ -126,3 +129,8 @@ def _chat_text(tokenizer, request: tok.TokenizeChatRequest) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=request.add_generation_prompt,
                                          continue_final_message=request.continue_final_message)
+
+
+# Routed by the runner's dispatch in the OpenAI face (openai_routes.py OPENAI_FACE): the handlers read `owner.openai`.
+TOKENIZER_ROUTES = {"/tokenize": ("POST", _answers("/tokenize")), "/detokenize": ("POST", _answers("/detokenize")),
+                    "/tokenizer_info": ("GET", _tokenizer_info)}

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from moe_cluster.hf.runner import GenerateLimits
 from moe_cluster.hf.text import PLAIN_CHAT_TEMPLATE, chat_prompt
 from moe_cluster.protocol import tokenize as tok
 from moe_cluster.protocol.errors import WireError
+from moe_cluster.protocol.limits import TextLimits
 from moe_cluster.serving.http import tokenize_routes as routes
 from moe_cluster.serving.http.openai_routes import OpenAIFace
 from tests.support.tokenizers_zoo import byte_level_bpe, sentencepiece_bpe, wordpiece
@@ -20,10 +20,12 @@ from tests.support.tokenizers_zoo import byte_level_bpe, sentencepiece_bpe, word
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
 
 
-def face(tokenizer, vocab_size=None, context=None, limits=GenerateLimits(4096, 256), name="tiny"):
-    """What the routes read of an OpenAIFace: the tokenizer, the model's name, vocabulary, context, limits."""
+def face(tokenizer, vocab_size=None, context=None, limits=(4096, 256), name="tiny", max_kv_tokens=None):
+    """What the routes read of an OpenAIFace: the tokenizer, the model's name, vocabulary, limits (the context and
+    the decode loop's KV cache among them)."""
     stub = SimpleNamespace(tokenizer=tokenizer, no_tokenizer="no tokenizer.json in /m", model_name=name,
-                           vocab_size=vocab_size or len(tokenizer), context=context, limits=limits)
+                           vocab_size=vocab_size or len(tokenizer),
+                           limits=TextLimits(*limits, context=context, max_kv_tokens=max_kv_tokens))
     stub.check_model = lambda model: OpenAIFace.check_model(stub, model)
     return stub
 
@@ -78,8 +80,9 @@ def test_messages_tokenize_as_chat_completions_runs_them(own_template):
 
 def test_max_model_len_is_the_longest_sequence_the_server_runs():
     tokenizer = byte_level_bpe()
-    assert routes.max_model_len(face(tokenizer, limits=GenerateLimits(100, 28))) == 128
-    assert routes.max_model_len(face(tokenizer, context=64, limits=GenerateLimits(100, 28))) == 64
+    assert routes.max_model_len(face(tokenizer, limits=(100, 28))) == 128
+    assert routes.max_model_len(face(tokenizer, context=64, limits=(100, 28))) == 64
+    assert routes.max_model_len(face(tokenizer, context=64, limits=(100, 28), max_kv_tokens=48)) == 48
     assert post(face(tokenizer, context=64), "/tokenize", {"prompt": "x"})[1]["max_model_len"] == 64
 
 
