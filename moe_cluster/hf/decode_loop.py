@@ -1,28 +1,31 @@
 """Continuous batching of a Hugging Face model whose MoE blocks run elsewhere (no Ray).
 
-    submit(request) ──► waiting ──(step boundary)──► active sequences ──► finished ones leave
+    submit(request) ──► waiting ──(step boundary, KV budget)──► active sequences ──► finished ones leave
 
-    one STEP (the scheduler thread): one forward per member, each in a worker thread of its own
-      - each sequence that just joined: its prefill, alone, in its exact shape [1, S] (keeping the
-        logits of every position when the request asks for its prompt's logprobs: hf/logprobs.py)
-      - every decoding sequence together: ONE batched forward [B, 1] of their last tokens, each
-        with its own KV cache (left-padded to the longest for this forward: hf/batch_forward.py)
-        └─ the MoE blocks of every member post their rows [T_i, D] for layer L to the step's
-           StepGather; when every member still in the step is waiting there, the rows are
-           concatenated and ONE moe_call(x_TD, L) is made for all of them; each gets its rows back
-      then each sequence chooses its next token (hf/sampling.py: min_tokens, penalties, greedy or a
-      draw), with its raw logprob when asked, and tells it to its request; hf/stopping.py says when
-      it ends (EOS, stop ids, stop strings, max_new_tokens)
+    admission: a request joins when max_num_seqs allows and its whole life fits the KV budget
+      (prompt + max_new_tokens positions of `max_kv_tokens`, default: half the memory free at start);
+      one that can never fit is refused at submit; its cache is made once, at that size (hf/kv_cache.py)
+    one STEP (the scheduler thread): ONE packed forward of every active sequence (hf/batch_forward.py)
+      - each decoding sequence: its last token
+      - prompts: chunks of at most max_prefill_tokens tokens per step in all, oldest first, so a long
+        prompt is prefilled over several steps beside the decoding sequences instead of stalling them
+        (a prompt's logprobs, when asked, are made chunk by chunk: hf/logprobs.py)
+        └─ so each MoE layer is ONE moe_call(x_TD, L) with the rows of every sequence of the step
+      then each sequence whose prompt is all in chooses its next token (hf/sampling.py: min_tokens,
+      penalties, greedy or a draw), with its raw logprob when asked, and tells it to its request;
+      hf/stopping.py says when it ends (EOS, stop ids, stop strings, max_new_tokens)
 
-So each MoE layer costs one call per step whatever the number of sequences, and the dense
-weights are read once per step for all decoding sequences. Greedy output equals transformers'
-`model.generate` of that prompt alone, token for token (tested: padding is masked out, and a
-row's result does not depend on the rows beside it beyond float rounding, as in the router's
-merged MoE batches). Requests join and leave only at step boundaries; a prompt joins in one
-piece (no chunked prefill).
+So each MoE layer costs one call per step whatever the number of sequences, the dense weights are
+read once per step for all of them, and a step copies nothing that grows with the context. Greedy
+output equals transformers' `model.generate` of that prompt alone, token for token (tested: a row's
+result does not depend on the rows beside it beyond float rounding, as in the router's merged MoE
+batches). Requests join and leave only at step boundaries.
 
 What one request does stays with that request, and nothing waits forever:
-  - a forward that fails leaves the gather (the others go on) and its requests end with the error;
+  - a request that cannot be run (a token id outside the embedding, more positions than the KV
+    budget) is refused at submit with ValueError;
+  - a forward that fails (a failed MoE call) ends the requests of that step with the error; the loop
+    goes on with the next step;
   - choosing a token, decoding its text or emitting it (a sampler, tokenizer or callback that
     raises) ends that request alone with an error event; the step goes on for the others;
   - a failure of the step itself (a bug here) ends every request of the step with an error, is
@@ -41,87 +44,31 @@ choices of one answer, which join the same step); what happens to a request is t
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..protocol.openai_logprobs import TokenLogprob
-from .batch_forward import KV, Forwards
-from .logprobs import prompt_logprobs, token_logprob
+from .batch_forward import Member, PackedForward
+from .kv_cache import KVBudget, SequenceKV, default_max_kv_tokens
+from .logprobs import token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
-from .sampling import Sampler, SamplingParams
-from .step_gather import StepGather
+from .sampling import Sampler
+from .sequence import DecodeLoopFailure, Event, GenerationRequest, Sequence, SequenceHandle
 from .stopping import Stopping, eos_token_ids
-from .text import TextStream
 
-__all__ = ["GenerationRequest", "Event", "StepGather", "DecodeLoop", "DecodeLoopFailure"]
+__all__ = ["GenerationRequest", "Event", "DecodeLoop", "DecodeLoopFailure", "MAX_PREFILL_TOKENS"]
+
+# Prompt tokens prefilled per step, in chunks: small enough that a step carrying a chunk keeps the decoding
+# sequences' time per token within 1.5x (docs/engine.md measures it), large enough for full matmuls
+MAX_PREFILL_TOKENS = 512
 
 logger = logging.getLogger("ray.serve")
-
-
-class DecodeLoopFailure(RuntimeError):
-    """The loop itself failed (not one request): every request of the step, or every waiting one, gets it."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int  # 0: the prefill only (for the prompt's logprobs), no token
-    sampling: SamplingParams = SamplingParams()
-    text: TextStream | None = None  # the answer's text (and stop strings); None: ids only
-    logprobs: int | None = None  # each generated token's logprob and its k most likely; None: not asked
-    prompt_logprobs: int | None = None  # the same of each prompt token, from the prefill (hf/logprobs.py)
-
-
-@dataclass(frozen=True)
-class Event:
-    """A generated token (token_id, its new text), or the end: finish_reason or error set. The first event
-    of a request that asked for prompt_logprobs carries them (also when it is the end, with no token)."""
-
-    token_id: int | None
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS, a stop id or a stop string) | "length"
-    error: BaseException | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprob: TokenLogprob | None = None  # of token_id, when the request asked for logprobs
-    prompt_logprobs: list[TokenLogprob] | None = None
-
-    @property
-    def last(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-@dataclass
-class _Sequence:
-    request: GenerationRequest
-    emit: Callable[[Event], None]
-    sampler: Sampler
-    stopping: Stopping
-    kv: KV | None = None  # its KV cache, made by its prefill
-    prompt_logprobs: list[TokenLogprob] | None = None  # made by its prefill (when asked), told once
-    pending: list[int] = field(default_factory=list)  # ids to feed in the next forward
-    generated: int = 0
-    cancelled: bool = False
-    done: bool = False
-
-
-class SequenceHandle:
-    """What submit returns: `cancel()` makes the request leave at the next step boundary."""
-
-    def __init__(self, sequence: _Sequence) -> None:
-        self._sequence = sequence
-
-    def cancel(self) -> None:
-        self._sequence.cancelled = True
 
 
 class DecodeLoop:
@@ -129,32 +76,43 @@ class DecodeLoop:
 
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
                  eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0,
-                 max_prefill_tokens: int = 8192, on_load: Callable[[int, int], None] | None = None) -> None:
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, on_load: Callable[[int, int], None] | None = None,
+                 max_kv_tokens: int | None = None) -> None:
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_prefill_tokens}")
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
-        # Prompt tokens joining one step (a longer prompt joins alone): bounds a step's prefill time and, for
-        # prompt logprobs, its logits of every position ([S, V] each; a batch of long prompts would be GBs)
+        # Prompt tokens per step, in chunks: bounds a step's prefill time (the decoding sequences wait for it)
+        # and, for prompt logprobs, its logits of every position ([C, V] each)
         self.max_prefill_tokens = max_prefill_tokens
         self.on_load = on_load  # (sequences running, waiting) at each step boundary (Prometheus gauges)
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
-        self._forwards = Forwards(model)
+        self._forward = PackedForward(model)
+        self.kv_bytes_per_token = self._measure_kv_bytes()
+        self.max_kv_tokens = max_kv_tokens or default_max_kv_tokens(self.kv_bytes_per_token, self._forward.device)
+        self._budget = KVBudget(self.max_kv_tokens)
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
-                      "request_failures": 0, "loop_failures": 0, "running": 0, "waiting": 0}
-        self._waiting: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
+                      "request_failures": 0, "loop_failures": 0, "running": 0, "waiting": 0, "prefill_chunks": 0,
+                      "kv_tokens_reserved": 0, "max_kv_tokens": self.max_kv_tokens}
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
         self._cv = threading.Condition()
         self._closed = False
         self._step_started: float | None = None  # time.monotonic() of the step in flight; None between steps
         self._died: BaseException | None = None  # what ended the scheduler thread, if not close()
-        # Every member of a step must run at once (they meet in the gather): one thread each.
-        self._pool = ThreadPoolExecutor(max_workers=max_num_seqs, thread_name_prefix="decode-seq")
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
+
+    def _measure_kv_bytes(self) -> int:
+        """KV bytes per position: one token through the model, its MoE blocks answering zeros (no call out)."""
+        token = MOE_CALL_OVERRIDE.set(lambda x_TD, layer: torch.zeros_like(x_TD))
+        try:
+            return self._forward.kv_bytes_per_token()
+        finally:
+            MOE_CALL_OVERRIDE.reset(token)
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
         """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
@@ -173,14 +131,24 @@ class DecodeLoop:
             self._cv.notify()
         return [SequenceHandle(sequence) for sequence in sequences]
 
-    def _sequence(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Sequence:
+    def _sequence(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
+        """A request made a sequence, or ValueError saying why it can never run here."""
         if not request.prompt_ids or request.max_new_tokens < 0:
             raise ValueError("a request needs at least one prompt token and max_new_tokens >= 0 (0: its prefill "
                              "only, for its prompt logprobs)")
+        vocab = self._forward.vocab_size
+        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's embedding [0, {vocab})")
         params = request.sampling
         stop_ids = params.stop_token_ids | (frozenset() if params.ignore_eos else self.eos_ids)
-        return _Sequence(request, emit, Sampler(params, request.prompt_ids, stop_ids),
-                         Stopping(request.text, request.max_new_tokens, stop_ids), pending=list(request.prompt_ids))
+        sequence = Sequence(request, emit, Sampler(params, request.prompt_ids, stop_ids),
+                             Stopping(request.text, request.max_new_tokens, stop_ids))
+        if sequence.capacity > self.max_kv_tokens:
+            raise ValueError(f"{len(request.prompt_ids)} prompt tokens + {request.max_new_tokens} new tokens exceed "
+                             f"the KV cache of this server (max_kv_tokens={self.max_kv_tokens}): send a shorter "
+                             "prompt or ask fewer tokens")
+        return sequence
 
     async def events(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """The events of `request`, on the running event loop; leaving early cancels it."""
@@ -250,7 +218,6 @@ class DecodeLoop:
         for sequence in left:
             if not sequence.done:
                 self._end(sequence, error=ending)
-        self._pool.shutdown(wait=False)
 
     def _guarded_step(self) -> None:
         """One step; if it fails as a whole (not one request: a bug), its requests fail and the loop goes on."""
@@ -280,16 +247,18 @@ class DecodeLoop:
                 self._cv.wait()
 
     def _join_waiting(self) -> None:
-        """Waiting sequences join, in order, while there is room: max_num_seqs, max_prefill_tokens (caller locks)."""
-        prefill = 0
+        """Waiting sequences join, in order, while max_num_seqs and the KV budget allow (caller locks)."""
         while self._waiting and len(self._active) < self.max_num_seqs:
-            tokens = len(self._waiting[0].pending)
-            if prefill and prefill + tokens > self.max_prefill_tokens:
-                break  # it joins the next step
-            sequence = self._waiting.popleft()
-            if not self._drop_if_cancelled(sequence):
-                self._active.append(sequence)
-                prefill += tokens
+            sequence = self._waiting[0]
+            if self._drop_if_cancelled(sequence):
+                self._waiting.popleft()
+                continue
+            if not self._budget.take(sequence.capacity):
+                break  # it waits for others to end (in order: no later request overtakes it)
+            self._waiting.popleft()
+            sequence.kv = SequenceKV(sequence.capacity)
+            self._active.append(sequence)
+        self.stats["kv_tokens_reserved"] = self._budget.used
 
     def _tell_load(self) -> None:
         self.stats["running"], self.stats["waiting"] = len(self._active), len(self._waiting)
@@ -300,67 +269,80 @@ class DecodeLoop:
         except Exception:  # noqa: BLE001 - a broken metrics sink must not stop the loop
             logger.exception("on_load failed; the decode loop goes on")
 
-    def _drop_if_cancelled(self, sequence: _Sequence) -> bool:
+    def _drop_if_cancelled(self, sequence: Sequence) -> bool:
         if not sequence.cancelled:
             return False
-        sequence.kv, sequence.done = None, True
+        self._release(sequence)
+        sequence.done = True
         self.stats["cancelled"] += 1
         return True
 
-    def _step(self) -> None:
-        """One forward per member of the step: each joining sequence's prefill, and the decoding
-        sequences as one batch (one forward each where the model's cache cannot be batched)."""
-        active = self._active
-        joining = [s for s in active if s.kv is None]
-        decoding = [s for s in active if s.kv is not None]
-        groups = [[s] for s in joining]
-        groups += ([decoding] if decoding else []) if self._forwards.batched else [[s] for s in decoding]
-        gather = StepGather(self.moe_call, len(groups))
-        futures = [self._pool.submit(self._forward, group, gather, i) for i, group in enumerate(groups)]
-        results: list[torch.Tensor | BaseException] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except BaseException as exc:  # noqa: BLE001 - these requests fail, the others go on
-                results.append(exc)
-        # Counted before any token of the step goes out: whoever got an answer sees its step counted.
-        self.stats["steps"] += 1
-        self.stats["moe_calls"] += gather.calls
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
-        for group, result in zip(groups, results):
-            if isinstance(result, BaseException):
-                self.stats["request_failures"] += len(group)
-                for sequence in group:
-                    self._end(sequence, error=result)
-                continue
-            for sequence, logits_V in zip(group, result):
-                self._advance(sequence, logits_V)
-        self._active = [s for s in active if not s.done]
+    def _release(self, sequence: Sequence) -> None:
+        """Its KV cache freed and its budget given back (once; a waiting sequence has neither)."""
+        if sequence.kv is not None:
+            sequence.kv = None
+            self._budget.give_back(sequence.capacity)
 
-    def _forward(self, group: list[_Sequence], gather: StepGather, member: int) -> torch.Tensor:
-        """One forward (a worker thread): a prefill of one sequence or a decode of several; logits [B, V]."""
-        token = MOE_CALL_OVERRIDE.set(functools.partial(gather.call, member))
+    def _step(self) -> None:
+        """ONE packed forward of the step's members: each decoding sequence's token and prompt chunks."""
+        active = self._active
+        members, sequences = self._plan(active)
+        calls = [0]
+
+        def counted(x_TD: torch.Tensor, layer: int) -> torch.Tensor:
+            calls[0] += 1
+            return self.moe_call(x_TD, layer)
+
+        token = MOE_CALL_OVERRIDE.set(counted)
         try:
-            if group[0].kv is None:
-                return self._prefill(group[0])
-            logits_BV, caches = self._forwards.decode([s.pending[0] for s in group], [s.kv for s in group])
-            for sequence, kv in zip(group, caches):
-                sequence.kv = kv
-            return logits_BV
+            logits = self._forward(members)
+        except Exception as exc:  # noqa: BLE001 - a failed forward (MoE call): this step's requests fail
+            logits = exc
         finally:
             MOE_CALL_OVERRIDE.reset(token)
-            gather.leave(member)
+        # Counted before any token of the step goes out: whoever got an answer sees its step counted.
+        self.stats["steps"] += 1
+        self.stats["moe_calls"] += calls[0]
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+        if isinstance(logits, Exception):
+            self.stats["request_failures"] += len(sequences)
+            for sequence in sequences:
+                self._end(sequence, error=logits)
+        else:
+            for sequence, member, logits_CV in zip(sequences, members, logits):
+                self._after_forward(sequence, member, logits_CV)
+        self._active = [s for s in active if not s.done]
 
-    def _prefill(self, sequence: _Sequence) -> torch.Tensor:
-        """The prompt's forward (its KV cache); the logits [1, V] of its last position. Asked for prompt
-        logprobs, the same forward keeps the logits of every position and they are made here."""
-        k = sequence.request.prompt_logprobs
-        logits_SV, sequence.kv = self._forwards.prefill(sequence.pending, every_position=k is not None)
-        if k is not None:
-            sequence.prompt_logprobs = prompt_logprobs(logits_SV, sequence.pending, k)
-        return logits_SV[-1:]
+    def _plan(self, active: list[Sequence]) -> tuple[list[Member], list[Sequence]]:
+        """(members of the step's forward, their sequences): every decoding sequence's next token, then
+        prompt chunks, oldest first, of at most max_prefill_tokens tokens in all."""
+        members, sequences, room = [], [], self.max_prefill_tokens
+        for sequence in active:
+            prompt, kv = sequence.request.prompt_ids, sequence.kv
+            if sequence.next_token is not None:
+                members.append(Member(kv, [sequence.next_token]))
+            elif room > 0:
+                chunk = prompt[kv.length:kv.length + room]
+                room -= len(chunk)
+                members.append(Member(kv, chunk, every_position=sequence.request.prompt_logprobs is not None))
+                self.stats["prefill_chunks"] += 1
+            else:
+                continue
+            sequences.append(sequence)
+        return members, sequences
 
-    def _advance(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
+    def _after_forward(self, sequence: Sequence, member: Member, logits_CV: torch.Tensor) -> None:
+        """A prompt chunk's logprobs (when asked); once its prompt is all in, the sequence's next token."""
+        if sequence.next_token is None and sequence.request.prompt_logprobs is not None:
+            try:
+                sequence.score_chunk(member.ids, logits_CV)
+            except Exception as exc:  # noqa: BLE001 - NaN logits: this request only
+                self.stats["request_failures"] += 1
+                return self._end(sequence, error=exc)
+        if member.kv.length == len(sequence.request.prompt_ids) or sequence.next_token is not None:
+            self._advance(sequence, logits_CV[-1])
+
+    def _advance(self, sequence: Sequence, logits_V: torch.Tensor) -> None:
         """The sequence's next token: sampled, its text decoded, told. Whatever raises ends this request alone."""
         if sequence.cancelled:
             return  # leaves at the next step boundary (_admit), counted there
@@ -371,24 +353,24 @@ class DecodeLoop:
                 self.stats["request_failures"] += 1
                 self._end(sequence, error=exc)
 
-    def _choose(self, sequence: _Sequence, logits_V: torch.Tensor) -> None:
+    def _choose(self, sequence: Sequence, logits_V: torch.Tensor) -> None:
         request = sequence.request
         if request.max_new_tokens == 0:  # the prompt's logprobs were all it asked for
             return self._end(sequence, finish="length")
         token_id = sequence.sampler(logits_V)
         logprob = token_logprob(logits_V, token_id, request.logprobs) if request.logprobs is not None else None
         sequence.generated += 1
-        sequence.pending = [token_id]
+        sequence.next_token, sequence.carry_1V = token_id, None
         piece, finish = sequence.stopping.push(token_id, sequence.generated)
         if finish is None:
             prompt, sequence.prompt_logprobs = sequence.prompt_logprobs, None
             return sequence.emit(Event(token_id, piece, logprob=logprob, prompt_logprobs=prompt))
         self._end(sequence, token_id, piece, finish, logprob=logprob)
 
-    def _end(self, sequence: _Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
+    def _end(self, sequence: Sequence, token_id: int | None = None, piece: str = "", finish: str | None = None,
              error: BaseException | None = None, logprob: TokenLogprob | None = None) -> None:
         sequence.done = True
-        sequence.kv = None
+        self._release(sequence)
         self.stats["sequences"] += 1
         event = Event(token_id, piece, finish, error, len(sequence.request.prompt_ids), sequence.generated,
                       logprob, sequence.prompt_logprobs)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest, StepGather
+from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
 from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.hf.runner import HFMoERunner
 from moe_cluster.hf.sampling import Sampler, SamplingParams
@@ -91,36 +91,6 @@ def test_joining_and_leaving_prompts_generate_what_each_alone_would(tiny):
     assert max(rows for rows, _ in calls) >= len(prompts["c"][0]) + 2  # a prefill beside decoding sequences
 
 
-def test_a_failed_forward_fails_its_request_only(tiny):
-    hf_model, runner, _ = tiny
-    moe_call = runner.model.model.layers[0].mlp.moe_call
-
-    def failing(x_TD, layer):  # a prompt token of 99 makes every call that carries it fail
-        if layer == 1 and x_TD.shape[0] == 3:
-            raise RuntimeError("expert down")
-        return moe_call(x_TD, layer)
-
-    gather = StepGather(failing, 2)
-    out = {}
-
-    def member(i, rows):
-        try:
-            out[i] = gather.call(i, torch.ones(rows, 32), 1)
-        except RuntimeError as exc:
-            out[i] = exc
-        finally:
-            gather.leave(i)
-
-    threads = [threading.Thread(target=member, args=(0, 1)), threading.Thread(target=member, args=(1, 2))]
-    [t.start() for t in threads]
-    [t.join(10) for t in threads]
-    assert isinstance(out[0], RuntimeError) and isinstance(out[1], RuntimeError)  # one call, both fail
-    # a member that leaves without posting does not block the others
-    gather = StepGather(moe_call, 2)
-    gather.leave(1)
-    assert gather.call(0, torch.ones(2, 32), 0).shape == (2, 32)
-
-
 def test_stop_strings_eos_streamed_text_and_sampling(tiny):
     hf_model, runner, tokenizer = tiny
     prompt = tokenizer("Hello, how are you?")["input_ids"]
@@ -174,23 +144,44 @@ def test_text_stream_holds_back_what_may_change(tiny):
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_every_family_decodes_in_one_batch_exactly(tmp_path, model_type):
-    """Five prompts of different lengths decoded together (one batched forward per step, their
-    caches left-padded) give what generate gives each alone, for every supported family."""
+    """Five prompts of different lengths decoded together (one packed forward per step, each against its
+    own cache; prompts in chunks of 4) give what generate gives each alone, for every supported family."""
     hf_model = build_hf(model_type, **({"num_key_value_heads": 4} if model_type == "deepseek_v3" else {}))
     hf_model.save_pretrained(tmp_path / "hf")
     import_hf_checkpoint(tmp_path / "hf", tmp_path / "moe", log=lambda _: None)
     runner = HFMoERunner.in_process(tmp_path / "hf", tmp_path / "moe")
-    loop = DecodeLoop(runner.model, runner.moe_call)
+    loop = DecodeLoop(runner.model, runner.moe_call, max_prefill_tokens=4)
     prompts = [[1, 5, 9, 17, 33], [2, 127], list(range(3, 20)), [7], [100, 3, 4, 90, 1, 2, 3]]
     got = Collector(len(prompts))
     try:
-        assert loop._forwards.batched
         for i, prompt in enumerate(prompts):
             loop.submit(GenerationRequest(prompt, 10), got.emit(i))
         assert got.all_done.wait(60)
     finally:
         loop.close()
     assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 10) for p in prompts]
+
+
+@pytest.mark.parametrize("model_type, window", [
+    ("mixtral", {"sliding_window": 4}),  # the window an argument of the attention
+    ("qwen2_moe", {"sliding_window": 4, "use_sliding_window": True, "max_window_layers": 2}),  # of layer 0 only
+])
+def test_sliding_windows_decode_exactly(tmp_path, model_type, window):
+    """Prompts longer than a sliding window, prefilled in chunks and decoded past it: what generate gives
+    (each family says its window its own way; the packed attention finds it in both)."""
+    hf_model = build_hf(model_type, **window)
+    hf_model.save_pretrained(tmp_path / "hf")
+    import_hf_checkpoint(tmp_path / "hf", tmp_path / "moe", log=lambda _: None)
+    runner = HFMoERunner.in_process(tmp_path / "hf", tmp_path / "moe")
+    loop = DecodeLoop(runner.model, runner.moe_call, max_prefill_tokens=3)
+    prompts = [list(range(3, 14)), [9, 8, 7, 6, 5, 4]]
+    got = Collector(len(prompts))
+    try:
+        loop.submit_all([(GenerationRequest(p, 8), got.emit(i)) for i, p in enumerate(prompts)])
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 8) for p in prompts]
 
 
 def test_a_step_is_counted_before_its_tokens_go_out_and_close_need_not_wait(tiny):
@@ -223,9 +214,9 @@ def test_a_step_is_counted_before_its_tokens_go_out_and_close_need_not_wait(tiny
         loop.submit(GenerationRequest([3], 1), got.emit("c"))
 
 
-def test_prompts_join_a_step_within_the_prefill_token_budget(tiny):
-    """At most max_prefill_tokens prompt tokens join one step (a longer prompt joins alone); each answer is
-    still what generate gives that prompt alone."""
+def test_prompts_are_prefilled_in_chunks_within_the_step_token_budget(tiny):
+    """At most max_prefill_tokens prompt tokens go into one step, in chunks, oldest prompt first, beside
+    the decoding sequences; each answer is still what generate gives that prompt alone."""
     hf_model, runner, _ = tiny
     calls = []
     loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls), max_prefill_tokens=10)
@@ -238,6 +229,76 @@ def test_prompts_join_a_step_within_the_prefill_token_budget(tiny):
         loop.close()
     assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 3) for p in prompts]
     rows_per_step = [rows for rows, layer in calls if layer == 0]
-    # step 1: the 5-token prompt (20 more would pass 10); 2: the 20 alone, beside 1 decoding row;
-    # 3: the 2- and 4-token prompts beside 2 decoding rows
-    assert rows_per_step[:3] == [5, 20 + 1, 2 + 4 + 2]
+    # step 1: the 5-token prompt and the first 5 of the 20; 2: 1 decoding row, 10 more of the 20;
+    # 3: 1 decoding row, the last 5 of the 20, the 2-token prompt and 3 of the 4-token one;
+    # 4: 2 decoding rows (the first prompt has its 3 tokens) and the last token of the 4-token prompt
+    assert rows_per_step[:4] == [5 + 5, 1 + 10, 1 + 5 + 2 + 3, 2 + 1]
+    assert loop.stats["prefill_chunks"] == 7
+
+
+def test_the_kv_budget_queues_what_does_not_fit_now_and_refuses_what_never_fits(tiny):
+    """Admission reserves prompt + max_new_tokens positions: a request that does not fit beside the running
+    ones waits for them to end (then runs, exactly); one larger than the whole budget is refused at submit."""
+    hf_model, runner, _ = tiny
+    loop = DecodeLoop(runner.model, runner.moe_call, max_kv_tokens=30)
+    assert loop.kv_bytes_per_token == 2 * 2 * 2 * 8 * 4  # layers x (K, V) x KV heads x head size x float32
+    prompts = [list(range(1, 15)), list(range(20, 30))]  # 14 + 8 and 10 + 8: 40 > 30 positions together
+    got = Collector(2)
+    try:
+        with pytest.raises(ValueError, match="max_kv_tokens=30"):
+            loop.submit(GenerationRequest(list(range(1, 25)), 8), got.emit("never"))
+        with pytest.raises(ValueError, match="outside the model's embedding"):
+            loop.submit(GenerationRequest([VOCAB + 5], 4), got.emit("bad id"))
+        loop.submit_all([(GenerationRequest(p, 8), got.emit(i)) for i, p in enumerate(prompts)])
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [got.tokens[i] for i in range(2)] == [hf_greedy(hf_model, p, 8) for p in prompts]
+    assert loop.stats["max_batch"] == 1 and loop.stats["kv_tokens_reserved"] == 0  # one after the other
+
+
+def test_a_decode_step_writes_each_cache_in_place(tiny):
+    """Each sequence's cache is allocated once, at its whole life's size, and a step writes only its new
+    positions: the tensors are the same objects from the first step to the last."""
+    _, runner, _ = tiny
+    loop = DecodeLoop(runner.model, runner.moe_call)
+    seen = []
+    got = Collector(1)
+
+    def emit(event):
+        kv = loop._active[0].kv if loop._active else None
+        if kv is not None:
+            seen.append((kv.capacity, kv.length, [t.data_ptr() for t in kv.keys.values()]))
+        got.emit("a")(event)
+
+    try:
+        loop.submit(GenerationRequest([1, 5, 9], 6), emit)
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [length for _, length, _ in seen] == [3, 4, 5, 6, 7]  # after each step but the last
+    assert {capacity for capacity, _, _ in seen} == {3 + 6} and len({tuple(p) for _, _, p in seen}) == 1
+
+
+def test_a_prompts_logprobs_are_the_same_whatever_its_chunks(tiny):
+    """Prompt logprobs made chunk by chunk (chunks of 4: each chunk's first token is scored by the previous
+    chunk's last position) equal log_softmax of transformers' logits of the whole prompt."""
+    hf_model, runner, _ = tiny
+    prompt = list(range(3, 20))
+    loop = DecodeLoop(runner.model, runner.moe_call, max_prefill_tokens=4)
+    got = Collector(1)
+    firsts = []
+    try:
+        loop.submit(GenerationRequest(prompt, 2, prompt_logprobs=2),
+                    lambda event: (firsts.append(event.prompt_logprobs), got.emit("a")(event)))
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    told = firsts[0]
+    with torch.no_grad():
+        expected_SV = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert [p.token_id for p in told] == prompt and told[0].logprob is None
+    for i in range(1, len(prompt)):
+        assert told[i].logprob == pytest.approx(expected_SV[i - 1, prompt[i]].item(), abs=1e-4), i
+        assert [t for t, _ in told[i].top] == expected_SV[i - 1].topk(2).indices.tolist(), i
+    assert got.tokens["a"] == hf_greedy(hf_model, prompt, 2) and loop.stats["prefill_chunks"] == 5

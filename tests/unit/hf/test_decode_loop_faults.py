@@ -93,20 +93,33 @@ def test_a_tokenizer_or_emit_that_raises_fails_its_own_request_only(tiny, loop):
     assert loop.failure() is None and not loop._active
 
 
-def test_a_failed_forward_fails_its_request_only(tiny, loop):  # noqa: F811
-    """A prefill that fails (a token id outside the embedding) in the step where another sequence decodes:
-    that request ends with the error, the decoding one goes on to the exact greedy tokens."""
-    hf_model = tiny[0]
-    got = Collector(2)
-    loop.submit(GenerationRequest(PROMPT, 12), got.emit("good"))
-    while loop.stats["steps"] < 2:  # "good" is decoding when "bad" joins
-        threading.Event().wait(0.001)
-    loop.submit(GenerationRequest([VOCAB + 5], 4), got.emit("bad"))
-    assert got.all_done.wait(60)
-    assert isinstance(got.ends["bad"].error, IndexError) and "bad" not in got.tokens
-    assert got.ends["good"].error is None and got.tokens["good"] == hf_greedy(hf_model, PROMPT, 12)
-    assert loop.stats["request_failures"] == 1 and loop.stats["max_batch"] == 2
-    assert_answered_right(loop, hf_model)
+def test_a_failed_forward_fails_its_steps_requests_and_the_loop_goes_on(tiny):  # noqa: F811
+    """A MoE call that fails (an expert down) in a step: the requests of that step end with the error, the
+    caches are left as they were, and the next requests are answered right."""
+    hf_model, runner = tiny[0], tiny[1]
+    moe_call, failing = moe_of(runner), []
+
+    def flaky(x_TD, layer):
+        if failing:
+            raise RuntimeError("expert down")
+        return moe_call(x_TD, layer)
+
+    loop = DecodeLoop(runner.model, flaky)
+    try:
+        got = Collector(2)
+        loop.submit(GenerationRequest(PROMPT, 12), got.emit("a"))
+        while loop.stats["steps"] < 2:  # "a" is decoding when "b" joins
+            threading.Event().wait(0.001)
+        failing.append(True)
+        loop.submit(GenerationRequest([3, 4], 4), got.emit("b"))
+        assert got.all_done.wait(60)
+        failing.clear()
+        assert all("expert down" in str(got.ends[k].error) for k in "ab")
+        assert loop.stats["request_failures"] == 2 and loop.stats["loop_failures"] == 0
+        assert loop.stats["kv_tokens_reserved"] == 0
+        assert_answered_right(loop, hf_model)
+    finally:
+        loop.close()
 
 
 def test_a_step_that_fails_as_a_whole_fails_its_requests_and_the_loop_goes_on(tiny, loop):  # noqa: F811
