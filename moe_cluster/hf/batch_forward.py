@@ -27,7 +27,7 @@ from torch import nn
 
 from .kv_cache import SequenceKV, end_packed_step, kv_bytes_per_token, packed_step, use_packed_attention
 
-__all__ = ["Member", "PackedForward"]
+__all__ = ["Member", "PackedForward", "halfway"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,13 @@ class PackedForward:
         """KV bytes of one position of this model, measured by a forward of one token (MoE blocks answer
         zeros: the caller sets MOE_CALL_OVERRIDE; the keys' shapes are what is measured)."""
         return kv_bytes_per_token(lambda kv: self([Member(kv, [0])]))
+
+
+def halfway(members: list[Member]) -> int:
+    """Where to cut a step in two micro-batches of about half its tokens each (0 < cut < len, given two)."""
+    total, tokens = sum(len(m.ids) for m in members), 0
+    for cut, member in enumerate(members[:-1], start=1):
+        tokens += len(member.ids)
+        if tokens * 2 >= total:
+            return cut
+    return len(members)

@@ -49,12 +49,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from ..protocol.openai_logprobs import TokenLogprob
-from .batch_forward import Member, PackedForward
+from .batch_forward import Member, PackedForward, halfway
 from .kv_cache import KVBudget, SequenceKV, default_max_kv_tokens
 from .logprobs import token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
@@ -77,7 +78,7 @@ class DecodeLoop:
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
                  eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, on_load: Callable[[int, int], None] | None = None,
-                 max_kv_tokens: int | None = None) -> None:
+                 max_kv_tokens: int | None = None, overlap: bool = False) -> None:
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_prefill_tokens}")
@@ -94,6 +95,9 @@ class DecodeLoop:
         self.kv_bytes_per_token = self._measure_kv_bytes()
         self.max_kv_tokens = max_kv_tokens or default_max_kv_tokens(self.kv_bytes_per_token, self._forward.device)
         self._budget = KVBudget(self.max_kv_tokens)
+        # Two micro-batches per step, forwarded at once: one's MoE calls in flight while the other computes
+        self.overlap = overlap
+        self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-micro-batch")
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
                       "request_failures": 0, "loop_failures": 0, "running": 0, "waiting": 0, "prefill_chunks": 0,
                       "kv_tokens_reserved": 0, "max_kv_tokens": self.max_kv_tokens}
@@ -218,6 +222,7 @@ class DecodeLoop:
         for sequence in left:
             if not sequence.done:
                 self._end(sequence, error=ending)
+        self._second.shutdown(wait=False)
 
     def _guarded_step(self) -> None:
         """One step; if it fails as a whole (not one request: a bug), its requests fail and the loop goes on."""
@@ -284,9 +289,30 @@ class DecodeLoop:
             self._budget.give_back(sequence.capacity)
 
     def _step(self) -> None:
-        """ONE packed forward of the step's members: each decoding sequence's token and prompt chunks."""
+        """ONE packed forward of the step's members (each decoding sequence's token and prompt chunks), or
+        two at once (`overlap`): the second micro-batch in the second thread."""
         active = self._active
         members, sequences = self._plan(active)
+        cuts = [0, halfway(members) if self.overlap else len(members), len(members)]
+        halves = [(members[a:b], sequences[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b]
+        second = [self._second.submit(self._forward_counted, m) for m, _ in halves[1:]]
+        results = [self._forward_counted(halves[0][0]), *(future.result() for future in second)]
+        # Counted before any token of the step goes out: whoever got an answer sees its step counted.
+        self.stats["steps"] += 1
+        self.stats["moe_calls"] += sum(calls for _, calls in results)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
+        for (half_members, half_sequences), (logits, _) in zip(halves, results):
+            if isinstance(logits, Exception):
+                self.stats["request_failures"] += len(half_sequences)
+                for sequence in half_sequences:
+                    self._end(sequence, error=logits)
+                continue
+            for sequence, member, logits_CV in zip(half_sequences, half_members, logits):
+                self._after_forward(sequence, member, logits_CV)
+        self._active = [s for s in active if not s.done]
+
+    def _forward_counted(self, members: list[Member]) -> tuple[list[torch.Tensor] | Exception, int]:
+        """(the logits of the members' forward, or what it raised (a failed MoE call); its MoE calls)."""
         calls = [0]
 
         def counted(x_TD: torch.Tensor, layer: int) -> torch.Tensor:
@@ -295,23 +321,11 @@ class DecodeLoop:
 
         token = MOE_CALL_OVERRIDE.set(counted)
         try:
-            logits = self._forward(members)
-        except Exception as exc:  # noqa: BLE001 - a failed forward (MoE call): this step's requests fail
-            logits = exc
+            return self._forward(members), calls[0]
+        except Exception as exc:  # noqa: BLE001 - these requests fail, the others go on
+            return exc, calls[0]
         finally:
             MOE_CALL_OVERRIDE.reset(token)
-        # Counted before any token of the step goes out: whoever got an answer sees its step counted.
-        self.stats["steps"] += 1
-        self.stats["moe_calls"] += calls[0]
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(active))
-        if isinstance(logits, Exception):
-            self.stats["request_failures"] += len(sequences)
-            for sequence in sequences:
-                self._end(sequence, error=logits)
-        else:
-            for sequence, member, logits_CV in zip(sequences, members, logits):
-                self._after_forward(sequence, member, logits_CV)
-        self._active = [s for s in active if not s.done]
 
     def _plan(self, active: list[Sequence]) -> tuple[list[Member], list[Sequence]]:
         """(members of the step's forward, their sequences): every decoding sequence's next token, then

@@ -3,6 +3,7 @@ share each step's MoE calls, and each greedy output equals transformers' generat
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -302,3 +303,32 @@ def test_a_prompts_logprobs_are_the_same_whatever_its_chunks(tiny):
         assert told[i].logprob == pytest.approx(expected_SV[i - 1, prompt[i]].item(), abs=1e-4), i
         assert [t for t, _ in told[i].top] == expected_SV[i - 1].topk(2).indices.tolist(), i
     assert got.tokens["a"] == hf_greedy(hf_model, prompt, 2) and loop.stats["prefill_chunks"] == 5
+
+
+def test_two_micro_batches_overlap_their_moe_calls_and_answer_exactly(tiny):
+    """overlap: a step's members in two micro-batches forwarded at once, so one's MoE call is in flight while
+    the other computes (here: the calls of the two overlap in time); answers still what generate gives."""
+    hf_model, runner, _ = tiny
+    moe_call, spans = runner.model.model.layers[0].mlp.moe_call, []
+
+    def slow(x_TD, layer):  # a cluster call: 20 ms of waiting
+        started = time.monotonic()
+        threading.Event().wait(0.02)
+        y_TD = moe_call(x_TD, layer)
+        spans.append((threading.current_thread().name, x_TD.shape[0], started, time.monotonic()))
+        return y_TD
+
+    loop = DecodeLoop(runner.model, slow, overlap=True)
+    prompts = [[1, 5, 9, 17, 33], [2, 127], list(range(3, 20)), [7]]
+    got = Collector(len(prompts))
+    try:
+        loop.submit_all([(GenerationRequest(p, 6), got.emit(i)) for i, p in enumerate(prompts)])
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 6) for p in prompts]
+    assert loop.stats["moe_calls"] == len(spans) > 2 * loop.stats["steps"]  # two calls a layer in some steps
+    threads = {name for name, *_ in spans}
+    assert len(threads) == 2 and "decode-loop" in threads
+    first, second = ([s for s in spans if s[0] == name] for name in sorted(threads))
+    assert any(a[2] < b[3] and b[2] < a[3] for a in first for b in second)  # in flight at the same time

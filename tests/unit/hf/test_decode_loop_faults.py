@@ -93,9 +93,10 @@ def test_a_tokenizer_or_emit_that_raises_fails_its_own_request_only(tiny, loop):
     assert loop.failure() is None and not loop._active
 
 
-def test_a_failed_forward_fails_its_steps_requests_and_the_loop_goes_on(tiny):  # noqa: F811
-    """A MoE call that fails (an expert down) in a step: the requests of that step end with the error, the
-    caches are left as they were, and the next requests are answered right."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_forward_fails_its_steps_requests_and_the_loop_goes_on(tiny, overlap):  # noqa: F811
+    """A MoE call that fails (an expert down) in a step: the requests of that step end with the error (of
+    either micro-batch, overlapping), their KV budget is given back, and the next requests are answered right."""
     hf_model, runner = tiny[0], tiny[1]
     moe_call, failing = moe_of(runner), []
 
@@ -104,7 +105,7 @@ def test_a_failed_forward_fails_its_steps_requests_and_the_loop_goes_on(tiny):  
             raise RuntimeError("expert down")
         return moe_call(x_TD, layer)
 
-    loop = DecodeLoop(runner.model, flaky)
+    loop = DecodeLoop(runner.model, flaky, overlap=overlap)
     try:
         got = Collector(2)
         loop.submit(GenerationRequest(PROMPT, 12), got.emit("a"))
