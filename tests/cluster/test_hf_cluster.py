@@ -217,11 +217,12 @@ BAD_GENERATE = {
     "non-integer ids": ({"input_ids": [[1, 2.5]]}, 400, "integers"),
     "bool ids": ({"input_ids": [[True, 2]]}, 400, "integers"),
     "flat list": ({"input_ids": [1, 2, 3]}, 400, "[[1, 2, 3]]"),
-    "id >= vocab": ({"input_ids": [[1, 128]]}, 400, "outside the vocabulary [0, 128)"),
+    "id >= vocab": ({"input_ids": [[1, 128]]}, 400, "outside the model's vocabulary [0, 128)"),
     "negative id": ({"input_ids": [[-1]]}, 400, "outside the vocabulary"),
     "ragged batch": ({"input_ids": [[1, 2], [3]]}, 400, "same length"),
-    "too many tokens": ({"input_ids": [[1] * 65]}, 413, "limit of 64"),
-    "too many new tokens": ({"input_ids": [[1]], "max_new_tokens": 33}, 413, "limit of 32"),
+    # 400 as the OpenAI routes answer the same faults (protocol/limits.py TextLimits), not 413
+    "too many tokens": ({"input_ids": [[1] * 65]}, 400, "over this server's limit of 64 (max_input_tokens)"),
+    "too many new tokens": ({"input_ids": [[1]], "max_new_tokens": 33}, 400, "over this server's limit of 32"),
     "zero new tokens": ({"input_ids": [[1]], "max_new_tokens": 0}, 400, "positive integer"),
     "sampling asked": ({"input_ids": [[1]], "temperature": 0.7}, 400, "unknown fields"),
     "malformed json": (b'{"input_ids": [[1,', 400, "malformed JSON"),
@@ -250,7 +251,7 @@ def test_runner_errors_paths_info_and_health(cluster):
     hf_params = sum(p.numel() for p in cluster["models"]["mixtral"].parameters())
     experts = sum(p.numel() for b in moe_blocks(cluster["models"]["mixtral"]).values() for p in b.parameters())
     assert info["dense_parameters"] == hf_params - experts  # the runner holds no gate, no expert
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
         serve.get_app_handle("hf-mixtral-runner").generate.remote([[500]], 2).result()
     assert serve.get_app_handle("hf-mixtral-runner").generate.remote([[1, 2]], 2).result()["output_ids"] == \
         _hf_generate(cluster["models"]["mixtral"], [[1, 2]], 2)
