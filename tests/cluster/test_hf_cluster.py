@@ -218,7 +218,7 @@ BAD_GENERATE = {
     "bool ids": ({"input_ids": [[True, 2]]}, 400, "integers"),
     "flat list": ({"input_ids": [1, 2, 3]}, 400, "[[1, 2, 3]]"),
     "id >= vocab": ({"input_ids": [[1, 128]]}, 400, "outside the model's vocabulary [0, 128)"),
-    "negative id": ({"input_ids": [[-1]]}, 400, "outside the vocabulary"),
+    "negative id": ({"input_ids": [[-1]]}, 400, "outside the model's vocabulary"),
     "ragged batch": ({"input_ids": [[1, 2], [3]]}, 400, "same length"),
     # 400 as the OpenAI routes answer the same faults (protocol/limits.py TextLimits), not 413
     "too many tokens": ({"input_ids": [[1] * 65]}, 400, "over this server's limit of 64 (max_input_tokens)"),
