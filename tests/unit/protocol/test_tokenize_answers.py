@@ -15,6 +15,7 @@ from moe_cluster.protocol.errors import WireError
 from moe_cluster.protocol.limits import TextLimits
 from moe_cluster.serving.http import tokenize_routes as routes
 from moe_cluster.serving.http.openai_routes import OpenAIFace
+from tests.support.asgi import json_request
 from tests.support.tokenizers_zoo import byte_level_bpe, sentencepiece_bpe, wordpiece
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
@@ -146,22 +147,11 @@ def test_the_wire_checks_come_first():
 
 def http(stub, method: str, path: str, payload=None, token: str | None = None) -> tuple[int, dict]:
     """(status, JSON answer) of one request through the runner's HTTP face, as Serve hands it over."""
-    from starlette.requests import Request
-
     from moe_cluster.serving.http.auth import BearerAuth
     from moe_cluster.serving.runner import handle_runner_http
 
-    body = b"" if payload is None else json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json")] + ([(b"authorization", f"Bearer {token}".encode())]
-                                                           if token else [])
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers, "query_string": b""}
-    chunks = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
-
     owner = SimpleNamespace(openai=stub, auth=BearerAuth(["secret"]), args=SimpleNamespace(max_body_bytes=4096))
-    response = asyncio.run(handle_runner_http(owner, Request(scope, receive)))
+    response = asyncio.run(handle_runner_http(owner, json_request(method, path, payload, token)))
     return response.status_code, json.loads(response.body)
 
 

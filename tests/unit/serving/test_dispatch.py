@@ -4,7 +4,6 @@ handler raises to a status, in each face's error format, never a traceback in th
 import asyncio
 import json
 import logging
-import re
 import types
 
 import pytest

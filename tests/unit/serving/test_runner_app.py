@@ -19,6 +19,7 @@ from moe_cluster.serving.runner import ModelRunner, build_in_process_runner_app,
 from moe_cluster.serving.runner_args import RunnerArgs
 from moe_cluster.serving.runner_moe import InProcessMoE
 
+from ...support.asgi import json_request
 from ...support.hf_models import build_hf
 from ...support.tokenizer import save_tokenizer
 
@@ -57,18 +58,8 @@ def runner(model_dirs):
 
 def http(runner, method: str, path: str, payload=None, token: str | None = None) -> tuple[int, dict, dict]:
     """(status, JSON answer, headers) of one request through the runner's __call__, as Serve hands it over."""
-    from starlette.requests import Request
-
-    body = b"" if payload is None else json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json")] + ([(b"authorization", f"Bearer {token}".encode())]
-                                                           if token else [])
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers, "query_string": b""}
-    chunks = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
-
-    response = asyncio.run(ModelRunner.func_or_class.__call__(runner, Request(scope, receive)))
+    request = json_request(method, path, payload, token)
+    response = asyncio.run(ModelRunner.func_or_class.__call__(runner, request))
     return response.status_code, json.loads(response.body), response.headers
 
 
