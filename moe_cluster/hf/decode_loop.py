@@ -7,25 +7,22 @@
       one that can never fit is refused at submit; its cache is made once, at that size (hf/kv_cache.py)
     one STEP (the scheduler thread): ONE packed forward of every active sequence (hf/batch_forward.py)
       - each decoding sequence: its last token
-      - prompts: chunks of at most max_prefill_tokens tokens per step in all, oldest first, so a long
-        prompt is prefilled over several steps beside the decoding sequences instead of stalling them
-        (a prompt's logprobs, when asked, are made chunk by chunk: hf/logprobs.py)
-        └─ so each MoE layer is ONE moe_call(x_TD, L) with the rows of every sequence of the step
-      then each sequence whose prompt is all in chooses its next token (hf/sampling.py: min_tokens,
-      penalties, greedy or a draw), with its raw logprob when asked, and tells it to its request;
-      hf/stopping.py says when it ends (EOS, stop ids, stop strings, max_new_tokens)
+      - prompts: chunks, oldest first, of at most max_prefill_tokens in all, and beside decoding
+        sequences only as many as keep the step within prefill_slowdown x theirs alone
+        (hf/step_cost.py): a long prompt enters over several steps instead of stalling the streams
+      - overlap: the step in two micro-batches forwarded at once (one's MoE calls in flight while
+        the other computes)
+        └─ each MoE layer: ONE moe_call(x_TD, L) with the rows of every sequence (of the micro-batch)
+      then each sequence whose prompt is all in chooses its next token (hf/sampling.py), with its raw
+      logprob when asked, and tells it; hf/stopping.py says when it ends
 
-So each MoE layer costs one call per step whatever the number of sequences, the dense weights are
-read once per step for all of them, and a step copies nothing that grows with the context. Greedy
-output equals transformers' `model.generate` of that prompt alone, token for token (tested: a row's
-result does not depend on the rows beside it beyond float rounding, as in the router's merged MoE
-batches). Requests join and leave only at step boundaries.
+A step's MoE calls and dense weights are shared by all its sequences; it copies nothing that grows
+with the context. Greedy output equals transformers' `model.generate` of each prompt alone, token
+for token (a row's result does not depend on the rows beside it beyond float rounding).
 
 What one request does stays with that request, and nothing waits forever:
-  - a request that cannot be run (a token id outside the embedding, more positions than the KV
-    budget) is refused at submit with ValueError;
-  - a forward that fails (a failed MoE call) ends the requests of that step with the error; the loop
-    goes on with the next step;
+  - a request that can never run (a token id outside the embedding, over the KV budget): ValueError
+    at submit; a forward that fails (a failed MoE call) ends the requests of its (micro-)batch;
   - choosing a token, decoding its text or emitting it (a sampler, tokenizer or callback that
     raises) ends that request alone with an error event; the step goes on for the others;
   - a failure of the step itself (a bug here) ends every request of the step with an error, is
@@ -61,13 +58,13 @@ from .logprobs import token_logprob
 from .runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler
 from .sequence import DecodeLoopFailure, Event, GenerationRequest, Sequence, SequenceHandle
+from .step_cost import StepCost
 from .stopping import Stopping, eos_token_ids
 
-__all__ = ["GenerationRequest", "Event", "DecodeLoop", "DecodeLoopFailure", "MAX_PREFILL_TOKENS"]
+__all__ = ["GenerationRequest", "Event", "DecodeLoop", "DecodeLoopFailure", "MAX_PREFILL_TOKENS", "PREFILL_SLOWDOWN"]
 
-# Prompt tokens prefilled per step, in chunks: small enough that a step carrying a chunk keeps the decoding
-# sequences' time per token within 1.5x (docs/engine.md measures it), large enough for full matmuls
-MAX_PREFILL_TOKENS = 512
+MAX_PREFILL_TOKENS = 512  # prompt tokens per step, in chunks, at most
+PREFILL_SLOWDOWN = 1.25  # beside decoding sequences: a step at most 1.25x theirs alone (hf/step_cost.py)
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,7 +75,8 @@ class DecodeLoop:
     def __init__(self, model: nn.Module, moe_call: MoECall, max_num_seqs: int = 64,
                  eos_ids: frozenset[int] | None = None, step_timeout_s: float = 600.0,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, on_load: Callable[[int, int], None] | None = None,
-                 max_kv_tokens: int | None = None, overlap: bool = False) -> None:
+                 max_kv_tokens: int | None = None, overlap: bool = False,
+                 prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> None:
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_prefill_tokens}")
@@ -88,6 +86,9 @@ class DecodeLoop:
         # Prompt tokens per step, in chunks: bounds a step's prefill time (the decoding sequences wait for it)
         # and, for prompt logprobs, its logits of every position ([C, V] each)
         self.max_prefill_tokens = max_prefill_tokens
+        # ... fewer beside decoding sequences: a step at most prefill_slowdown x theirs alone (None: no cut)
+        self.prefill_slowdown = prefill_slowdown
+        self._cost = None if prefill_slowdown is None else StepCost(prefill_slowdown)
         self.on_load = on_load  # (sequences running, waiting) at each step boundary (Prometheus gauges)
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
@@ -121,7 +122,6 @@ class DecodeLoop:
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
         """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
         return self.submit_all([(request, emit)])[0]
-
     def submit_all(self, requests: list[tuple[GenerationRequest, Callable[[Event], None]]]) -> list[SequenceHandle]:
         """Queue several (request, emit) at once: they join the same step while there is room."""
         sequences = [self._sequence(request, emit) for request, emit in requests]
@@ -295,8 +295,11 @@ class DecodeLoop:
         members, sequences = self._plan(active)
         cuts = [0, halfway(members) if self.overlap else len(members), len(members)]
         halves = [(members[a:b], sequences[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b]
+        started = time.perf_counter()
         second = [self._second.submit(self._forward_counted, m) for m, _ in halves[1:]]
         results = [self._forward_counted(halves[0][0]), *(future.result() for future in second)]
+        if self._cost is not None:
+            self._cost.add(sum(len(m.ids) for m in members), time.perf_counter() - started)
         # Counted before any token of the step goes out: whoever got an answer sees its step counted.
         self.stats["steps"] += 1
         self.stats["moe_calls"] += sum(calls for _, calls in results)
@@ -329,8 +332,11 @@ class DecodeLoop:
 
     def _plan(self, active: list[Sequence]) -> tuple[list[Member], list[Sequence]]:
         """(members of the step's forward, their sequences): every decoding sequence's next token, then
-        prompt chunks, oldest first, of at most max_prefill_tokens tokens in all."""
+        prompt chunks, oldest first, of at most max_prefill_tokens tokens in all (fewer beside decoding
+        sequences, as prefill_slowdown allows)."""
         members, sequences, room = [], [], self.max_prefill_tokens
+        if self._cost is not None:
+            room = self._cost.prefill_room(sum(s.next_token is not None for s in active), room)
         for sequence in active:
             prompt, kv = sequence.request.prompt_ids, sequence.kv
             if sequence.next_token is not None:

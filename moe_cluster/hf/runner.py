@@ -36,7 +36,8 @@ from torch import nn
 
 from ..core.config import ModelConfig
 from ..dtypes import DTYPE_NAMES
-from ..protocol.errors import WireError
+from ..protocol.bodies import check_generate_request
+from ..protocol.limits import TextLimits
 from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_config, load_model, load_router_layers
@@ -297,7 +298,7 @@ class HFMoERunner:
         `input_ids` is a batch [B][S] of token ids (no padding: every row the same length).
         output_ids are what transformers' `model.generate(..., do_sample=False)` returns:
         the prompt followed by up to max_new_tokens tokens (fewer where every row hit EOS).
-        Bad input raises WireError (a ValueError) with the HTTP status to use.
+        Bad input raises WireError (a ValueError), status 400, saying what is wrong.
         """
         ids_BS, new_tokens = self.check_request(input_ids, max_new_tokens)
         ids_BS = ids_BS.to(self.device)
@@ -313,31 +314,11 @@ class HFMoERunner:
         return {"output_ids": out_BL.tolist(), "timings": _timings(recorder.steps, total_ms, ids_BS.shape)}
 
     def check_request(self, input_ids: object, max_new_tokens: object) -> tuple[torch.Tensor, int]:
-        """(ids [B, S] int64, max_new_tokens), or WireError saying what is wrong."""
-        if not isinstance(input_ids, list) or not input_ids or not all(isinstance(r, list) and r for r in input_ids):
-            raise WireError(400, "input_ids must be a non-empty list of non-empty lists of token ids, "
-                                 "e.g. [[1, 2, 3]] for one sequence")
-        if len({len(row) for row in input_ids}) != 1:
-            raise WireError(400, "every sequence of input_ids must have the same length (no padding support); "
-                                 "send sequences of different lengths in separate requests")
-        if not all(type(t) is int for row in input_ids for t in row):  # bool and float are not token ids
-            raise WireError(400, "input_ids must hold integers only")
-        bad = [t for row in input_ids for t in row if not 0 <= t < self.vocab_size]
-        if bad:
-            raise WireError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if type(max_new_tokens) is not int or max_new_tokens < 1:
-            raise WireError(400, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        B, S = len(input_ids), len(input_ids[0])
-        if B * S > self.limits.max_input_tokens:
-            raise WireError(413, f"{B}x{S} = {B * S} input tokens exceed the limit of "
-                                 f"{self.limits.max_input_tokens}; send fewer or shorter sequences")
-        if max_new_tokens > self.limits.max_new_tokens:
-            raise WireError(413, f"max_new_tokens {max_new_tokens} exceeds the limit of "
-                                 f"{self.limits.max_new_tokens}")
-        if self.max_positions and S + max_new_tokens > self.max_positions:
-            raise WireError(400, f"{S} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                                 f"max_position_embeddings ({self.max_positions})")
-        return torch.tensor(input_ids, dtype=torch.long), max_new_tokens
+        """(ids [B, S] int64, max_new_tokens), or WireError 400 saying what is wrong: the serving layer's
+        check of /v1/generate (protocol/bodies.py), so a library caller gets the same answer."""
+        limits = TextLimits(self.limits.max_input_tokens, self.limits.max_new_tokens, self.max_positions)
+        ids, new = check_generate_request(input_ids, max_new_tokens, self.vocab_size, limits)
+        return torch.tensor(ids, dtype=torch.long), new
 
 
 def _timings(steps: list[_Step], total_ms: float, shape: torch.Size) -> dict:

@@ -53,8 +53,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..hf.runner import GenerateLimits, HFMoERunner, check_compatible
-from ..protocol.bodies import check_generate_request
-from ..protocol.limits import TextLimits
 from .app import ROUTER_NAME, build_app
 from .args import DEPLOYMENT_DEFAULTS, merge_options, resolve_app
 from .http.auth import BearerAuth
@@ -100,15 +98,13 @@ class ModelRunner:
         limits = GenerateLimits(self.args.max_input_tokens, self.args.max_new_tokens)
         self.runner = await asyncio.to_thread(HFMoERunner, self.args.hf_model, self.moe, self.args.dtype,
                                               limits, self.device)
-        # /v1/generate's limits: HF's generate holds its own KV cache, so no max_kv_tokens
-        self.limits = TextLimits(limits.max_input_tokens, limits.max_new_tokens, self.runner.max_positions)
-        self.openai = await asyncio.to_thread(
-            OpenAIFace, self.runner, self.args.served_model_name, self.args.tokenizer, self.args.max_num_seqs,
-            self.args.step_timeout_s, self.args.max_kv_tokens, self.args.max_prefill_tokens)  # the OpenAI API
+        self.openai = await asyncio.to_thread(OpenAIFace, self.runner, self.args.served_model_name,
+                                              self.args.tokenizer, self.args.engine_options())  # the OpenAI API
 
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
-        """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError)."""
-        check_generate_request(input_ids, max_new_tokens, self.runner.vocab_size, self.limits)
+        """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError): the
+        runner checks it with protocol/bodies.py check_generate_request (HF's generate holds its own KV cache,
+        so no max_kv_tokens)."""
         return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
 
     async def info(self) -> dict:
@@ -116,10 +112,11 @@ class ModelRunner:
                 **self.decode_loop_sizes()}
 
     def decode_loop_sizes(self) -> dict:
-        """The OpenAI API's decode loop as it runs: max_kv_tokens and max_prefill_tokens resolved (None: unknown)."""
+        """The OpenAI API's decode loop as it runs: its sizes resolved (max_kv_tokens from free memory, ...)."""
         loop = self.openai.loop
-        return {"max_num_seqs": self.args.max_num_seqs, "max_kv_tokens": getattr(loop, "max_kv_tokens", None),
-                "max_prefill_tokens": getattr(loop, "max_prefill_tokens", None)}
+        return {"max_num_seqs": loop.max_num_seqs, "max_kv_tokens": loop.max_kv_tokens,
+                "max_prefill_tokens": loop.max_prefill_tokens, "overlap": loop.overlap,
+                "prefill_slowdown": loop.prefill_slowdown}
 
     async def stats(self) -> dict:
         """The decode loop's counters and sizes; routing for itself (moe_calls: direct), also what the router's

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..hf.decode_loop import MAX_PREFILL_TOKENS, PREFILL_SLOWDOWN
 from ..hf.runner import RUNNER_DTYPES
 from .args import DeploymentOptions
 
@@ -62,9 +63,16 @@ class RunnerArgs(BaseModel):
                                       description="OpenAI API: the size of the decode loop's KV cache in tokens "
                                                   "(None: the loop derives it from free memory); a choice whose "
                                                   "prompt + max_tokens exceed it gets 400 context_length_exceeded")
-    max_prefill_tokens: int | None = Field(default=None, ge=1,
-                                           description="OpenAI API: prompt tokens prefilled in one decode step "
-                                                       "(None: the decode loop's default)")
+    max_prefill_tokens: int = Field(default=MAX_PREFILL_TOKENS, ge=1,
+                                    description="OpenAI API: prompt tokens prefilled in one decode step, in chunks")
+    prefill_slowdown: float = Field(default=PREFILL_SLOWDOWN, ge=1.0,
+                                    description="OpenAI API: beside decoding sequences, a step carries the prompt "
+                                                "tokens that keep it within this factor of their step alone (a large "
+                                                "value: always max_prefill_tokens; docs/engine.md)")
+    overlap: bool | None = Field(default=None,
+                                 description="OpenAI API: each decode step as two micro-batches, one's MoE calls "
+                                             "in flight while the other computes (None: on where the MoE calls "
+                                             "leave the replica, moe_calls direct or router; docs/engine.md)")
     step_timeout_s: float = Field(default=600.0, gt=0,
                                   description="OpenAI API: a decode step running longer is stuck: its requests "
                                               "fail (500), /healthz answers 503 and Serve replaces the replica")
@@ -82,3 +90,10 @@ class RunnerArgs(BaseModel):
             raise ValueError("moe_calls: in_process needs moe: {checkpoint: ...} (the MoE blocks the runner computes "
                              "itself), not moe_app")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """The DecodeLoop's keyword arguments (max_kv_tokens None: the loop derives it from free memory)."""
+        overlap = self.moe_calls != "in_process" if self.overlap is None else self.overlap
+        return {"max_num_seqs": self.max_num_seqs, "step_timeout_s": self.step_timeout_s,
+                "max_kv_tokens": self.max_kv_tokens, "max_prefill_tokens": self.max_prefill_tokens,
+                "prefill_slowdown": self.prefill_slowdown, "overlap": overlap}

@@ -79,8 +79,8 @@ class OpenAIFace:
     """The tokenizer and decode loop of one runner, and the answers of the OpenAI endpoints."""
 
     def __init__(self, runner: HFMoERunner, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
-                 max_num_seqs: int = 64, step_timeout_s: float = 600.0, max_kv_tokens: int | None = None,
-                 max_prefill_tokens: int | None = None) -> None:
+                 engine: dict | None = None) -> None:
+        """`engine`: the DecodeLoop's options (RunnerArgs.engine_options()); what it leaves out, the loop's default."""
         self.model_name = model_name or Path(runner.hf_dir).name
         self.tokenizer, self.no_tokenizer = None, ""
         try:
@@ -96,14 +96,10 @@ class OpenAIFace:
         except ValueError as exc:
             raise ValueError(f"the generation config of {runner.hf_dir} sets {self.defaults}: {exc}") from None
         self.metrics = RunnerMetrics(self.model_name)  # Prometheus, through Ray's metrics export
-        # None: the loop's own choice (max_kv_tokens: from free memory), so only what the config sets is passed
-        sizes = {k: v for k, v in (("max_kv_tokens", max_kv_tokens), ("max_prefill_tokens", max_prefill_tokens))
-                 if v is not None}
-        self.loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs, step_timeout_s=step_timeout_s,
-                               on_load=self.metrics.load, **sizes)
+        self.loop = DecodeLoop(runner.model, runner.moe_call, on_load=self.metrics.load, **(engine or {}))
         # A prompt with its max_tokens over any of these is a 400 (context_length_exceeded, invalid_value).
         self.limits = TextLimits(runner.limits.max_input_tokens, runner.limits.max_new_tokens, runner.max_positions,
-                                 getattr(self.loop, "max_kv_tokens", None))
+                                 self.loop.max_kv_tokens)
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}
 

@@ -69,7 +69,7 @@ def test_joining_and_leaving_prompts_generate_what_each_alone_would(tiny):
     hf_model, runner, _ = tiny
     calls = []
     loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls, 0.01),
-                      max_num_seqs=8)
+                      max_num_seqs=8, prefill_slowdown=None)  # prompts in one piece (see the chunk tests)
     prompts = {"a": ([1, 5, 9, 17, 33], 9), "b": ([2, 127], 8), "c": (list(range(3, 20)), 6), "d": ([7], 12)}
     got = Collector(len(prompts))
     try:
@@ -220,7 +220,8 @@ def test_prompts_are_prefilled_in_chunks_within_the_step_token_budget(tiny):
     the decoding sequences; each answer is still what generate gives that prompt alone."""
     hf_model, runner, _ = tiny
     calls = []
-    loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls), max_prefill_tokens=10)
+    loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls), max_prefill_tokens=10,
+                      prefill_slowdown=None)
     prompts = [[1, 5, 9, 17, 33], list(range(40, 60)), [7, 300], [2, 4, 6, 8]]
     got = Collector(len(prompts))
     try:
@@ -332,3 +333,34 @@ def test_two_micro_batches_overlap_their_moe_calls_and_answer_exactly(tiny):
     assert len(threads) == 2 and "decode-loop" in threads
     first, second = ([s for s in spans if s[0] == name] for name in sorted(threads))
     assert any(a[2] < b[3] and b[2] < a[3] for a in first for b in second)  # in flight at the same time
+
+
+def test_beside_decoding_sequences_a_long_prompt_takes_what_keeps_their_steps_within_the_slowdown(tiny):
+    """A "cluster" whose MoE call costs 10 ms + 2 ms a row: beside one decoding sequence, a step alone is
+    ~24 ms (2 MoE layers), so prefill_slowdown 1.5 leaves ~12 ms, ~3 prompt tokens; after the probe chunk
+    the 120-token prompt enters in such small chunks, not in max_prefill_tokens; both answers exact."""
+    hf_model, runner, _ = tiny
+    moe_call, calls = runner.model.model.layers[0].mlp.moe_call, []
+
+    def costly(x_TD, layer):
+        calls.append((x_TD.shape[0], layer))
+        threading.Event().wait(0.010 + 0.002 * x_TD.shape[0])
+        return moe_call(x_TD, layer)
+
+    loop = DecodeLoop(runner.model, costly, max_prefill_tokens=120, prefill_slowdown=1.5)
+    long_prompt = [(7 * i) % 300 + 1 for i in range(120)]
+    got = Collector(2)
+    try:
+        loop.submit(GenerationRequest([1, 5, 9], 60), got.emit("stream"))
+        while loop.stats["steps"] < 3:  # the stream decodes: steps of one row
+            threading.Event().wait(0.001)
+        loop.submit(GenerationRequest(long_prompt, 1), got.emit("long"))  # no decoding row of its own
+        assert got.all_done.wait(120)
+    finally:
+        loop.close()
+    assert got.tokens["long"] == hf_greedy(hf_model, long_prompt, 1)
+    assert got.tokens["stream"] == hf_greedy(hf_model, [1, 5, 9], 60)
+    steps = [rows for rows, layer in calls if layer == 0][1:]  # after the stream's own prefill
+    chunks = [rows - 1 for rows in steps if rows > 1]  # beside the stream's row
+    assert sum(chunks) == 120 and chunks[0] <= 32  # the probe (or what the fit already allows)
+    assert max(chunks[1:]) <= 12 and len(chunks) >= 10, chunks  # not max_prefill_tokens' 120 at once

@@ -145,10 +145,10 @@ BAD = {
     "empty row": ([[]], 1, 400, "non-empty"),
     "float id": ([[1, 2.0]], 1, 400, "integers"),
     "bool id": ([[True]], 1, 400, "integers"),
-    "id >= vocab": ([[128]], 1, 400, "outside the vocabulary [0, 128)"),
+    "id >= vocab": ([[128]], 1, 400, "outside the model's vocabulary [0, 128)"),
     "ragged": ([[1, 2], [3]], 1, 400, "same length"),
-    "too many input tokens": ([[1] * 9], 1, 413, "limit of 8"),
-    "too many new tokens": ([[1]], 5, 413, "limit of 4"),
+    "too many input tokens": ([[1] * 9], 1, 400, "over this server's limit of 8"),
+    "too many new tokens": ([[1]], 5, 400, "over this server's limit of 4"),
     "max_new_tokens not int": ([[1]], "3", 400, "positive integer"),
 }
 

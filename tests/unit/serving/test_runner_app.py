@@ -75,8 +75,9 @@ def test_the_config_chooses_the_moe_source_and_the_decode_loop_sizes(runner):
     assert runner.openai.limits == TextLimits(12, 8, CONTEXT, 16)
 
 
-def test_unset_sizes_are_left_to_the_decode_loop(model_dirs, monkeypatch):
-    """None is never passed: the loop's own defaults (max_kv_tokens from free memory) apply and are shown."""
+def test_the_engine_options_reach_the_decode_loop_and_are_shown(model_dirs, monkeypatch):
+    """Every engine option reaches the loop (max_kv_tokens None: the loop derives it from free memory, and
+    what it derived is shown and checked); overlap defaults to off for MoE blocks in the replica."""
     from moe_cluster.serving.http import openai_routes
 
     seen = {}
@@ -86,18 +87,20 @@ def test_unset_sizes_are_left_to_the_decode_loop(model_dirs, monkeypatch):
 
         def __init__(self, *args, **kwargs):
             seen.update(kwargs)
-            self.max_kv_tokens, self.max_prefill_tokens = 1000, 2048
+            self.max_num_seqs, self.max_kv_tokens, self.max_prefill_tokens = 4, 1000, 2048
+            self.overlap, self.prefill_slowdown = kwargs["overlap"], kwargs["prefill_slowdown"]
 
         def close(self, wait=True):
             pass
 
     monkeypatch.setattr(openai_routes, "DecodeLoop", Loop)
     monkeypatch.setattr(runner_module, "pick_device", lambda: torch.device("cpu"))
-    made = make_runner(model_dirs, max_prefill_tokens=None)
-    assert "max_kv_tokens" not in seen and "max_prefill_tokens" not in seen
+    made = make_runner(model_dirs)
+    assert seen["max_kv_tokens"] is None and seen["overlap"] is False  # None: from free memory; in process
     assert (made.decode_loop_sizes()["max_kv_tokens"], made.openai.limits.max_kv_tokens) == (1000, 1000)
-    made = make_runner(model_dirs, max_kv_tokens=30, max_prefill_tokens=16)
-    assert (seen["max_kv_tokens"], seen["max_prefill_tokens"]) == (30, 16)
+    made = make_runner(model_dirs, max_kv_tokens=30, max_prefill_tokens=16, overlap=True, prefill_slowdown=2.0)
+    assert (seen["max_kv_tokens"], seen["max_prefill_tokens"], seen["overlap"], seen["prefill_slowdown"]) == \
+        (30, 16, True, 2.0)
 
 
 @pytest.mark.parametrize("prompt, new, param, code, numbers", [
