@@ -2,17 +2,20 @@
 
     .venv/bin/python scripts/decode_step_bench.py --hf-model /tmp/bench22/decode-16-layer \
         --checkpoint /tmp/bench22/decode-16-layer-moe [--batch 8] [--contexts 128 512 2048] \
-        [--new-tokens 32] [--repeats 1] [--hf-generate] [--json out.json]
+        [--new-tokens 32] [--extra-tokens E] [--repeats 1] [--hf-generate] [--json out.json]
 
-For each context S: B requests of S random prompt ids (greedy, ignore_eos, max_new_tokens N) are
-submitted together to a `DecodeLoop(runner.model, runner.moe_call, max_num_seqs=B)` of
+For each context S: B requests of S random prompt ids (greedy, ignore_eos) are submitted together
+to a `DecodeLoop(runner.model, runner.moe_call, max_num_seqs=B)` of
 `HFMoERunner.in_process(hf_model, checkpoint)`; every token event's arrival time is recorded in
 its emit callback, with the loop's step count then (stats["steps"], counted before a step's
-tokens go out, so it says which step a token is of). Once every prompt has been prefilled (each sequence has had its first token)
-and until the first sequence ends, every step decodes all B sequences and gives each one token,
-so the interval between two consecutive token events of a sequence is one decode step of B
-sequences. The step time reported for S is the median and p90 of those intervals (of the steps
-in that window; the B sequences' intervals of one step are averaged into one sample).
+tokens go out, so it says which step a token is of). A step in which all B sequences get a token
+is a decode step of the whole batch (every prompt prefilled, none ended); the interval between
+two consecutive such steps, averaged over the B sequences' tokens, is one sample. Once N + 1 such
+steps have gone by, the requests are cancelled (SequenceHandle.cancel) and the loop drains. The
+requests ask for N + extra tokens (--extra-tokens, default B x S / 16 + 8) so that the first
+sequences still decode when the last prompt is in: a loop that prefills in chunks beside the
+decoding sequences takes many steps to take in B long prompts. The step time reported for S is
+the median and p90 of the samples (N per batch, pooled over --repeats batches).
 
 One torch thread (torch.set_num_threads(1)); one untimed warm-up request first. "other cores":
 how many cores other processes kept busy during the batches (from /proc/stat, minus this
@@ -84,47 +87,59 @@ def step_times(tokens: list[tuple[int, float, int]], batch: int) -> list[float]:
             if len(steps[k]) == batch and len(steps.get(k + 1, ())) == batch]
 
 
-def run_batch(loop, prompts: list[list[int]], new_tokens: int) -> dict:
+def run_batch(loop, prompts: list[list[int]], new_tokens: int, extra_tokens: int, timeout_s: float = 3600) -> dict:
+    """Submit the prompts together (max_new_tokens = new_tokens + extra_tokens each, greedy, ignore_eos) and
+    collect their token events until `new_tokens` + 1 steps of the whole batch have gone by, then cancel
+    them and wait until the loop is idle."""
     from moe_cluster.hf.decode_loop import GenerationRequest
     from moe_cluster.hf.sampling import SamplingParams
 
+    batch = len(prompts)
     arrivals: list[list[float]] = [[] for _ in prompts]
     tokens: list[tuple[int, float, int]] = []  # (sequence, arrival, the loop's step count then)
+    per_step: dict[int, int] = {}
     errors: list[BaseException] = []
-    left = [len(prompts)]
-    done = threading.Event()
-    lock = threading.Lock()
+    ended = [0]
+    enough = threading.Event()  # new_tokens + 1 steps of the whole batch, or every request ended
 
     def emit_for(i: int):
-        def emit(event) -> None:
+        def emit(event) -> None:  # in the loop's thread
             now = time.perf_counter()
             if event.token_id is not None:
+                step = loop.stats["steps"]
                 arrivals[i].append(now)
-                tokens.append((i, now, loop.stats["steps"]))
+                tokens.append((i, now, step))
+                per_step[step] = per_step.get(step, 0) + 1
+                if sum(count == batch for count in per_step.values()) > new_tokens:
+                    enough.set()
             if event.error is not None:
                 errors.append(event.error)
             if event.last:
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        done.set()
+                ended[0] += 1
+                if ended[0] == batch:
+                    enough.set()
         return emit
 
     steps_before = loop.stats.get("steps", 0)
     started = time.perf_counter()
-    for i, prompt in enumerate(prompts):  # submitted back to back: they join the same step while there is room
-        loop.submit(GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens,
-                                      sampling=SamplingParams(ignore_eos=True)), emit_for(i))
-    if not done.wait(timeout=3600):
-        raise TimeoutError("the batch did not finish within an hour")
+    handles = [loop.submit(GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens + extra_tokens,
+                                             sampling=SamplingParams(ignore_eos=True)), emit_for(i))
+               for i, prompt in enumerate(prompts)]  # back to back: they join together as far as the loop lets them
+    if not enough.wait(timeout=timeout_s):
+        raise TimeoutError(f"the batch did not finish within {timeout_s:.0f} s")
     wall = time.perf_counter() - started
+    for handle in handles:
+        handle.cancel()  # they leave at the next step boundary
+    deadline = time.monotonic() + 600
+    while (loop.stats.get("running") or loop.stats.get("waiting")) and time.monotonic() < deadline:
+        time.sleep(0.01)
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]!r}") from errors[0]
-    counts = [len(times) for times in arrivals]
-    if min(counts) != new_tokens:
-        raise RuntimeError(f"expected {new_tokens} tokens per sequence, got {counts}")
-    return {"step_s": step_times(tokens, len(prompts)), "wall_s": wall,
-            "first_token_s": [times[0] - started for times in arrivals],
+    steps = step_times(tokens, batch)[:new_tokens]
+    if len(steps) < new_tokens:
+        print(f"    only {len(steps)} steps of all {batch} sequences (every prompt prefilled, none ended): "
+              f"raise --extra-tokens", flush=True)
+    return {"step_s": steps, "wall_s": wall, "first_token_s": [times[0] - started for times in arrivals if times],
             "loop_steps": loop.stats.get("steps", 0) - steps_before}
 
 
@@ -160,7 +175,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="its import-hf MoE checkpoint")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoded together (B)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (N)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="decode steps of the whole batch to time per batch (N)")
+    parser.add_argument("--extra-tokens", type=int, default=None,
+                        help="max_new_tokens beyond N, so that the first sequences are still decoding when the "
+                             "last prompt is in (a chunked prefill takes steps); default B x S / 16 + 8")
     parser.add_argument("--repeats", type=int, default=1, help="batches per context (their steps pooled)")
     parser.add_argument("--min-token-id", type=int, default=3, help="prompt ids are drawn from [this, vocab)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -178,11 +197,12 @@ def main() -> None:
     runner = HFMoERunner.in_process(args.hf_model, args.checkpoint)
     config = runner.model.config
     vocab = int(config.vocab_size)
-    longest = max(args.contexts) + args.new_tokens
+    longest = max(args.contexts) + args.new_tokens + (args.extra_tokens if args.extra_tokens is not None
+                                                      else args.batch * max(args.contexts) // 16 + 8)
     max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
     if max_positions and longest > max_positions:
-        parser.error(f"context {max(args.contexts)} + {args.new_tokens} new tokens > the model's "
-                     f"max_position_embeddings {max_positions}")
+        parser.error(f"context {max(args.contexts)} + new and extra tokens = {longest} > the model's "
+                     f"max_position_embeddings {max_positions}: lower --extra-tokens")
     rng = random.Random(args.seed)
     loop = DecodeLoop(runner.model, runner.moe_call, max_num_seqs=args.batch)
     hf_model = None
@@ -197,7 +217,7 @@ def main() -> None:
     print(f"moe_cluster from {moe_cluster.__file__}; B={args.batch}, N={args.new_tokens}, torch threads "
           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}", flush=True)
     try:
-        run_batch(loop, [[rng.randrange(args.min_token_id, vocab) for _ in range(16)]], 4)  # warm-up, untimed
+        run_batch(loop, [[rng.randrange(args.min_token_id, vocab) for _ in range(16)]], 3, 1)  # warm-up, untimed
         if hf_model is not None:
             hf_generate_steps(hf_model, [[rng.randrange(args.min_token_id, vocab) for _ in range(16)]], 4)
         header = (f"{'context':>7} {'steps':>5} {'median ms':>9} {'p90 ms':>8} {'min..max ms':>15} "
@@ -211,7 +231,8 @@ def main() -> None:
                 prompts = [[rng.randrange(args.min_token_id, vocab) for _ in range(context)]
                            for _ in range(args.batch)]
                 with OtherWork() as other:
-                    batch = run_batch(loop, prompts, args.new_tokens)
+                    extra = args.extra_tokens if args.extra_tokens is not None else args.batch * context // 16 + 8
+                batch = run_batch(loop, prompts, args.new_tokens, extra)
                 others.append(other)
                 steps += batch["step_s"]
                 walls.append(batch["wall_s"])

@@ -40,7 +40,7 @@ def test_the_bench_runs_through_the_decode_loop_and_transformers(tmp_path):
     build_hf("mixtral").save_pretrained(hf_dir)
     import_hf_checkpoint(hf_dir, checkpoint, log=lambda _: None)
     done = subprocess.run([sys.executable, str(SCRIPT), "--hf-model", str(hf_dir), "--checkpoint", str(checkpoint),
-                           "--batch", "3", "--contexts", "4", "9", "--new-tokens", "6", "--hf-generate",
+                           "--batch", "3", "--contexts", "4", "9", "--new-tokens", "5", "--hf-generate",
                            "--min-token-id", "0", "--json", str(tmp_path / "out.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -48,11 +48,10 @@ def test_the_bench_runs_through_the_decode_loop_and_transformers(tmp_path):
     assert report["batch"] == 3 and report["threads"] == 1
     assert [row["context"] for row in report["contexts"]] == [4, 9]
     for row in report["contexts"]:
-        # 6 tokens each: 5 intervals, less one for each step the prompts took to join (submitted one by one,
-        # the loop may start a step before the last is in)
-        joining = row["loop_steps"][0] - 6
-        assert 0 <= joining <= 4 and row["steps"] == 5 - joining and len(row["step_ms"]) == row["steps"], row
+        # 5 steps of the whole batch timed (6 such steps, then the requests are cancelled), however many steps
+        # the prompts took to join; the loop drained before the next context
+        assert row["steps"] == 5 and len(row["step_ms"]) == 5 and row["loop_steps"][0] >= 6, row
         assert 0 < row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
-        assert row["hf_generate"]["steps"] == 5 and row["hf_generate"]["median_ms"] > 0
+        assert row["hf_generate"]["steps"] == 4 and row["hf_generate"]["median_ms"] > 0  # N tokens: N - 1 steps
         assert len(row["other_cores"]) == 1 and row["other_cores"][0] >= 0
     assert "median ms" in done.stdout and "HF generate" in done.stdout
