@@ -91,8 +91,8 @@ def run_batch(loop, prompts: list[list[int]], new_tokens: int, extra_tokens: int
     """Submit the prompts together (max_new_tokens = new_tokens + extra_tokens each, greedy, ignore_eos) and
     collect their token events until `new_tokens` + 1 steps of the whole batch have gone by, then cancel
     them and wait until the loop is idle."""
-    from moe_cluster.hf.decode_loop import GenerationRequest
-    from moe_cluster.hf.sampling import SamplingParams
+    from moe_cluster.engine.scheduler import GenerationRequest
+    from moe_cluster.engine.sampling import SamplingParams
 
     batch = len(prompts)
     arrivals: list[list[float]] = [[] for _ in prompts]
@@ -191,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import moe_cluster
-    from moe_cluster.hf.decode_loop import DecodeLoop
+    from moe_cluster.engine.scheduler import DecodeLoop
     from moe_cluster.hf.runner import HFMoERunner
 
     runner = HFMoERunner.in_process(args.hf_model, args.checkpoint)

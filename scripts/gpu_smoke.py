@@ -345,7 +345,7 @@ def stage_runner(report: Report, device: torch.device, new_tokens: int = 8) -> N
     import asyncio
     import tempfile
 
-    from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
+    from moe_cluster.engine.scheduler import DecodeLoop, GenerationRequest
     from moe_cluster.hf.importer import import_hf_checkpoint
     from moe_cluster.hf.runner import HFMoERunner
     from tests.support.hf_models import build_hf

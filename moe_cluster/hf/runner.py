@@ -75,7 +75,7 @@ class _Recorder:
 _RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("moe_runner_recorder", default=None)
 
 
-# Set by the decode loop (hf/decode_loop.py) in the thread of one sequence's forward: that
+# Set by the decode loop (engine/scheduler.py) in the thread of one sequence's forward: that
 # forward's MoE blocks call it instead of their own moe_call (it gathers the rows of every
 # sequence of the step into one call per layer).
 MOE_CALL_OVERRIDE: contextvars.ContextVar[MoECall | None] = contextvars.ContextVar("moe_call_override",

@@ -102,7 +102,7 @@ class SamplingFields(BaseModel):
         return list(self.stop or [])
 
     def sampling_values(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """The values of hf/sampling.py's SamplingParams: the request's, else the model's `defaults`
+        """The values of engine/sampling.py's SamplingParams: the request's, else the model's `defaults`
         (its generation config), else SAMPLING_DEFAULTS; `seed` is the first choice's (choice j: seed + j)."""
         values = {name: value if (value := getattr(self, name)) is not None else defaults.get(name, neutral)
                   for name, neutral in SAMPLING_DEFAULTS.items()}

@@ -5,7 +5,7 @@ blocks wherever `moe_calls` says (serving/runner_moe.py), the HTTP faces of serv
                                                               errors -> statuses, access log)
         /v1/completions, /v1/chat/completions, /v1/models, /tokenize, ...   the OpenAI face (http/openai_routes.py):
             the request checked (protocol/openai.py, protocol/limits.py TextLimits), its choices joining the
-            decode loop's steps (hf/decode_loop.py: continuous batching)
+            decode loop's steps (engine/scheduler.py: continuous batching)
         /v1/generate  (or handle.generate(input_ids, max_new_tokens))   the request checked (protocol/bodies.py
             check_generate_request: the same TextLimits), greedy `model.generate` in a worker thread
         /v1/info, /v1/stats, /healthz
@@ -133,7 +133,7 @@ class ModelRunner:
             face.close(wait=False)
 
     def _decode_loop_failure(self) -> str | None:
-        """Why the decode loop cannot answer (hf/decode_loop.py `failure`), or None while it works."""
+        """Why the decode loop cannot answer (engine/scheduler.py `failure`), or None while it works."""
         failure = self.openai.loop.failure()
         return None if failure is None else f"the OpenAI API's decode loop cannot answer: {failure}"
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..hf.decode_loop import MAX_PREFILL_TOKENS, PREFILL_SLOWDOWN
+from ..engine.scheduler import MAX_PREFILL_TOKENS, PREFILL_SLOWDOWN
 from ..hf.runner import RUNNER_DTYPES
 from .args import DeploymentOptions
 

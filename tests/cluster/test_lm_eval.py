@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from moe_cluster.hf.importer import import_hf_checkpoint
-from moe_cluster.hf.text import chat_prompt
+from moe_cluster.engine.text import chat_prompt
 
 from ..support.hf_models import build_hf
 from ..support.lm_eval_tasks import DOCUMENTS, MC_TASK, PPL_TASK, write_tasks

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from moe_cluster.hf.importer import import_hf_checkpoint
-from moe_cluster.hf.text import chat_prompt
+from moe_cluster.engine.text import chat_prompt
 
 from ..support.hf_models import build_hf
 from ..support.tokenizers_zoo import wordpiece

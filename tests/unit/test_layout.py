@@ -2,9 +2,9 @@
 
 - no import cycles between modules of moe_cluster, imports inside functions included;
 - each package imports only the packages below it:
-      core  <-  checkpoint  <-  hf  ->  protocol (numpy only)  <-  client      (all: dtypes)
-        ^            ^           ^          ^
-        └────────────┴───────────┴─ serving (the only Ray code, with tools/ and the CLI)
+      core  <-  checkpoint  <-  hf  <-  engine  ->  protocol (numpy only)  <-  client      (all: dtypes)
+        ^            ^           ^        ^           ^
+        └────────────┴───────────┴────────┴───────────┴─ serving (the only Ray code, with tools/ and the CLI)
 - cli_checks (the command line's checks of paths and ports, no moe_cluster import) serves both CLI
   modules: cli.py and train/cli.py (the train and perplexity commands);
 - Ray only in serving/, tools/, the CLI and train/{distributed,cluster}.py (Ray Train, scoring on
@@ -27,13 +27,14 @@ ALLOWED = {
     "core": {"dtypes"},
     "checkpoint": {"core", "dtypes"},
     "hf": {"core", "checkpoint", "protocol", "dtypes"},
+    "engine": {"hf", "protocol", "dtypes"},
     "protocol": {"dtypes"},
     "client": {"protocol", "dtypes"},
-    "serving": {"core", "checkpoint", "hf", "protocol", "dtypes", "__init__"},
-    "tools": {"core", "checkpoint", "hf", "protocol", "serving", "client", "dtypes", "__init__"},
-    "train": {"core", "checkpoint", "hf", "serving", "dtypes", "cli_checks"},
+    "serving": {"core", "checkpoint", "hf", "engine", "protocol", "dtypes", "__init__"},
+    "tools": {"core", "checkpoint", "hf", "engine", "protocol", "serving", "client", "dtypes", "__init__"},
+    "train": {"core", "checkpoint", "hf", "engine", "serving", "dtypes", "cli_checks"},
     "cli_checks": set(),
-    "cli": {"core", "checkpoint", "hf", "protocol", "serving", "tools", "client", "train", "dtypes", "__init__",
+    "cli": {"core", "checkpoint", "hf", "engine", "protocol", "serving", "tools", "client", "train", "dtypes", "__init__",
             "cli_checks"},
     "__init__": {"core"},
 }

@@ -21,7 +21,7 @@ import time
 
 from ray.util import metrics
 
-from ...hf.decode_loop import Event
+from ...engine.scheduler import Event
 
 __all__ = ["RunnerMetrics", "AnswerClock"]
 

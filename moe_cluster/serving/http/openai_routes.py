@@ -2,12 +2,12 @@
 
     request ──the runner's dispatch (common.py: auth 401, method 405, errors as OpenAI's objects)
         ──► parse + check (protocol/openai.py: 400 naming the field; 404 unknown model)
-        ──► prompt ids (the tokenizer; chat: its chat template or hf/text.py's plain one), each checked
+        ──► prompt ids (the tokenizer; chat: its chat template or engine/text.py's plain one), each checked
             with its max_tokens against the limits (protocol/limits.py TextLimits: max_input_tokens,
             max_new_tokens, the model's context, the decode loop's max_kv_tokens; the runner's
             /v1/generate checks the same way)
         ──► choices: one GenerationRequest per prompt and n (sampling values: the request's, else the
-            model's generation_config.json), all joining the DecodeLoop's next step (hf/decode_loop.py)
+            model's generation_config.json), all joining the DecodeLoop's next step (engine/scheduler.py)
         ──► one JSON answer, or server-sent events (`stream: true`, one choice per chunk) ending with
             `data: [DONE]`; echo puts the prompt (and its logprobs) first; logprobs in OpenAI's formats
             (protocol/openai_logprobs.py)
@@ -29,10 +29,10 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ...hf.decode_loop import DecodeLoop, Event, GenerationRequest
+from ...engine.scheduler import DecodeLoop, Event, GenerationRequest
 from ...hf.runner import HFMoERunner
-from ...hf.sampling import SamplingParams, generation_defaults
-from ...hf.text import TextStream, chat_prompt, load_tokenizer
+from ...engine.sampling import SamplingParams, generation_defaults
+from ...engine.text import TextStream, chat_prompt, load_tokenizer
 from ...protocol import openai as oai
 from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from ...protocol.errors import WireError

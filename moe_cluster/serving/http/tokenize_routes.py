@@ -8,7 +8,7 @@
 
 The ids are those the OpenAI API runs: /tokenize of a text prompt gives the ids of /v1/completions'
 prompt, of `messages` the ids of /v1/chat/completions' prompt (the tokenizer's chat template, or
-hf/text.py's plain one when it has none). A client counts tokens, or sends token-id prompts, without
+engine/text.py's plain one when it has none). A client counts tokens, or sends token-id prompts, without
 the model's files. `max_model_len` is the longest sequence this server runs: prompt + generated
 tokens, within the model's context, the decode loop's KV cache (max_kv_tokens) and the runner's limits
 (max_input_tokens + max_new_tokens): protocol/limits.py `TextLimits.max_model_len`.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ...hf.text import PLAIN_CHAT_TEMPLATE
+from ...engine.text import PLAIN_CHAT_TEMPLATE
 from ...protocol import tokenize as tok
 from ...protocol.errors import WireError
 from ...protocol.limits import check_token_ids
@@ -123,7 +123,7 @@ def _is_json(value) -> bool:
 
 
 def _chat_text(tokenizer, request: tok.TokenizeChatRequest) -> str:
-    """The prompt text of a chat: the tokenizer's chat template (hf/text.py's plain one if it has none)."""
+    """The prompt text of a chat: the tokenizer's chat template (engine/text.py's plain one if it has none)."""
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     template = None if getattr(tokenizer, "chat_template", None) else PLAIN_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from moe_cluster.hf.decode_loop import GenerationRequest
+from moe_cluster.engine.scheduler import GenerationRequest
 from moe_cluster.protocol import openai as oai
 from moe_cluster.serving.http.openai_routes import OpenAIFace
 
-from ..hf.test_decode_loop import tiny  # noqa: F401 - a fixture
+from ..engine.test_decode_loop import tiny  # noqa: F401 - a fixture
 
 MODEL = "hf"  # the served name: the model directory's
 
@@ -166,7 +166,7 @@ def test_n_choices_per_prompt_each_drawing_from_seed_plus_its_index(face):
 
 
 def test_chat_logprobs_in_openais_chat_format(tiny, face):  # noqa: F811
-    from moe_cluster.hf.text import chat_prompt
+    from moe_cluster.engine.text import chat_prompt
 
     messages = [{"role": "user", "content": "Hi!"}]
     payload = {"messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2}
@@ -252,7 +252,7 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(face, monkeypatch):
 
 
 def test_more_top_logprobs_than_the_vocabulary_has_are_all_of_it():
-    from moe_cluster.hf.logprobs import token_logprob
+    from moe_cluster.engine.logprobs import token_logprob
 
     told = token_logprob(torch.tensor([0.0, 1.0, 2.0]), 1, k=20)
     assert [t for t, _ in told.top] == [2, 1, 0]

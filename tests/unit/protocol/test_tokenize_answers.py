@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from moe_cluster.hf.text import PLAIN_CHAT_TEMPLATE, chat_prompt
+from moe_cluster.engine.text import PLAIN_CHAT_TEMPLATE, chat_prompt
 from moe_cluster.protocol import tokenize as tok
 from moe_cluster.protocol.errors import WireError
 from moe_cluster.protocol.limits import TextLimits

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from moe_cluster.hf import logprobs as logprobs_module
-from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
-from moe_cluster.hf.logprobs import prompt_logprobs
-from moe_cluster.hf.sampling import Sampler, SamplingParams, generation_defaults
-from moe_cluster.hf.text import TextStream
+from moe_cluster.engine import logprobs as logprobs_module
+from moe_cluster.engine.scheduler import DecodeLoop, GenerationRequest
+from moe_cluster.engine.logprobs import prompt_logprobs
+from moe_cluster.engine.sampling import Sampler, SamplingParams, generation_defaults
+from moe_cluster.engine.text import TextStream
 
 from .test_decode_loop import hf_greedy, tiny  # noqa: F401 - `tiny` is a fixture
 

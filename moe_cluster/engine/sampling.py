@@ -1,7 +1,7 @@
 """Choosing the next token from the logits of one sequence (no Ray): greedy or sampled, as vLLM does.
 
     raw logits [V] ─► min_tokens: EOS / stop ids at -inf until min_tokens tokens were generated
-                   ─► penalties (repetition, presence, frequency: hf/penalties.py)
+                   ─► penalties (repetition, presence, frequency: engine/penalties.py)
                    ─► temperature < 1e-5: argmax (transformers' greedy `generate`, ties to the lowest id;
                       below that, logits / t overflows to inf and softmax gives NaN: vLLM's rule too)
                       temperature t: logits / t -> min_p cut -> top-k cut -> top-p (nucleus) cut
@@ -12,7 +12,7 @@ same tokens whatever else runs beside it; without a seed, the generator starts f
 entropy. The cuts follow transformers' MinP/TopK/TopPLogitsWarper (the most likely token always
 survives, so a top_p that would keep no token keeps that one). Logits that are not finite where
 a token survives (a model that computed NaN) raise `SamplingError`: that request fails alone, the
-others of the step go on (hf/decode_loop.py). Defaults a request does not set come from the
+others of the step go on (engine/scheduler.py). Defaults a request does not set come from the
 model's generation_config.json (`generation_defaults`), as vLLM takes them.
 """
 
@@ -45,7 +45,7 @@ class SamplingParams:
     top_k: int = 0  # 0 (or -1): no top-k cut
     min_p: float = 0.0  # tokens less likely than min_p x the most likely one are cut; 0: off
     seed: int | None = None  # None: a random seed
-    repetition_penalty: float = 1.0  # hf/penalties.py; 1: off
+    repetition_penalty: float = 1.0  # engine/penalties.py; 1: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0  # tokens generated before EOS or a stop id may be

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
+from moe_cluster.engine.scheduler import DecodeLoop, GenerationRequest
 from moe_cluster.hf.importer import import_hf_checkpoint
 from moe_cluster.hf.runner import HFMoERunner
-from moe_cluster.hf.sampling import Sampler, SamplingParams
-from moe_cluster.hf.text import TextStream
+from moe_cluster.engine.sampling import Sampler, SamplingParams
+from moe_cluster.engine.text import TextStream
 
 from ...support.hf_models import FAMILIES, build_hf
 from ...support.tokenizer import save_tokenizer

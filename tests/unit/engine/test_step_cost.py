@@ -1,9 +1,9 @@
-"""The prompt tokens a step may carry beside decoding sequences (hf/step_cost.py): a fit of step time
+"""The prompt tokens a step may carry beside decoding sequences (engine/step_cost.py): a fit of step time
 as fixed + per_token x tokens, and the room it leaves under the slowdown."""
 
 import pytest
 
-from moe_cluster.hf.step_cost import PROBE_TOKENS, StepCost
+from moe_cluster.engine.step_cost import PROBE_TOKENS, StepCost
 
 
 def test_the_fit_finds_fixed_and_per_token_costs_and_forgets_old_steps():

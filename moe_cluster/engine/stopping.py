@@ -6,7 +6,7 @@
     max_new_tokens tokens                                            "length"
 
 EOS and the stop ids cannot be drawn before min_tokens tokens (the sampler masks them,
-hf/sampling.py); stop strings are looked for only in the text of the tokens after those
+engine/sampling.py); stop strings are looked for only in the text of the tokens after those
 (`TextStream(..., after=min_tokens)`). Whatever ends a sequence, what the text held back is told with its last token.
 """
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from moe_cluster.hf.decode_loop import DecodeLoop, GenerationRequest
-from moe_cluster.hf.sampling import Sampler, SamplingParams
+from moe_cluster.engine.scheduler import DecodeLoop, GenerationRequest
+from moe_cluster.engine.sampling import Sampler, SamplingParams
 
 from .test_decode_loop import tiny  # noqa: F401 - a fixture
 

@@ -3,7 +3,7 @@
     PackedForward(model)(members)     member: (its SequenceKV, its new token ids, every_position)
         ids [1, T]        each member's new tokens in turn: a prompt chunk, or its one decoding token
         positions [1, T]  each member's own positions (kv.length, kv.length + 1, ...)
-        attention         each member's queries against its own cache, written in place (hf/kv_cache.py)
+        attention         each member's queries against its own cache, written in place (engine/kv_cache.py)
         -> per member: logits [1, V] of its last new position ([C, V] of each of its C new positions:
            every_position, for a prompt's logprobs), on the CPU; its kv.length advanced by C
 

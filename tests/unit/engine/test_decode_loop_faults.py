@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from moe_cluster.hf.decode_loop import DecodeLoop, DecodeLoopFailure, GenerationRequest
-from moe_cluster.hf.sampling import SamplingParams
-from moe_cluster.hf.text import TextStream
+from moe_cluster.engine.scheduler import DecodeLoop, DecodeLoopFailure, GenerationRequest
+from moe_cluster.engine.sampling import SamplingParams
+from moe_cluster.engine.text import TextStream
 
 from .test_decode_loop import VOCAB, Collector, hf_greedy, tiny  # noqa: F401 - `tiny` is a fixture
 
@@ -207,7 +207,7 @@ def test_a_cancelled_request_leaves_at_the_next_step(tiny, loop):  # noqa: F811
 def test_nan_logits_raise_a_sampling_error_greedy_or_sampled():
     """Logits with NaN (a model that computed garbage for one sequence) raise SamplingError, which the loop
     turns into that request's own error (the raising-tokenizer test shows the per-request path)."""
-    from moe_cluster.hf.sampling import Sampler, SamplingError
+    from moe_cluster.engine.sampling import Sampler, SamplingError
 
     with pytest.raises(SamplingError, match="NaN"):
         Sampler(SamplingParams())(torch.tensor([0.0, float("nan")]))

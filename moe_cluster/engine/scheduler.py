@@ -4,17 +4,17 @@
 
     admission: a request joins when max_num_seqs allows and its whole life fits the KV budget
       (prompt + max_new_tokens positions of `max_kv_tokens`, default: half the memory free at start);
-      one that can never fit is refused at submit; its cache is made once, at that size (hf/kv_cache.py)
-    one STEP (the scheduler thread): ONE packed forward of every active sequence (hf/batch_forward.py)
+      one that can never fit is refused at submit; its cache is made once, at that size (engine/kv_cache.py)
+    one STEP (the scheduler thread): ONE packed forward of every active sequence (engine/forward.py)
       - each decoding sequence: its last token
       - prompts: chunks, oldest first, of at most max_prefill_tokens in all, and beside decoding
         sequences only as many as keep the step within prefill_slowdown x theirs alone
-        (hf/step_cost.py): a long prompt enters over several steps instead of stalling the streams
+        (engine/step_cost.py): a long prompt enters over several steps instead of stalling the streams
       - overlap: the step in two micro-batches forwarded at once (one's MoE calls in flight while
         the other computes)
         └─ each MoE layer: ONE moe_call(x_TD, L) with the rows of every sequence (of the micro-batch)
-      then each sequence whose prompt is all in chooses its next token (hf/sampling.py), with its raw
-      logprob when asked, and tells it; hf/stopping.py says when it ends
+      then each sequence whose prompt is all in chooses its next token (engine/sampling.py), with its raw
+      logprob when asked, and tells it; engine/stopping.py says when it ends
 
 A step's MoE calls and dense weights are shared by all its sequences; it copies nothing that grows
 with the context. Greedy output equals transformers' `model.generate` of each prompt alone, token
@@ -52,10 +52,10 @@ import torch
 from torch import nn
 
 from ..protocol.openai_logprobs import TokenLogprob
-from .batch_forward import Member, PackedForward, halfway
+from .forward import Member, PackedForward, halfway
 from .kv_cache import KVBudget, SequenceKV, default_max_kv_tokens
 from .logprobs import token_logprob
-from .runner import MOE_CALL_OVERRIDE, MoECall
+from ..hf.runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler
 from .sequence import DecodeLoopFailure, Event, GenerationRequest, Sequence, SequenceHandle
 from .step_cost import StepCost
@@ -64,7 +64,7 @@ from .stopping import Stopping, eos_token_ids
 __all__ = ["GenerationRequest", "Event", "DecodeLoop", "DecodeLoopFailure", "MAX_PREFILL_TOKENS", "PREFILL_SLOWDOWN"]
 
 MAX_PREFILL_TOKENS = 512  # prompt tokens per step, in chunks, at most
-PREFILL_SLOWDOWN = 1.25  # beside decoding sequences: a step at most 1.25x theirs alone (hf/step_cost.py)
+PREFILL_SLOWDOWN = 1.25  # beside decoding sequences: a step at most 1.25x theirs alone (engine/step_cost.py)
 
 logger = logging.getLogger("ray.serve")
 

@@ -3,7 +3,7 @@
     GenerationRequest   prompt ids, max_new_tokens, sampling, text stream, logprobs asked
     Event               a token (and its text, logprob) or the end (finish_reason or error)
     Sequence            the loop's state of one request: its KV cache, sampler, stopping rule,
-                        prompt logprobs made chunk by chunk (hf/decode_loop.py steps over these)
+                        prompt logprobs made chunk by chunk (engine/scheduler.py steps over these)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     text: TextStream | None = None  # the answer's text (and stop strings); None: ids only
     logprobs: int | None = None  # each generated token's logprob and its k most likely; None: not asked
-    prompt_logprobs: int | None = None  # the same of each prompt token, from the prefill (hf/logprobs.py)
+    prompt_logprobs: int | None = None  # the same of each prompt token, from the prefill (engine/logprobs.py)
 
 
 @dataclass(frozen=True)

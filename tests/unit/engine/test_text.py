@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_cluster.hf.text import CLEANUP_REPLACEMENTS, SpaceCleanup, StopStrings, TextStream, clean_up_spaces
+from moe_cluster.engine.text import CLEANUP_REPLACEMENTS, SpaceCleanup, StopStrings, TextStream, clean_up_spaces
 from tests.support.tokenizers_zoo import ALL, byte_level_bpe, sentencepiece_bpe, wordpiece
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
