@@ -48,6 +48,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def engine(*names: str) -> tuple:
+    """DecodeLoop, GenerationRequest, SamplingParams of the moe_cluster imported: moe_cluster/engine/ (since
+    the engine's own package) or moe_cluster/hf/ (before). Chosen by what that package's directory holds,
+    not by trying to import: with PYTHONPATH at an older checkout, an editable install of a newer one
+    would answer `import moe_cluster.engine` from the newer one."""
+    import importlib
+    from pathlib import Path
+
+    import moe_cluster
+
+    if (Path(moe_cluster.__file__).parent / "engine" / "scheduler.py").is_file():
+        modules = {"DecodeLoop": "engine.scheduler", "GenerationRequest": "engine.scheduler",
+                   "SamplingParams": "engine.sampling"}
+    else:
+        modules = {"DecodeLoop": "hf.decode_loop", "GenerationRequest": "hf.decode_loop",
+                   "SamplingParams": "hf.sampling"}
+    package = Path(moe_cluster.__file__).parent
+    found = tuple(getattr(importlib.import_module(f"moe_cluster.{modules[name]}"), name) for name in names)
+    for thing in found:
+        if not Path(importlib.import_module(thing.__module__).__file__).is_relative_to(package):
+            raise RuntimeError(f"{thing.__module__} is not from {package}: mixed checkouts")
+    return found
+
+
 def busy_cpu_s() -> float | None:
     """CPU seconds the whole machine has been busy (all processes, /proc/stat), or None off Linux."""
     try:
@@ -91,9 +115,7 @@ def run_batch(loop, prompts: list[list[int]], new_tokens: int, extra_tokens: int
     """Submit the prompts together (max_new_tokens = new_tokens + extra_tokens each, greedy, ignore_eos) and
     collect their token events until `new_tokens` + 1 steps of the whole batch have gone by, then cancel
     them and wait until the loop is idle."""
-    from moe_cluster.engine.scheduler import GenerationRequest
-    from moe_cluster.engine.sampling import SamplingParams
-
+    GenerationRequest, SamplingParams = engine("GenerationRequest", "SamplingParams")
     batch = len(prompts)
     arrivals: list[list[float]] = [[] for _ in prompts]
     tokens: list[tuple[int, float, int]] = []  # (sequence, arrival, the loop's step count then)
@@ -191,8 +213,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import moe_cluster
-    from moe_cluster.engine.scheduler import DecodeLoop
     from moe_cluster.hf.runner import HFMoERunner
+
+    (DecodeLoop,) = engine("DecodeLoop")
 
     runner = HFMoERunner.in_process(args.hf_model, args.checkpoint)
     config = runner.model.config
@@ -210,12 +233,13 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
         hf_model = AutoModelForCausalLM.from_pretrained(args.hf_model, dtype=torch.float32).eval()
     load_before = os.getloadavg()
-    results = {"moe_cluster": moe_cluster.__file__, "hf_model": args.hf_model, "checkpoint": args.checkpoint,
-               "batch": args.batch, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-               "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "loadavg_before": load_before, "contexts": []}
-    print(f"moe_cluster from {moe_cluster.__file__}; B={args.batch}, N={args.new_tokens}, torch threads "
-          f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}", flush=True)
+    results = {"moe_cluster": moe_cluster.__file__, "decode_loop": DecodeLoop.__module__, "hf_model": args.hf_model,
+               "checkpoint": args.checkpoint, "batch": args.batch, "new_tokens": args.new_tokens,
+               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "loadavg_before": load_before, "contexts": []}
+    print(f"moe_cluster from {moe_cluster.__file__} ({DecodeLoop.__module__}); B={args.batch}, N={args.new_tokens}, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}",
+          flush=True)
     try:
         run_batch(loop, [[rng.randrange(args.min_token_id, vocab) for _ in range(16)]], 3, 1)  # warm-up, untimed
         if hf_model is not None:

@@ -46,6 +46,8 @@ def test_the_bench_runs_through_the_decode_loop_and_transformers(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["batch"] == 3 and report["threads"] == 1
+    # the loop of the moe_cluster imported (engine/ or, in an older checkout, hf/), never a mix of checkouts
+    assert report["decode_loop"] in ("moe_cluster.engine.scheduler", "moe_cluster.hf.decode_loop")
     assert [row["context"] for row in report["contexts"]] == [4, 9]
     for row in report["contexts"]:
         # 5 steps of the whole batch timed (6 such steps, then the requests are cancelled), however many steps
