@@ -236,7 +236,8 @@ def main() -> None:
     results = {"moe_cluster": moe_cluster.__file__, "decode_loop": DecodeLoop.__module__, "hf_model": args.hf_model,
                "checkpoint": args.checkpoint, "batch": args.batch, "new_tokens": args.new_tokens,
                "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "loadavg_before": load_before, "contexts": []}
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "loadavg_before": load_before, "contexts": []}
     print(f"moe_cluster from {moe_cluster.__file__} ({DecodeLoop.__module__}); B={args.batch}, N={args.new_tokens}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f}",
           flush=True)
