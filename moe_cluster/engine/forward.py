@@ -27,7 +27,7 @@ from torch import nn
 
 from .kv_cache import SequenceKV, end_packed_step, kv_bytes_per_token, packed_step, use_packed_attention
 
-__all__ = ["Member", "PackedForward", "halfway"]
+__all__ = ["Member", "PackedForward", "halfway", "refuse_position_dependent_rope"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class PackedForward:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        refuse_position_dependent_rope(model.config)
         use_packed_attention(model)
 
     def __call__(self, members: list[Member]) -> list[torch.Tensor]:
@@ -83,3 +84,14 @@ def halfway(members: list[Member]) -> int:
         if tokens * 2 >= total:
             return cut
     return len(members)
+
+
+def refuse_position_dependent_rope(config) -> None:
+    """ValueError for rotary scalings whose frequencies depend on the longest position of the forward
+    (dynamic NTK, longrope): in a packed row a sequence's neighbours would change its frequencies."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [rope, *(v for v in rope.values() if isinstance(v, dict))] if isinstance(rope, dict) else []
+    bad = {k.get("rope_type", k.get("type")) for k in kinds} & {"dynamic", "longrope"}
+    if bad:
+        raise ValueError(f"the model's rotary scaling {sorted(bad)[0]!r} depends on the longest position of a "
+                         "forward, which the engine's packed steps share between sequences: not supported")

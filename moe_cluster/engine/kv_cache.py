@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SequenceKV", "KVBudget", "PACKED", "use_packed_attention", "packed_step", "default_max_kv_tokens"]
+__all__ = ["SequenceKV", "KVBudget", "PACKED", "use_packed_attention", "packed_step", "end_packed_step",
+           "kv_bytes_per_token", "default_max_kv_tokens"]
 
 PACKED = "moe_cluster_packed"  # the name of the attention implementation in transformers' registries
 # The members of the packed forward running in this thread: (cache, new tokens), in the row's order.
@@ -155,20 +156,34 @@ def kv_bytes_per_token(forward_one_token) -> int:
 
 
 def default_max_kv_tokens(bytes_per_token: int, device: torch.device, fraction: float = 0.5) -> int:
-    """`fraction` of the memory free now on `device` (the GPU's; on the CPU, MemAvailable), in KV positions."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _mem_available()
+    """`fraction` of the memory free now on `device`, in KV positions: the GPU's free memory; on the CPU,
+    MemAvailable, or what this process's cgroup (a Kubernetes pod's limit) has left, if less. Measured
+    once, at start: replicas that share a node or a GPU should each be given max_kv_tokens instead."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else min(_mem_available(), _cgroup_left())
     return max(1, int(free * fraction) // max(1, bytes_per_token))
 
 
 def _mem_available() -> int:
     """/proc/meminfo's MemAvailable in bytes (what Linux could give without swapping); 8 GiB elsewhere."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
     return 8 << 30
+
+
+def _cgroup_left() -> int:
+    """The memory limit of this process's cgroup minus its usage (v2, else v1); no limit: a huge number."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read(limit_file).strip(), _read(usage_file).strip()
+        if limit.isdigit() and usage.isdigit():
+            return max(0, int(limit) - int(usage))
+    return 1 << 62
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""

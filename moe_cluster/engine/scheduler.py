@@ -58,7 +58,7 @@ from .logprobs import token_logprob
 from ..hf.runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler
 from .sequence import DecodeLoopFailure, Event, GenerationRequest, Sequence, SequenceHandle
-from .step_cost import StepCost
+from .step_cost import StepCost, prompt_chunks
 from .stopping import Stopping, eos_token_ids
 
 __all__ = ["GenerationRequest", "Event", "DecodeLoop", "DecodeLoopFailure", "MAX_PREFILL_TOKENS", "PREFILL_SLOWDOWN"]
@@ -83,25 +83,24 @@ class DecodeLoop:
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
-        # Prompt tokens per step, in chunks: bounds a step's prefill time (the decoding sequences wait for it)
-        # and, for prompt logprobs, its logits of every position ([C, V] each)
-        self.max_prefill_tokens = max_prefill_tokens
-        # ... fewer beside decoding sequences: a step at most prefill_slowdown x theirs alone (None: no cut)
-        self.prefill_slowdown = prefill_slowdown
+        # Prompt tokens per step, in chunks (bounds a step's prefill time and prompt logprobs' [C, V] logits);
+        # fewer beside decoding sequences: a step at most prefill_slowdown x theirs alone (None: no cut)
+        self.max_prefill_tokens, self.prefill_slowdown = max_prefill_tokens, prefill_slowdown
         self._cost = None if prefill_slowdown is None else StepCost(prefill_slowdown)
         self.on_load = on_load  # (sequences running, waiting) at each step boundary (Prometheus gauges)
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forward = PackedForward(model)
         self.kv_bytes_per_token = self._measure_kv_bytes()
-        self.max_kv_tokens = max_kv_tokens or default_max_kv_tokens(self.kv_bytes_per_token, self._forward.device)
+        self.max_kv_tokens = default_max_kv_tokens(self.kv_bytes_per_token, self._forward.device) \
+            if max_kv_tokens is None else max_kv_tokens
         self._budget = KVBudget(self.max_kv_tokens)
-        # Two micro-batches per step, forwarded at once: one's MoE calls in flight while the other computes
-        self.overlap = overlap
+        self.overlap = overlap  # two micro-batches per step at once: one's MoE calls in flight, the other computes
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-micro-batch")
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
                       "request_failures": 0, "loop_failures": 0, "running": 0, "waiting": 0, "prefill_chunks": 0,
-                      "kv_tokens_reserved": 0, "max_kv_tokens": self.max_kv_tokens}
+                      "kv_tokens_reserved": 0, "max_kv_tokens": self.max_kv_tokens,
+                      "kv_bytes_per_token": self.kv_bytes_per_token}
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._cv = threading.Condition()
@@ -122,12 +121,13 @@ class DecodeLoop:
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
         """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
         return self.submit_all([(request, emit)])[0]
+
     def submit_all(self, requests: list[tuple[GenerationRequest, Callable[[Event], None]]]) -> list[SequenceHandle]:
         """Queue several (request, emit) at once: they join the same step while there is room."""
         sequences = [self._sequence(request, emit) for request, emit in requests]
         with self._cv:
             if self._closed:
-                raise RuntimeError("the decode loop is closed")
+                raise DecodeLoopFailure("the decode loop is closed (the replica is shutting down): retry")
             if self._died is not None:
                 raise DecodeLoopFailure(f"the decode loop has stopped ({self.failure()}); the replica must be "
                                         "replaced: its /healthz answers 503")
@@ -213,7 +213,8 @@ class DecodeLoop:
         try:
             while self._admit():
                 self._guarded_step()
-            ending: BaseException = RuntimeError("the decode loop was closed")
+            ending: BaseException = DecodeLoopFailure("the decode loop was closed (the replica is shutting down): "
+                                                      "retry")
         except BaseException as exc:  # noqa: BLE001 - a bug outside a step: nobody may wait on this loop
             logger.exception("the decode loop died; its requests fail and /healthz answers 503")
             self._died = ending = DecodeLoopFailure(f"the decode loop died: {type(exc).__name__}: {exc}")
@@ -253,11 +254,10 @@ class DecodeLoop:
 
     def _join_waiting(self) -> None:
         """Waiting sequences join, in order, while max_num_seqs and the KV budget allow (caller locks)."""
+        if any(s.cancelled for s in self._waiting):  # they leave wherever they are in the queue
+            self._waiting = deque(s for s in self._waiting if not self._drop_if_cancelled(s))
         while self._waiting and len(self._active) < self.max_num_seqs:
             sequence = self._waiting[0]
-            if self._drop_if_cancelled(sequence):
-                self._waiting.popleft()
-                continue
             if not self._budget.take(sequence.capacity):
                 break  # it waits for others to end (in order: no later request overtakes it)
             self._waiting.popleft()
@@ -298,8 +298,8 @@ class DecodeLoop:
         started = time.perf_counter()
         second = [self._second.submit(self._forward_counted, m) for m, _ in halves[1:]]
         results = [self._forward_counted(halves[0][0]), *(future.result() for future in second)]
-        if self._cost is not None:
-            self._cost.add(sum(len(m.ids) for m in members), time.perf_counter() - started)
+        if self._cost is not None and not any(isinstance(logits, Exception) for logits, _ in results):
+            self._cost.add(sum(len(m.ids) for m in members), time.perf_counter() - started)  # a failure is no cost
         # Counted before any token of the step goes out: whoever got an answer sees its step counted.
         self.stats["steps"] += 1
         self.stats["moe_calls"] += sum(calls for _, calls in results)
@@ -332,23 +332,21 @@ class DecodeLoop:
 
     def _plan(self, active: list[Sequence]) -> tuple[list[Member], list[Sequence]]:
         """(members of the step's forward, their sequences): every decoding sequence's next token, then
-        prompt chunks, oldest first, of at most max_prefill_tokens tokens in all (fewer beside decoding
-        sequences, as prefill_slowdown allows)."""
-        members, sequences, room = [], [], self.max_prefill_tokens
-        if self._cost is not None:
-            room = self._cost.prefill_room(sum(s.next_token is not None for s in active), room)
-        for sequence in active:
-            prompt, kv = sequence.request.prompt_ids, sequence.kv
-            if sequence.next_token is not None:
-                members.append(Member(kv, [sequence.next_token]))
-            elif room > 0:
-                chunk = prompt[kv.length:kv.length + room]
-                room -= len(chunk)
-                members.append(Member(kv, chunk, every_position=sequence.request.prompt_logprobs is not None))
+        prompt chunks, oldest first, of at most max_prefill_tokens tokens in all; of long prompts, beside
+        decoding sequences, only what prefill_slowdown allows (engine/step_cost.py)."""
+        decoding = [s for s in active if s.next_token is not None]
+        prefilling = [s for s in active if s.next_token is None]
+        room = self.max_prefill_tokens
+        long_room = room if self._cost is None else self._cost.prefill_room(len(decoding), room)
+        takes = prompt_chunks([len(s.request.prompt_ids) - s.kv.length for s in prefilling], room, long_room)
+        members, sequences = [Member(s.kv, [s.next_token]) for s in decoding], list(decoding)
+        for sequence, take in zip(prefilling, takes):
+            if take:
+                start = sequence.kv.length
+                members.append(Member(sequence.kv, sequence.request.prompt_ids[start:start + take],
+                                      every_position=sequence.request.prompt_logprobs is not None))
+                sequences.append(sequence)
                 self.stats["prefill_chunks"] += 1
-            else:
-                continue
-            sequences.append(sequence)
         return members, sequences
 
     def _after_forward(self, sequence: Sequence, member: Member, logits_CV: torch.Tensor) -> None:

@@ -87,7 +87,7 @@ class Sequence:
         else:
             rows = torch.cat([self.carry_1V, logits_CV])
             self.prompt_logprobs += prompt_logprobs(rows, ids[start - 1:end], k)[1:]
-        self.carry_1V = logits_CV[-1:]
+        self.carry_1V = logits_CV[-1:].clone()  # not a view: the step's logits can go
 
 
 

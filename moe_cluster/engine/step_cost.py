@@ -10,14 +10,33 @@ With D sequences decoding, a step of theirs alone is estimated at fixed + per_to
 chunks may make it at most `slowdown` times that, so the streams' time per token stays within
 `slowdown` of what it is without long prompts, on any machine and model. Without decoding
 sequences nobody waits: a chunk is `cap` tokens. Until the fit is known (two step sizes seen), a
-chunk is PROBE_TOKENS.
+chunk is PROBE_TOKENS; and never less than MIN_TOKENS, so that a long prompt's first token comes in
+a bounded number of steps even where each step's fixed cost is small.
 """
 
 from __future__ import annotations
 
-__all__ = ["StepCost", "PROBE_TOKENS"]
+__all__ = ["StepCost", "PROBE_TOKENS", "MIN_TOKENS", "SHORT_PROMPT_TOKENS", "prompt_chunks"]
 
 PROBE_TOKENS = 32  # a chunk while the step cost is not known yet
+MIN_TOKENS = 16  # the least a step carries of a waiting prompt (a 2,000-token prompt: at most 125 steps)
+# A prompt (or the rest of one) this short goes in whole, unthrottled: it adds little to a step, and holding
+# it back would only keep its sequence from decoding (vLLM's long_prefill_token_threshold, the same idea)
+SHORT_PROMPT_TOKENS = 64
+
+
+def prompt_chunks(left: list[int], room: int, long_room: int) -> list[int]:
+    """The tokens each waiting prompt gets in the next step, in order (`left`: the tokens each has left):
+    a short one all of its tokens, a long one at most what is left of `long_room` (StepCost.prefill_room),
+    all of them together at most `room` (max_prefill_tokens)."""
+    takes = []
+    for tokens in left:
+        long = tokens > SHORT_PROMPT_TOKENS
+        take = max(0, min(tokens, room, long_room if long else room))
+        room -= take
+        long_room -= take if long else 0
+        takes.append(take)
+    return takes
 
 
 class StepCost:
@@ -48,7 +67,7 @@ class StepCost:
         return fixed, per_token
 
     def prefill_room(self, decoding: int, cap: int) -> int:
-        """Prompt tokens for the next step (at least 1, at most `cap`) beside `decoding` sequences."""
+        """Prompt tokens for the next step (at least MIN_TOKENS, at most `cap`) beside `decoding` sequences."""
         if decoding == 0:
             return cap
         fit = self.fit()
@@ -56,4 +75,4 @@ class StepCost:
             return min(cap, PROBE_TOKENS)
         fixed, per_token = fit
         allowed_s = (self.slowdown - 1.0) * (fixed + per_token * decoding)
-        return max(1, min(cap, int(allowed_s / per_token)))
+        return min(cap, max(MIN_TOKENS, int(allowed_s / per_token)))

@@ -75,9 +75,9 @@ class _Recorder:
 _RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("moe_runner_recorder", default=None)
 
 
-# Set by the decode loop (engine/scheduler.py) in the thread of one sequence's forward: that
-# forward's MoE blocks call it instead of their own moe_call (it gathers the rows of every
-# sequence of the step into one call per layer).
+# Set by the decode loop (engine/scheduler.py) in the thread of a step's forward: that forward's MoE
+# blocks call it instead of their own moe_call (the loop's moe_call, counted; zeros while it measures
+# the KV bytes of one position).
 MOE_CALL_OVERRIDE: contextvars.ContextVar[MoECall | None] = contextvars.ContextVar("moe_call_override",
                                                                                    default=None)
 
@@ -111,7 +111,7 @@ class MoEBlockProxy(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, S, D = hidden_states.shape
         started = time.perf_counter()
-        moe_call = MOE_CALL_OVERRIDE.get() or self.moe_call  # the decode loop's step gather, if any
+        moe_call = MOE_CALL_OVERRIDE.get() or self.moe_call  # the decode loop's, in its steps
         y_TD = moe_call(hidden_states.reshape(B * S, D).contiguous(), self.layer_id)
         recorder = _RECORDER.get()
         if recorder is not None and recorder.steps:

@@ -5,6 +5,8 @@
     ExpertCallError         an expert deployment could not answer, after retries     -> 503
     MoEAppChanged           the expert deployments now serve other weights than the
                             caller routed for (a runner's MoE app was redeployed)     -> 503
+    DecodeLoopFailure       the runner's decode loop is closed, dead or stuck (its
+                            /healthz says 503 too; Serve replaces the replica)        -> 503
     DeadlineExceeded        not done within request_timeout_s                         -> 504
     anything else           ExpertComputeError (an expert raised or answered wrongly),
                             MergedBatchError, InternalError, a bug                    -> 500
@@ -24,6 +26,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from pydantic import ValidationError
 
+from ..engine.sequence import DecodeLoopFailure
 from ..protocol.errors import WireError
 from ..protocol.openai import validation_error
 
@@ -67,7 +70,7 @@ def http_status(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, ValueError):
         return 400
-    if isinstance(exc, (ExpertCallError, MoEAppChanged)):
+    if isinstance(exc, (ExpertCallError, MoEAppChanged, DecodeLoopFailure)):
         return 503
     if isinstance(exc, DeadlineExceeded):
         return 504

@@ -3,7 +3,7 @@ as fixed + per_token x tokens, and the room it leaves under the slowdown."""
 
 import pytest
 
-from moe_cluster.engine.step_cost import PROBE_TOKENS, StepCost
+from moe_cluster.engine.step_cost import MIN_TOKENS, PROBE_TOKENS, SHORT_PROMPT_TOKENS, StepCost, prompt_chunks
 
 
 def test_the_fit_finds_fixed_and_per_token_costs_and_forgets_old_steps():
@@ -29,5 +29,18 @@ def test_steps_of_one_size_tell_nothing_and_a_slowdown_under_one_is_refused():
     assert cost.fit() is None and cost.prefill_room(decoding=8, cap=512) == PROBE_TOKENS
     cost.add(9, 0.05)  # noise: a larger step that took less time; no negative slope is believed
     assert cost.fit() is None
+    fast = StepCost(1.25)  # no fixed cost: 1.25 x 8 decoding rows leaves 2 tokens; a prompt still gets 16
+    for tokens in [8, 40, 8, 100]:
+        fast.add(tokens, 0.003 * tokens)
+    assert fast.prefill_room(decoding=8, cap=512) == MIN_TOKENS == 16
     with pytest.raises(ValueError, match="prefill_slowdown must be >= 1"):
         StepCost(0.9)
+
+
+def test_short_prompts_go_in_whole_and_long_ones_share_the_throttled_room():
+    """Oldest first: a short prompt (<= 64 tokens left) takes all of its tokens while max_prefill_tokens lasts;
+    long ones share what the slowdown allows; nothing over max_prefill_tokens in all."""
+    assert SHORT_PROMPT_TOKENS == 64
+    assert prompt_chunks([2000, 32, 500, 64], room=512, long_room=40) == [40, 32, 0, 64]
+    assert prompt_chunks([30, 30, 30], room=50, long_room=0) == [30, 20, 0]  # the step's cap holds for all
+    assert prompt_chunks([2000, 2000], room=512, long_room=512) == [512, 0]  # unthrottled: the cap

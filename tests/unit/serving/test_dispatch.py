@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from moe_cluster.protocol import openai as oai
 from moe_cluster.protocol.errors import WireError
+from moe_cluster.engine.sequence import DecodeLoopFailure
 from moe_cluster.serving.errors import DeadlineExceeded, ExpertCallError, InternalError, MoEAppChanged, internal
 from moe_cluster.serving.http.common import Face, dispatch, json_response
 
@@ -34,6 +35,8 @@ FAILURES = {  # raised by a handler -> (status, the plain body's message, OpenAI
     "ValueError (unknown layer)": (ValueError("layer 9 is no MoE layer"), 400, "layer 9 is no MoE layer", None, None),
     "expert down": (ExpertCallError("experts-0 failed"), 503, "ExpertCallError: experts-0 failed", None, None),
     "app changed": (MoEAppChanged("other weights"), 503, "MoEAppChanged: other weights", None, None),
+    "decode loop closed": (DecodeLoopFailure("the decode loop is closed"), 503,
+                           "DecodeLoopFailure: the decode loop is closed", None, None),
     "deadline": (DeadlineExceeded("not within 3s"), 504, "DeadlineExceeded: not within 3s", None, None),
     "a bug": (KeyError("k"), 500, "KeyError: 'k'", None, None),
     "a ValueError from inside": (internal(ValueError("bad rows"), "MoE layer 1"), 500,
