@@ -75,7 +75,7 @@ class RunnerArgs(BaseModel):
                                              "leave the replica, moe_calls direct or router; docs/engine.md)")
     step_timeout_s: float = Field(default=600.0, gt=0,
                                   description="OpenAI API: a decode step running longer is stuck: its requests "
-                                              "fail (500), /healthz answers 503 and Serve replaces the replica")
+                                              "fail (503), /healthz answers 503 and Serve replaces the replica")
     runner: DeploymentOptions = DeploymentOptions()
 
     @model_validator(mode="after")

@@ -1,19 +1,16 @@
 """scripts/decode_step_bench.py: its step clock from token arrivals, and a run on a tiny Mixtral (seconds)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "decode_step_bench.py"
+from ..support.scripts import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "decode_step_bench.py"
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("decode_step_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("decode_step_bench")
 
 
 def test_step_times_are_the_steps_where_the_whole_batch_decodes():

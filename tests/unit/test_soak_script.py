@@ -1,22 +1,18 @@
 """scripts/soak.py parses its flags and counts every failure (the soak itself takes minutes:
 run it by hand, see README; here its load runs against a fake router with broken replies)."""
 
-import importlib.util
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 from ..support.flaky_router import REPLIES, X_TD, Y_TD, FlakyRouter
+from ..support.scripts import SCRIPTS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+SCRIPT = SCRIPTS / "soak.py"
 
 
 def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("soak")
 
 
 def test_soak_help_names_its_flags():

@@ -24,11 +24,8 @@ VOCAB = 320
 def tiny(tmp_path_factory):
     """(hf_model, runner with in-process MoE, tokenizer) of a tiny Mixtral with a real tokenizer."""
     root = tmp_path_factory.mktemp("decode")
-    hf_model = build_hf("mixtral", vocab_size=VOCAB)
-    hf_model.save_pretrained(root / "hf")
-    tokenizer = save_tokenizer(root / "hf", VOCAB)
-    import_hf_checkpoint(root / "hf", root / "moe", log=lambda _: None)
-    return hf_model, HFMoERunner.in_process(root / "hf", root / "moe"), tokenizer
+    hf_model, runner = in_process(root, "mixtral", vocab_size=VOCAB)
+    return hf_model, runner, save_tokenizer(root / "hf", VOCAB)
 
 
 def counting(moe_call, log, delay_s=0.0):
@@ -63,6 +60,25 @@ class Collector:
                 if len(self.ends) == self.count:
                     self.all_done.set()
         return on
+
+def in_process(root, model_type, **overrides):
+    """(the tiny HF model of the family, a runner of it with its MoE blocks imported and computed here)."""
+    hf_model = build_hf(model_type, **overrides)
+    hf_model.save_pretrained(root / "hf")
+    import_hf_checkpoint(root / "hf", root / "moe", log=lambda _: None)
+    return hf_model, HFMoERunner.in_process(root / "hf", root / "moe")
+
+
+def answers(loop, prompts, new_tokens):
+    """The greedy tokens of every prompt, submitted together to `loop` (closed after)."""
+    got = Collector(len(prompts))
+    try:
+        loop.submit_all([(GenerationRequest(p, new_tokens), got.emit(i)) for i, p in enumerate(prompts)])
+        assert got.all_done.wait(60)
+    finally:
+        loop.close()
+    return [got.tokens[i] for i in range(len(prompts))]
+
 
 
 def test_joining_and_leaving_prompts_generate_what_each_alone_would(tiny):
@@ -147,20 +163,11 @@ def test_text_stream_holds_back_what_may_change(tiny):
 def test_every_family_decodes_in_one_batch_exactly(tmp_path, model_type):
     """Five prompts of different lengths decoded together (one packed forward per step, each against its
     own cache; prompts in chunks of 4) give what generate gives each alone, for every supported family."""
-    hf_model = build_hf(model_type, **({"num_key_value_heads": 4} if model_type == "deepseek_v3" else {}))
-    hf_model.save_pretrained(tmp_path / "hf")
-    import_hf_checkpoint(tmp_path / "hf", tmp_path / "moe", log=lambda _: None)
-    runner = HFMoERunner.in_process(tmp_path / "hf", tmp_path / "moe")
+    hf_model, runner = in_process(tmp_path, model_type, **({"num_key_value_heads": 4}
+                                                           if model_type == "deepseek_v3" else {}))
     loop = DecodeLoop(runner.model, runner.moe_call, max_prefill_tokens=4)
     prompts = [[1, 5, 9, 17, 33], [2, 127], list(range(3, 20)), [7], [100, 3, 4, 90, 1, 2, 3]]
-    got = Collector(len(prompts))
-    try:
-        for i, prompt in enumerate(prompts):
-            loop.submit(GenerationRequest(prompt, 10), got.emit(i))
-        assert got.all_done.wait(60)
-    finally:
-        loop.close()
-    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 10) for p in prompts]
+    assert answers(loop, prompts, 10) == [hf_greedy(hf_model, p, 10) for p in prompts]
 
 
 @pytest.mark.parametrize("model_type, window", [
@@ -170,19 +177,10 @@ def test_every_family_decodes_in_one_batch_exactly(tmp_path, model_type):
 def test_sliding_windows_decode_exactly(tmp_path, model_type, window):
     """Prompts longer than a sliding window, prefilled in chunks and decoded past it: what generate gives
     (each family says its window its own way; the packed attention finds it in both)."""
-    hf_model = build_hf(model_type, **window)
-    hf_model.save_pretrained(tmp_path / "hf")
-    import_hf_checkpoint(tmp_path / "hf", tmp_path / "moe", log=lambda _: None)
-    runner = HFMoERunner.in_process(tmp_path / "hf", tmp_path / "moe")
+    hf_model, runner = in_process(tmp_path, model_type, **window)
     loop = DecodeLoop(runner.model, runner.moe_call, max_prefill_tokens=3)
     prompts = [list(range(3, 14)), [9, 8, 7, 6, 5, 4]]
-    got = Collector(len(prompts))
-    try:
-        loop.submit_all([(GenerationRequest(p, 8), got.emit(i)) for i, p in enumerate(prompts)])
-        assert got.all_done.wait(60)
-    finally:
-        loop.close()
-    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 8) for p in prompts]
+    assert answers(loop, prompts, 8) == [hf_greedy(hf_model, p, 8) for p in prompts]
 
 
 def test_a_step_is_counted_before_its_tokens_go_out_and_close_need_not_wait(tiny):
@@ -223,13 +221,7 @@ def test_prompts_are_prefilled_in_chunks_within_the_step_token_budget(tiny):
     loop = DecodeLoop(runner.model, counting(runner.model.model.layers[0].mlp.moe_call, calls), max_prefill_tokens=10,
                       prefill_slowdown=None)
     prompts = [[1, 5, 9, 17, 33], list(range(40, 60)), [7, 300], [2, 4, 6, 8]]
-    got = Collector(len(prompts))
-    try:
-        loop.submit_all([(GenerationRequest(p, 3), got.emit(i)) for i, p in enumerate(prompts)])
-        assert got.all_done.wait(60)
-    finally:
-        loop.close()
-    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 3) for p in prompts]
+    assert answers(loop, prompts, 3) == [hf_greedy(hf_model, p, 3) for p in prompts]
     rows_per_step = [rows for rows, layer in calls if layer == 0]
     # step 1: the 5-token prompt and the first 5 of the 20; 2: 1 decoding row, 10 more of the 20;
     # 3: 1 decoding row, the last 5 of the 20, the 2-token prompt and 3 of the 4-token one;
@@ -321,13 +313,7 @@ def test_two_micro_batches_overlap_their_moe_calls_and_answer_exactly(tiny):
 
     loop = DecodeLoop(runner.model, slow, overlap=True)
     prompts = [[1, 5, 9, 17, 33], [2, 127], list(range(3, 20)), [7]]
-    got = Collector(len(prompts))
-    try:
-        loop.submit_all([(GenerationRequest(p, 6), got.emit(i)) for i, p in enumerate(prompts)])
-        assert got.all_done.wait(60)
-    finally:
-        loop.close()
-    assert [got.tokens[i] for i in range(len(prompts))] == [hf_greedy(hf_model, p, 6) for p in prompts]
+    assert answers(loop, prompts, 6) == [hf_greedy(hf_model, p, 6) for p in prompts]
     assert loop.stats["moe_calls"] == len(spans) > 2 * loop.stats["steps"]  # two calls a layer in some steps
     threads = {name for name, *_ in spans}
     assert len(threads) == 2 and "decode-loop" in threads
