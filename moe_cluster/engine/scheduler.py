@@ -293,13 +293,15 @@ class DecodeLoop:
         two at once (`overlap`): the second micro-batch in the second thread."""
         active = self._active
         members, sequences = self._plan(active)
+        decoding = any(s.next_token is not None for s in sequences)
         cuts = [0, halfway(members) if self.overlap else len(members), len(members)]
         halves = [(members[a:b], sequences[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b]
         started = time.perf_counter()
         second = [self._second.submit(self._forward_counted, m) for m, _ in halves[1:]]
         results = [self._forward_counted(halves[0][0]), *(future.result() for future in second)]
-        if self._cost is not None and not any(isinstance(logits, Exception) for logits, _ in results):
-            self._cost.add(sum(len(m.ids) for m in members), time.perf_counter() - started)  # a failure is no cost
+        # The fit is of the steps the rule is for (decoding sequences in them), and a failure is no cost
+        if self._cost is not None and decoding and not any(isinstance(logits, Exception) for logits, _ in results):
+            self._cost.add(sum(len(m.ids) for m in members), time.perf_counter() - started)
         # Counted before any token of the step goes out: whoever got an answer sees its step counted.
         self.stats["steps"] += 1
         self.stats["moe_calls"] += sum(calls for _, calls in results)

@@ -3,8 +3,9 @@
     StepCost.add(tokens, seconds)          after each step: its tokens and how long its forward took
     StepCost.prefill_room(decoding, cap)   the prompt tokens the next step may take
 
-A step's time is fitted online as fixed + per_token x tokens (least squares over the recent steps,
-older ones weighing less): `fixed` is what every step pays whatever its size (reading the dense
+A step's time is fitted online as fixed + per_token x tokens (least squares over the recent steps
+with decoding sequences in them, the regime the rule is for; older ones weighing less; a step of a
+few tokens costs more per token than a big prefill's): `fixed` is what every step pays (reading the dense
 weights, one MoE round trip per layer), `per_token` what each row adds (its MoE rows, its attention).
 With D sequences decoding, a step of theirs alone is estimated at fixed + per_token x D; prompt
 chunks may make it at most `slowdown` times that, so the streams' time per token stays within
@@ -26,16 +27,17 @@ SHORT_PROMPT_TOKENS = 64
 
 
 def prompt_chunks(left: list[int], room: int, long_room: int) -> list[int]:
-    """The tokens each waiting prompt gets in the next step, in order (`left`: the tokens each has left):
-    a short one all of its tokens, a long one at most what is left of `long_room` (StepCost.prefill_room),
-    all of them together at most `room` (max_prefill_tokens)."""
-    takes = []
-    for tokens in left:
-        long = tokens > SHORT_PROMPT_TOKENS
-        take = max(0, min(tokens, room, long_room if long else room))
-        room -= take
-        long_room -= take if long else 0
-        takes.append(take)
+    """The tokens each waiting prompt gets in the next step (`left`: the tokens each has left, oldest first):
+    the short ones first, all of their tokens, then the long ones, oldest first, what is left of `long_room`
+    (StepCost.prefill_room); all together at most `room` (max_prefill_tokens). Short first: a long prompt
+    arriving with them would otherwise hold their first tokens for the steps of its whole prefill."""
+    takes = [0] * len(left)
+    for long in (False, True):
+        for i, tokens in enumerate(left):
+            if (tokens > SHORT_PROMPT_TOKENS) == long:
+                takes[i] = max(0, min(tokens, room, long_room if long else room))
+                room -= takes[i]
+                long_room -= takes[i] if long else 0
     return takes
 
 

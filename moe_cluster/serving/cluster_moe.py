@@ -71,6 +71,11 @@ class ClusterMoE:
             snapshot["transport"]["channel"] = self.experts.transport.channel.stats()
         return snapshot
 
+    def close(self) -> None:
+        """Close the expert channels this routing holds (on the event loop they run on)."""
+        if self.experts.transport.channel is not None:
+            self.experts.transport.channel.close()
+
 
 def load_gates_and_shared(app: ResolvedApp) -> list[GateAndShared]:
     """The gate (and shared experts) of every MoE layer: the checkpoint's, or the preset's seeded ones.

@@ -21,7 +21,7 @@ returns a partially combined output.
 
 from __future__ import annotations
 
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from pydantic import ValidationError
@@ -70,7 +70,7 @@ def http_status(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, ValueError):
         return 400
-    if isinstance(exc, (ExpertCallError, MoEAppChanged, DecodeLoopFailure)):
+    if isinstance(exc, (ExpertCallError, MoEAppChanged, DecodeLoopFailure, *RETRYABLE)):
         return 503
     if isinstance(exc, DeadlineExceeded):
         return 504
@@ -85,16 +85,25 @@ def client_error(exc: BaseException) -> WireError | None:
                          getattr(exc, "code", None))
     if isinstance(exc, ValidationError):
         return validation_error(exc)
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError) and not isinstance(exc, RayTaskError):  # another deployment's: not the client's
         return WireError(400, str(exc))
     return None
 
 
 def internal(exc: BaseException, where: str) -> BaseException:
-    """`exc`, raised inside the server at `where`, as a request's failure: a ValueError (a WireError of another
-    deployment included) becomes InternalError naming it (500); anything else is already no client's fault."""
-    if isinstance(exc, ValueError):
-        error = InternalError(f"{where}: {type(exc).__name__}: {exc}")
+    """`exc`, raised inside the server at `where`, as a request's failure: another deployment's exception
+    unwrapped from Ray's RayTaskError (whose text is Ray's traceback: never an answer's); a ValueError (a
+    WireError of another deployment included) becomes InternalError naming it (500); anything else is
+    already no client's fault."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException) else exc
+    if isinstance(cause, ValueError):
+        error = InternalError(f"{where}: {failure_text(cause)}")
         error.__cause__ = exc
         return error
-    return exc
+    return cause
+
+
+def failure_text(exc: BaseException) -> str:
+    """"Type: the first line of its message": what a 5xx answer says (a traceback goes to the log only)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

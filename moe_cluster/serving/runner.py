@@ -53,8 +53,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..hf.runner import GenerateLimits, HFMoERunner, check_compatible
+from ..protocol.errors import WireError
 from .app import ROUTER_NAME, build_app
 from .args import DEPLOYMENT_DEFAULTS, merge_options, resolve_app
+from .errors import internal
 from .http.auth import BearerAuth
 from .http.common import error_response, json_response
 from .http.openai_routes import OpenAIFace
@@ -104,8 +106,13 @@ class ModelRunner:
     async def generate(self, input_ids: list[list[int]], max_new_tokens: int = 16) -> dict:
         """{"output_ids": [[prompt + new]], "timings": {...}}; bad input raises WireError (a ValueError): the
         runner checks it with protocol/bodies.py check_generate_request (HF's generate holds its own KV cache,
-        so no max_kv_tokens)."""
-        return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
+        so no max_kv_tokens). A ValueError from inside transformers' generate is no client's: 500."""
+        try:
+            return await asyncio.to_thread(self.runner.generate, input_ids, max_new_tokens)
+        except WireError:
+            raise
+        except ValueError as exc:
+            raise internal(exc, "generate") from exc
 
     async def info(self) -> dict:
         return {**self.runner.info(), **replica_devices(), "moe": self.moe.name, "moe_calls": self.args.moe_calls,
@@ -131,6 +138,9 @@ class ModelRunner:
         face = getattr(self, "openai", None)  # None: __init__ failed before the loop started
         if face is not None:
             face.close(wait=False)
+        moe = getattr(self, "moe", None)
+        if moe is not None:
+            moe.close()  # the direct routing's expert channels
 
     def _decode_loop_failure(self) -> str | None:
         """Why the decode loop cannot answer (engine/scheduler.py `failure`), or None while it works."""

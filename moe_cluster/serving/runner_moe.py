@@ -30,7 +30,7 @@ from ..core.config import ModelConfig
 from ..hf.runner import check_compatible
 from .args import resolve_app
 from .cluster_moe import ClusterMoE
-from .errors import MoEAppChanged, internal
+from .errors import DeadlineExceeded, MoEAppChanged, internal
 from .metrics import RouterMetrics
 from .runner_args import RunnerArgs
 
@@ -47,7 +47,7 @@ class MoESource:
     def __call__(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
         try:
             return self.call(x_TD, layer)
-        except ValueError as exc:  # WireError and Ray's wrapped ValueErrors included
+        except Exception as exc:  # a ValueError (WireError included) is no client's: 500; Ray's wrapping removed
             raise internal(exc, f"MoE layer {layer}") from exc
 
     def call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
@@ -59,6 +59,9 @@ class MoESource:
 
     def stats(self) -> dict:
         return {}
+
+    def close(self) -> None:
+        """At replica shutdown (on the replica's event loop): what the source holds open."""
 
 
 class InProcessMoE(MoESource):
@@ -80,7 +83,12 @@ class RouterMoE(MoESource):
         self.handle, self.name, self.timeout_s = handle, name, timeout_s
 
     def call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
-        y_TD = self.handle.forward.remote(x_TD.cpu(), layer).result(timeout_s=self.timeout_s)
+        response = self.handle.forward.remote(x_TD.cpu(), layer)
+        try:
+            y_TD = response.result(timeout_s=self.timeout_s)
+        except TimeoutError:
+            response.cancel()  # the router drops the abandoned call
+            raise _late(layer, self.timeout_s) from None
         return y_TD.to(x_TD.device)
 
     async def unhealthy(self) -> str | None:
@@ -125,8 +133,7 @@ class DirectMoE(RouterMoE):
             return call.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
             call.cancel()
-            raise TimeoutError(f"MoE layer {layer} did not answer within moe_timeout_s={self.timeout_s:g}s: "
-                               "an expert deployment may be restarting or overloaded") from None
+            raise _late(layer, self.timeout_s) from None
 
     async def _forward(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
         """One MoE layer routed here (y on x's device and dtype). If the MoE app was redeployed with other
@@ -147,6 +154,15 @@ class DirectMoE(RouterMoE):
     def stats(self) -> dict:
         """Routing for itself: rows per expert, calls, latency, phases, transport paths."""
         return {"moe": self.moe.stats()}
+
+    def close(self) -> None:
+        if self.moe is not None:
+            self.moe.close()
+
+
+def _late(layer: int, timeout_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"MoE layer {layer} did not answer within moe_timeout_s={timeout_s:g}s: an expert "
+                            "deployment may be restarting or overloaded")
 
 
 async def open_moe(args: RunnerArgs, bound: DeploymentHandle | None, device: torch.device) -> MoESource:

@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from ...protocol.bodies import JSON
 from ...protocol.errors import WireError, encode_error
-from ..errors import client_error, http_status
+from ..errors import client_error, failure_text, http_status, internal
 
 __all__ = ["dispatch", "Face", "Handler", "ErrorBody", "plain_error_body", "error_answer", "Unauthorized",
            "relative_path", "read_body", "error_response", "json_response", "check_auth", "client_text"]
@@ -90,7 +90,7 @@ async def dispatch(owner: Any, request: Request, faces: list[Face], hint: str) -
         response = await handler(owner, request)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a clear status, never a partial output
         response = error_answer(exc, path, face.error_body)
-    logger.info("%s %s %d %.1fms", method, path, response.status_code, (time.perf_counter() - started) * 1e3)
+    logger.info("%s %r %d %.1fms", method, path, response.status_code, (time.perf_counter() - started) * 1e3)
     return response
 
 
@@ -100,7 +100,8 @@ def error_answer(exc: BaseException, path: str, error_body: ErrorBody = plain_er
     if client is not None:
         status, message, param, code = client.status, client.message, client.param, client.code
     else:
-        status, message, param, code = http_status(exc), f"{type(exc).__name__}: {exc}", None, None
+        failure = internal(exc, path)  # another deployment's failure unwrapped: Ray's traceback only in the log
+        status, message, param, code = http_status(failure), failure_text(failure), None, None
         logger.error("request to %s failed", path, exc_info=exc)
     headers = {"WWW-Authenticate": exc.challenge} if isinstance(exc, Unauthorized) else None
     return Response(error_body(status, message, param, code), status_code=status, media_type=JSON, headers=headers)

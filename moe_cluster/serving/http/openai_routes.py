@@ -37,7 +37,7 @@ from ...protocol import openai as oai
 from ...protocol.openai_logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from ...protocol.errors import WireError
 from ...protocol.limits import TextLimits, check_token_ids
-from ..errors import http_status, internal
+from ..errors import failure_text, http_status, internal
 from .common import Face, client_text, json_response, read_body
 from .tokenize_routes import TOKENIZER_ROUTES
 from .openai_metrics import AnswerClock, RunnerMetrics
@@ -246,7 +246,7 @@ class OpenAIFace:
                 if event.error is not None:
                     logger.error("generation failed in a stream: %s: %s", type(event.error).__name__, event.error)
                     error = internal(event.error, "the decode loop")
-                    yield b"data: " + oai.error_body(http_status(error), f"{type(error).__name__}: {error}") + b"\n\n"
+                    yield b"data: " + oai.error_body(http_status(error), failure_text(error)) + b"\n\n"
                     failed = True
                     break
                 text, positions = self.delta(choices[i], event, told[i])

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,7 +30,8 @@ async def handle_runner_http(runner, request: Request) -> Response:
 
 
 async def _generate(runner, request: Request) -> Response:
-    input_ids, max_new_tokens = decode_generate_request(await read_body(request, runner.args.max_body_bytes),
+    body = await read_body(request, runner.args.max_body_bytes)  # parsed off the event loop: up to max_body_bytes
+    input_ids, max_new_tokens = await asyncio.to_thread(decode_generate_request, body,
                                                         request.headers.get("content-type"))
     return json_response(await runner.generate(input_ids, max_new_tokens))
 

@@ -37,10 +37,11 @@ def test_steps_of_one_size_tell_nothing_and_a_slowdown_under_one_is_refused():
         StepCost(0.9)
 
 
-def test_short_prompts_go_in_whole_and_long_ones_share_the_throttled_room():
-    """Oldest first: a short prompt (<= 64 tokens left) takes all of its tokens while max_prefill_tokens lasts;
-    long ones share what the slowdown allows; nothing over max_prefill_tokens in all."""
+def test_short_prompts_go_in_whole_and_first_and_long_ones_share_the_throttled_room():
+    """A short prompt (<= 64 tokens left) takes all of its tokens, before any long one, while max_prefill_tokens
+    lasts; long ones, oldest first, share what the slowdown allows; nothing over max_prefill_tokens in all."""
     assert SHORT_PROMPT_TOKENS == 64
     assert prompt_chunks([2000, 32, 500, 64], room=512, long_room=40) == [40, 32, 0, 64]
+    assert prompt_chunks([2000, 32, 64], room=512, long_room=512) == [416, 32, 64]  # nobody decodes: the rest
     assert prompt_chunks([30, 30, 30], room=50, long_room=0) == [30, 20, 0]  # the step's cap holds for all
     assert prompt_chunks([2000, 2000], room=512, long_room=512) == [512, 0]  # unthrottled: the cap

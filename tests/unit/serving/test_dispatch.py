@@ -8,6 +8,7 @@ import types
 
 import pytest
 from pydantic import BaseModel, ConfigDict
+from ray.exceptions import RayTaskError
 from starlette.requests import Request
 
 from moe_cluster.protocol import openai as oai
@@ -61,6 +62,24 @@ def call(faces, method, path, owner=None, hint="try GET /ok") -> tuple[int, dict
     scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "headers": []}
     response = asyncio.run(dispatch(owner or types.SimpleNamespace(auth=None), Request(scope, receive), faces, hint))
     return response.status_code, json.loads(response.body), response.headers
+
+
+def _from_another_deployment(exc):
+    """`exc` as it arrives from another Serve deployment: Ray's RayTaskError(type), whose text is a traceback."""
+    return RayTaskError("forward", 'Traceback (most recent call last):\n  File "/srv/router.py", line 9\n'
+                        f"{type(exc).__name__}: {exc}", exc).as_instanceof_cause()
+
+
+@pytest.mark.parametrize("cause, status, message", [
+    (ExpertCallError("experts-0 failed"), 503, "ExpertCallError: experts-0 failed"),
+    (ValueError("layer 9 refused"), 500, "InternalError: /a: ValueError: layer 9 refused"),
+    (KeyError("k"), 500, "KeyError: 'k'"),
+])
+def test_another_deployments_failure_is_answered_by_its_cause_without_rays_traceback(cause, status, message):
+    """The router's failure reaching the runner's dispatch: its own status (a ValueError of theirs is no
+    client's fault: 500), its type and first line; Ray's traceback (paths, pids) only in the log."""
+    got, body, _ = call([Face({"/a": ("POST", _raises(_from_another_deployment(cause)))})], "POST", "/a")
+    assert (got, body["error"]) == (status, message)
 
 
 @pytest.mark.parametrize("case", FAILURES)

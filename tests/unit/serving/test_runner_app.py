@@ -183,5 +183,10 @@ def test_a_value_error_inside_a_moe_call_is_a_500_not_the_clients_400(model_dirs
         assert status == 500 and answer["error"].startswith("InternalError: MoE layer 0: ValueError: hidden_states")
         status, answer, _ = http(made, "POST", "/v1/completions", {"model": "hf", "prompt": [5, 6], "max_tokens": 2})
         assert (status, answer["error"]["type"]) == (500, "server_error") and "hidden_states" in answer["error"]["message"]
+        # a ValueError of transformers' generate itself (after the request was checked): 500 too; a bad request 400
+        made.runner.model.generate = lambda **kwargs: (_ for _ in ()).throw(ValueError("cache position mismatch"))
+        status, answer, _ = http(made, "POST", "/v1/generate", {"input_ids": [[5, 6]], "max_new_tokens": 2})
+        assert (status, answer["error"]) == (500, "InternalError: generate: ValueError: cache position mismatch")
+        assert http(made, "POST", "/v1/generate", {"input_ids": [[5, 6]], "max_new_tokens": 0})[0] == 400
     finally:
         made.__del__()
