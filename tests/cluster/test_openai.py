@@ -146,10 +146,8 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(server):
     # once share steps: at least 3 sequences per step on average (alone, each would take its own steps).
     tokens = [usage.completion_tokens for _, _, usage in answers]
     assert max(tokens) <= steps <= sum(tokens) / 3, (steps, tokens)
-    # One MoE call per layer per (micro-)batch: overlap (on by default: the MoE calls leave the runner) cuts a
-    # step of two or more sequences in two micro-batches, each its own call
     calls = loop["moe_calls"] - loop0["moe_calls"]
-    assert loop["overlap"] is True and steps * layers < calls <= 2 * steps * layers
+    assert loop["overlap"] is False and calls == steps * layers  # one MoE call per layer per step
     moe, moe0 = after["moe"], before["moe"]  # the runner routes for itself (moe_calls: direct)
     assert after["moe_calls"] == "direct" and moe["transport"]["mode"] == "auto"
     assert moe["transport"]["calls"]["channel"] > moe0["transport"]["calls"]["channel"]  # small calls: channels

@@ -77,7 +77,7 @@ def test_the_config_chooses_the_moe_source_and_the_decode_loop_sizes(runner):
 
 def test_the_engine_options_reach_the_decode_loop_and_are_shown(model_dirs, monkeypatch):
     """Every engine option reaches the loop (max_kv_tokens None: the loop derives it from free memory, and
-    what it derived is shown and checked); overlap defaults to off for MoE blocks in the replica."""
+    what it derived is shown and checked); overlap is off unless asked."""
     from moe_cluster.serving.http import openai_routes
 
     seen = {}
@@ -96,7 +96,7 @@ def test_the_engine_options_reach_the_decode_loop_and_are_shown(model_dirs, monk
     monkeypatch.setattr(openai_routes, "DecodeLoop", Loop)
     monkeypatch.setattr(runner_module, "pick_device", lambda: torch.device("cpu"))
     made = make_runner(model_dirs)
-    assert seen["max_kv_tokens"] is None and seen["overlap"] is False  # None: from free memory; in process
+    assert seen["max_kv_tokens"] is None and seen["overlap"] is False  # None: from free memory; overlap: off
     assert (made.decode_loop_sizes()["max_kv_tokens"], made.openai.limits.max_kv_tokens) == (1000, 1000)
     made = make_runner(model_dirs, max_kv_tokens=30, max_prefill_tokens=16, overlap=True, prefill_slowdown=2.0)
     assert (seen["max_kv_tokens"], seen["max_prefill_tokens"], seen["overlap"], seen["prefill_slowdown"]) == \
@@ -155,7 +155,7 @@ def test_every_face_of_the_runner_sits_behind_one_auth_check_and_one_log_line(ru
         runner.auth = None
     lines = [r.getMessage() for r in caplog.records if r.name == "ray.serve"]
     assert [re.sub(r"\d+\.\dms$", "ms", line) for line in lines] == [
-        "GET /v1/models 200 ms", "GET /v1/generate 405 ms", "GET /v1/nothing 404 ms"]
+        "GET '/v1/models' 200 ms", "GET '/v1/generate' 405 ms", "GET '/v1/nothing' 404 ms"]  # repr: no forged lines
 
 
 def test_build_in_process_runner_app_builds_the_one_runner_class(model_dirs):
