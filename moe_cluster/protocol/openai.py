@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .bodies import JSON, media_type, parse_json
 from .errors import WireError
@@ -75,7 +75,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOPS * 4)
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_STOPS * 4)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, description="tokens before EOS, a stop id or a stop string may end")
     stream: bool = False
@@ -120,7 +120,8 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     OTHER_KIND: ClassVar[dict[str, tuple]] = {"top_logprobs": (None, 0)}
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    # StrictInt: `true` and 2.0 are no token ids (lax mode would make them 1 and 2), as on /v1/generate
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="text, token ids, or a list of either: one choice per prompt (and n), in order")
     max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0: echo only
     echo: bool = False

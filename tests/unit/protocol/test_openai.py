@@ -93,6 +93,9 @@ def test_a_chat_request():
     ({"model": "m", "prompt": [[1, 2], []]}, 400, "prompt", "invalid_value"),
     ({"model": "m", "prompt": ["a", ""]}, 400, "prompt", "invalid_value"),
     ({"model": "m", "prompt": [1, "a"]}, 400, "prompt", "invalid_value"),
+    ({"model": "m", "prompt": [True, 2]}, 400, "prompt", "invalid_value"),  # no token id, as on /v1/generate
+    ({"model": "m", "prompt": [[2.0]]}, 400, "prompt", "invalid_value"),
+    ({"model": "m", "prompt": "x", "stop_token_ids": [False]}, 400, "stop_token_ids.0", "invalid_value"),
     ({"prompt": "x"}, 400, "model", "missing_required_parameter"),
     ({"model": "m"}, 400, "prompt", "missing_required_parameter"),
 ])
