@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kv_cache import SequenceKV, end_packed_step, kv_bytes_per_token, packed_step, use_packed_attention
+from ..hf.runner import MOE_CALL_OVERRIDE
+from .kv_cache import SequenceKV, packed_step, use_packed_attention
 
 __all__ = ["Member", "PackedForward", "halfway", "refuse_position_dependent_rope"]
 
@@ -58,22 +59,24 @@ class PackedForward:
             positions += range(m.kv.length, m.kv.length + len(m.ids))
             keep += range(first, len(ids)) if m.every_position else [len(ids) - 1]
         device = self.device
-        token = packed_step([(m.kv, len(m.ids)) for m in members])
-        try:
-            with torch.no_grad():
-                logits_1KV = self.model(input_ids=torch.tensor([ids], device=device),
-                                        position_ids=torch.tensor([positions], device=device), use_cache=False,
-                                        logits_to_keep=torch.tensor(keep, device=device)).logits
-        finally:
-            end_packed_step(token)
+        with packed_step([(m.kv, len(m.ids)) for m in members]), torch.no_grad():
+            logits_1KV = self.model(input_ids=torch.tensor([ids], device=device),
+                                    position_ids=torch.tensor([positions], device=device), use_cache=False,
+                                    logits_to_keep=torch.tensor(keep, device=device)).logits
         for m in members:  # only now: a forward that raised leaves every cache as it was
             m.kv.length += len(m.ids)
         return list(torch.split(logits_1KV[0].cpu(), [len(m.ids) if m.every_position else 1 for m in members]))
 
     def kv_bytes_per_token(self) -> int:
-        """KV bytes of one position of this model, measured by a forward of one token (MoE blocks answer
-        zeros: the caller sets MOE_CALL_OVERRIDE; the keys' shapes are what is measured)."""
-        return kv_bytes_per_token(lambda kv: self([Member(kv, [0])]))
+        """KV bytes of one position of this model (whatever heads, head sizes and layers its family has),
+        measured: one token through it, its MoE blocks answering zeros (no call leaves the process)."""
+        kv = SequenceKV(1)
+        token = MOE_CALL_OVERRIDE.set(lambda x_TD, layer: torch.zeros_like(x_TD))
+        try:
+            self([Member(kv, [0])])
+        finally:
+            MOE_CALL_OVERRIDE.reset(token)
+        return kv.nbytes()
 
 
 def halfway(members: list[Member]) -> int:

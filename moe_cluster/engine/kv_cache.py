@@ -3,8 +3,7 @@
     SequenceKV(capacity)  per decoder layer: keys [H_kv, capacity, d_k] and values [H_kv, capacity, d_v],
                           made at the sequence's first forward for its whole life (prompt + max_new_tokens);
                           a forward writes its new positions in place; `length` advances once it succeeded
-    KVBudget(max_tokens)  the tokens all caches may hold together: a sequence is admitted when its capacity
-                          fits, and gives it back when it ends
+    default_max_kv_tokens the tokens all caches may hold together (engine/scheduler.py admits by it)
     packed attention      transformers' attention interface PACKED: a step's tokens come as ONE row [1, T],
                           each sequence's new tokens in turn (vLLM's flattened batch); each sequence's
                           queries attend to its own cache in place: no padding to the longest, no copy of
@@ -18,14 +17,14 @@ transformers' SDPA attention and masks, unchanged.
 from __future__ import annotations
 
 import contextvars
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SequenceKV", "KVBudget", "PACKED", "use_packed_attention", "packed_step", "end_packed_step",
-           "kv_bytes_per_token", "default_max_kv_tokens"]
+__all__ = ["SequenceKV", "PACKED", "use_packed_attention", "packed_step", "default_max_kv_tokens"]
 
 PACKED = "moe_cluster_packed"  # the name of the attention implementation in transformers' registries
 # The members of the packed forward running in this thread: (cache, new tokens), in the row's order.
@@ -60,36 +59,14 @@ class SequenceKV:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
 
-class KVBudget:
-    """The KV positions the decode loop's sequences may hold together (thread-safe counts)."""
-
-    def __init__(self, max_tokens: int) -> None:
-        if max_tokens < 1:
-            raise ValueError(f"max_kv_tokens must be >= 1, got {max_tokens}")
-        self.max_tokens = max_tokens
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def take(self, tokens: int) -> bool:
-        """Reserve `tokens` positions if they fit now."""
-        with self._lock:
-            if self.used + tokens > self.max_tokens:
-                return False
-            self.used += tokens
-            return True
-
-    def give_back(self, tokens: int) -> None:
-        with self._lock:
-            self.used -= tokens
-
-
-def packed_step(members: list[tuple[SequenceKV, int]]) -> contextvars.Token:
-    """Mark the forward about to run in this thread as packed (reset the returned token after it)."""
-    return _STEP.set(members)
-
-
-def end_packed_step(token: contextvars.Token) -> None:
-    _STEP.reset(token)
+@contextmanager
+def packed_step(members: list[tuple[SequenceKV, int]]) -> Iterator[None]:
+    """The forward run inside, in this thread, is packed: `members` (cache, new tokens) in the row's order."""
+    token = _STEP.set(members)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:
@@ -145,14 +122,6 @@ def _attend(q_HCd: torch.Tensor, k_HLd: torch.Tensor, v_HLd: torch.Tensor, scali
             mask &= key_pos > query_pos - window
     return F.scaled_dot_product_attention(q_HCd[None], k_HLd[None], v_HLd[None], attn_mask=mask, scale=scaling,
                                           enable_gqa=gqa)[0]
-
-
-def kv_bytes_per_token(forward_one_token) -> int:
-    """The KV bytes one position takes in the model's caches, measured: `forward_one_token(kv)` runs a
-    packed forward of one token into `kv` (whatever heads, head sizes and layers the family has)."""
-    kv = SequenceKV(1)
-    forward_one_token(kv)
-    return kv.nbytes()
 
 
 def default_max_kv_tokens(bytes_per_token: int, device: torch.device, fraction: float = 0.5) -> int:

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..protocol.openai_logprobs import TokenLogprob
 from .forward import Member, PackedForward, halfway
-from .kv_cache import KVBudget, SequenceKV, default_max_kv_tokens
+from .kv_cache import SequenceKV, default_max_kv_tokens
 from .logprobs import token_logprob
 from ..hf.runner import MOE_CALL_OVERRIDE, MoECall
 from .sampling import Sampler
@@ -77,9 +77,9 @@ class DecodeLoop:
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, on_load: Callable[[int, int], None] | None = None,
                  max_kv_tokens: int | None = None, overlap: bool = False,
                  prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> None:
-        if max_num_seqs < 1 or max_prefill_tokens < 1:
-            raise ValueError(f"max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_seqs}, "
-                             f"{max_prefill_tokens}")
+        if max_num_seqs < 1 or max_prefill_tokens < 1 or (max_kv_tokens is not None and max_kv_tokens < 1):
+            raise ValueError(f"max_num_seqs, max_prefill_tokens and max_kv_tokens must be >= 1, got {max_num_seqs}, "
+                             f"{max_prefill_tokens}, {max_kv_tokens}")
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.moe_call, self.max_num_seqs = moe_call, max_num_seqs
@@ -91,10 +91,9 @@ class DecodeLoop:
         self.step_timeout_s = step_timeout_s  # a step running longer: the loop is stuck (see failure())
         self.eos_ids = eos_token_ids(model) if eos_ids is None else frozenset(eos_ids)
         self._forward = PackedForward(model)
-        self.kv_bytes_per_token = self._measure_kv_bytes()
+        self.kv_bytes_per_token = self._forward.kv_bytes_per_token()
         self.max_kv_tokens = default_max_kv_tokens(self.kv_bytes_per_token, self._forward.device) \
             if max_kv_tokens is None else max_kv_tokens
-        self._budget = KVBudget(self.max_kv_tokens)
         self.overlap = overlap  # two micro-batches per step at once: one's MoE calls in flight, the other computes
         self._second = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-micro-batch")
         self.stats = {"steps": 0, "moe_calls": 0, "sequences": 0, "max_batch": 0, "cancelled": 0,
@@ -109,14 +108,6 @@ class DecodeLoop:
         self._died: BaseException | None = None  # what ended the scheduler thread, if not close()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
-
-    def _measure_kv_bytes(self) -> int:
-        """KV bytes per position: one token through the model, its MoE blocks answering zeros (no call out)."""
-        token = MOE_CALL_OVERRIDE.set(lambda x_TD, layer: torch.zeros_like(x_TD))
-        try:
-            return self._forward.kv_bytes_per_token()
-        finally:
-            MOE_CALL_OVERRIDE.reset(token)
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> SequenceHandle:
         """Queue a request (thread-safe); `emit` gets its events in the scheduler thread."""
@@ -256,14 +247,16 @@ class DecodeLoop:
         """Waiting sequences join, in order, while max_num_seqs and the KV budget allow (caller locks)."""
         if any(s.cancelled for s in self._waiting):  # they leave wherever they are in the queue
             self._waiting = deque(s for s in self._waiting if not self._drop_if_cancelled(s))
+        reserved = sum(s.capacity for s in self._active)  # the KV positions the running sequences may take
         while self._waiting and len(self._active) < self.max_num_seqs:
             sequence = self._waiting[0]
-            if not self._budget.take(sequence.capacity):
+            if reserved + sequence.capacity > self.max_kv_tokens:
                 break  # it waits for others to end (in order: no later request overtakes it)
+            reserved += sequence.capacity
             self._waiting.popleft()
             sequence.kv = SequenceKV(sequence.capacity)
             self._active.append(sequence)
-        self.stats["kv_tokens_reserved"] = self._budget.used
+        self.stats["kv_tokens_reserved"] = reserved
 
     def _tell_load(self) -> None:
         self.stats["running"], self.stats["waiting"] = len(self._active), len(self._waiting)
@@ -282,11 +275,10 @@ class DecodeLoop:
         self.stats["cancelled"] += 1
         return True
 
-    def _release(self, sequence: Sequence) -> None:
-        """Its KV cache freed and its budget given back (once; a waiting sequence has neither)."""
-        if sequence.kv is not None:
-            sequence.kv = None
-            self._budget.give_back(sequence.capacity)
+    @staticmethod
+    def _release(sequence: Sequence) -> None:
+        """Its KV cache freed (its reservation ends as it leaves the running sequences)."""
+        sequence.kv = None
 
     def _step(self) -> None:
         """ONE packed forward of the step's members (each decoding sequence's token and prompt chunks), or
@@ -359,7 +351,7 @@ class DecodeLoop:
             except Exception as exc:  # noqa: BLE001 - NaN logits: this request only
                 self.stats["request_failures"] += 1
                 return self._end(sequence, error=exc)
-        if member.kv.length == len(sequence.request.prompt_ids) or sequence.next_token is not None:
+        if member.kv.length >= len(sequence.request.prompt_ids):  # decoding, or its prompt's last chunk
             self._advance(sequence, logits_CV[-1])
 
     def _advance(self, sequence: Sequence, logits_V: torch.Tensor) -> None:

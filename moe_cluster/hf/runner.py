@@ -42,8 +42,8 @@ from .families import family_for, moe_layer_ids
 from .safetensors_reader import HFCheckpoint, read_hf_config
 from ..checkpoint import load_config, load_model, load_router_layers
 
-__all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "dense_dtype",
-           "check_compatible"]
+__all__ = ["MoECall", "MOE_CALL_OVERRIDE", "MoEBlockProxy", "HFMoERunner", "load_dense_model", "load_compatible_moe",
+           "dense_dtype", "check_compatible"]
 
 # (x_TD, decoder layer) -> y_TD: rows on the runner's device in, the same device and x's dtype out
 MoECall = Callable[[torch.Tensor, int], torch.Tensor]
@@ -219,6 +219,13 @@ def _load_parameters(model: nn.Module, hf_dir: Path, hf_config: dict, device: to
                          "are all shards there?")
 
 
+def load_compatible_moe(hf_dir: str | Path, checkpoint: str | Path, device: torch.device | str) -> nn.Module:
+    """The MoE checkpoint's model on `device`, after check_compatible: its MoE blocks for hf_dir's dense model."""
+    moe = load_model(checkpoint)
+    check_compatible(hf_dir, moe.config, checkpoint)
+    return moe.to(device)
+
+
 def check_compatible(hf_dir: str | Path, moe: ModelConfig, checkpoint: str | Path | None = None) -> None:
     """ValueError unless the MoE checkpoint `moe` was imported from a model shaped like hf_dir's; given the
     checkpoint's directory, also unless every MoE gate equals hf_dir's: the same shapes do not make the
@@ -279,9 +286,7 @@ class HFMoERunner:
                    **kwargs) -> "HFMoERunner":
         """The correctness baseline: MoE blocks computed by `load_model(checkpoint)` in this process, on the
         dense model's `device` (the whole model on one device: the experts must fit there too)."""
-        moe = load_model(checkpoint)
-        check_compatible(hf_dir, moe.config, checkpoint)
-        return cls(hf_dir, moe.to(device).forward, device=device, **kwargs)
+        return cls(hf_dir, load_compatible_moe(hf_dir, checkpoint, device).forward, device=device, **kwargs)
 
     def info(self) -> dict:
         config = self.model.config

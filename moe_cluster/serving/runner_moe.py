@@ -25,9 +25,8 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..checkpoint import load_model
 from ..core.config import ModelConfig
-from ..hf.runner import check_compatible
+from ..hf.runner import check_compatible, load_compatible_moe
 from .args import resolve_app
 from .cluster_moe import ClusterMoE
 from .errors import DeadlineExceeded, MoEAppChanged, internal
@@ -68,9 +67,7 @@ class InProcessMoE(MoESource):
     """The MoE checkpoint on the runner's device (the whole model on one device: the experts must fit too)."""
 
     def __init__(self, hf_model: str, checkpoint: str, device: torch.device) -> None:
-        model = load_model(checkpoint)
-        check_compatible(hf_model, model.config, checkpoint)
-        self.model = model.to(device)
+        self.model = load_compatible_moe(hf_model, checkpoint, device)
 
     def call(self, x_TD: torch.Tensor, layer: int) -> torch.Tensor:
         return self.model.forward(x_TD, layer)
